@@ -1,0 +1,235 @@
+"""Command line: vramwise generate | chat | info (| serve | quantize | eval | bench | plan | doctor)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+
+from vramwise.config import format_size, parse_size
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--model", "-m", default=None, help="HF directory, .gguf file or hub id (default: bundled SmolLM2-135M-Instruct)")
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    g.add_argument("--dtype", default="auto", help="auto | float32 | float16 | bfloat16 (default: auto)")
+    g.add_argument("--max-model-len", type=_positive_int, default=2048, help="context length cap (default: 2048)")
+    g.add_argument("--max-num-seqs", type=_positive_int, default=64, help="sequences batched at once (default: 64)")
+    g.add_argument("--max-num-batched-tokens", type=_positive_int, default=4096, help="tokens per step (default: 4096)")
+    g.add_argument("--kv-cache-memory", type=_size, default=None, help="bytes for the KV pool, e.g. 1GiB")
+    g.add_argument("--num-kv-blocks", type=_positive_int, default=None, help="KV pool size in blocks of 16 tokens")
+    g.add_argument("--seed", type=int, default=0)
+
+
+def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 256) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=_positive_int, default=max_tokens)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--sampling-seed", type=int, default=None, help="seed for this generation's sampling")
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def make_llm(args: argparse.Namespace, show_progress: bool = True):
+    from vramwise.llm import LLM
+
+    return LLM(
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        seed=args.seed,
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        num_kv_blocks=args.num_kv_blocks,
+        kv_cache_memory=args.kv_cache_memory,
+        show_progress=show_progress,
+    )
+
+
+def make_sampling_params(args: argparse.Namespace):
+    from vramwise.sampling_params import SamplingParams
+
+    return SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.sampling_seed,
+        stop=args.stop,
+    )
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    llm = make_llm(args)
+    params = make_sampling_params(args)
+    prompt = args.prompt
+    if args.chat:
+        prompt = llm.chat_prompt([{"role": "user", "content": args.prompt}])
+    for out in llm.stream(prompt, params):
+        sys.stdout.write(out.outputs[0].text_delta)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    llm = make_llm(args)
+    params = make_sampling_params(args)
+    messages: list[dict[str, str]] = []
+    if args.system:
+        messages.append({"role": "system", "content": args.system})
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("vramwise chat — empty line or Ctrl-D to quit, /reset to forget the conversation", file=sys.stderr)
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except (EOFError, KeyboardInterrupt):
+            break
+        if not line.strip():
+            if interactive:
+                break
+            continue
+        if line.strip() == "/reset":
+            messages = messages[:1] if args.system else []
+            continue
+        messages.append({"role": "user", "content": line})
+        try:
+            prompt = llm.chat_prompt(messages)
+            reply = ""
+            for out in llm.stream(prompt, params):
+                sys.stdout.write(out.outputs[0].text_delta)
+                sys.stdout.flush()
+                reply = out.outputs[0].text
+        except ValueError as e:  # e.g. the conversation outgrew the context
+            print(f"\nerror: {e}", file=sys.stderr)
+            messages.pop()
+            continue
+        sys.stdout.write("\n")
+        messages.append({"role": "assistant", "content": reply})
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from vramwise.models.registry import supported_architectures
+    from vramwise.weights import open_weights
+
+    src = open_weights(args.model, show_progress=False)
+    cfg = src.config
+    n = cfg.num_parameters()
+    supported = cfg.architecture in supported_architectures()
+    rows = [
+        ("model", src.path),
+        ("architecture", cfg.architecture + ("" if supported else "  (NOT supported)")),
+        ("parameters", f"{n:,} ({n / 1e9:.2f} B)"),
+        ("layers", cfg.num_hidden_layers),
+        ("hidden / intermediate", f"{cfg.hidden_size} / {cfg.intermediate_size}"),
+        ("heads / kv heads / head dim", f"{cfg.num_attention_heads} / {cfg.num_key_value_heads} / {cfg.head_dim}"),
+        ("vocab", cfg.vocab_size),
+        ("context length", cfg.max_position_embeddings),
+        ("rope", f"theta={cfg.rope_theta:g} scaling={cfg.rope_scaling.kind}"),
+        ("tied embeddings", cfg.tie_word_embeddings),
+        ("tensor dtypes", ", ".join(f"{k}: {v}" for k, v in sorted(src.tensor_dtypes().items()))),
+        ("size on disk", format_size(src.disk_size_bytes())),
+        ("size in memory fp16", format_size(2 * n)),
+        ("size in memory fp32", format_size(4 * n)),
+        ("KV cache per token fp16", format_size(2 * 2 * cfg.num_hidden_layers * cfg.kv_size)),
+    ]
+    w = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{w}}  {v}")
+    return 0
+
+
+COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], int]]] = {}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vramwise", description="Run LLMs on GPUs too small for them.")
+    p.add_argument("--log-level", default="WARNING")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="complete one prompt and print the text as it streams")
+    g.add_argument("prompt")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    add_engine_args(g)
+    add_sampling_args(g)
+    g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("chat", help="interactive chat with the model's chat template")
+    c.add_argument("--system", default=None, help="system prompt")
+    add_engine_args(c)
+    add_sampling_args(c, max_tokens=512)
+    c.set_defaults(func=cmd_chat)
+
+    i = sub.add_parser("info", help="architecture, size and context of a model")
+    i.add_argument("model", nargs="?", default=None)
+    i.set_defaults(func=cmd_info)
+
+    for name, register in _extra_commands():
+        register(sub)
+    return p
+
+
+def _extra_commands():
+    """Subcommands that live beside their subsystems (server, quantization, bench, planner)."""
+    import importlib
+
+    for name, mod in (
+        ("serve", "vramwise.server.cli"),
+        ("quantize", "vramwise.quant.cli"),
+        ("eval", "vramwise.eval.cli"),
+        ("bench", "vramwise.bench.cli"),
+        ("plan", "vramwise.memory.cli"),
+    ):
+        try:
+            m = importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name == mod:
+                continue
+            raise
+        yield name, m.register
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    from vramwise.weights.base import WeightsError
+
+    try:
+        return args.func(args)
+    except (WeightsError, ValueError, FileNotFoundError) as e:
+        print(f"vramwise: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,305 @@
+"""LLMEngine: requests in, RequestOutputs out, one scheduler step at a time.
+
+    out = scheduler.schedule(); result = runner.run(out); scheduler.postprocess(out, result.sampled)
+
+then detokenize, apply stop strings, and report what changed. Synchronous; the server wraps it in an
+async loop (engine/async_engine.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from vramwise.config import EngineConfig, ModelConfig, SchedulerConfig
+from vramwise.engine.block_manager import BlockManager
+from vramwise.engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from vramwise.engine.runner import KVCache, ModelRunner
+from vramwise.engine.scheduler import Scheduler
+from vramwise.engine.sequence import Sequence, SequenceStatus
+from vramwise.model_loader import load_model, resolve_device, resolve_dtype
+from vramwise.sampling_params import SamplingParams
+from vramwise.tokenizer import IncrementalDetokenizer, Tokenizer
+from vramwise.weights import open_weights
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CPU_KV_BYTES = 1 << 30  # KV pool on CPU when nothing else is said
+
+
+@dataclass
+class _SeqState:
+    seq: Sequence
+    detok: IncrementalDetokenizer
+    text: str = ""
+    emitted_text: int = 0  # chars of text already reported
+    emitted_tokens: int = 0
+    logprobs: list[Logprob] = field(default_factory=list)
+    stop_reason: str | int | None = None
+
+
+@dataclass
+class _RequestState:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[_SeqState]
+    metrics: RequestMetrics
+    prompt_logprobs: list[Logprob | None] | None = None
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig | None = None) -> None:
+        config = config or EngineConfig()
+        self.config = config
+        self.device = resolve_device(config.device)
+        source = open_weights(config.model, show_progress=config.show_progress)
+        self.source = source
+        self.model_config: ModelConfig = source.config
+        self.tokenizer: Tokenizer = source.load_tokenizer()
+        self.dtype = resolve_dtype(config.dtype, self.device, self.model_config)
+        self.model = load_model(source, self.device, self.dtype)
+
+        max_len = min(config.scheduler.max_model_len, self.model_config.max_position_embeddings)
+        if self.model_config.sliding_window:
+            max_len = min(max_len, int(self.model_config.sliding_window))
+        self.scheduler_config = SchedulerConfig(
+            max_num_seqs=config.scheduler.max_num_seqs,
+            max_num_batched_tokens=max(config.scheduler.max_num_batched_tokens, 1),
+            max_model_len=max_len,
+        )
+        block_size = config.cache.block_size
+        num_blocks = config.cache.num_gpu_blocks or self._default_num_blocks(block_size)
+        self.block_manager = BlockManager(num_blocks, block_size)
+        eos = frozenset(self.tokenizer.eos_token_ids) | frozenset(self.model_config.eos_token_ids)
+        self.scheduler = Scheduler(self.scheduler_config, self.block_manager, eos)
+        self.runner = ModelRunner(self.model, self.model_config, self.device, self.dtype, num_blocks, block_size, config.seed)
+        self._requests: dict[str, _RequestState] = {}
+        self._seq_to_req: dict[int, _RequestState] = {}
+
+    def _default_num_blocks(self, block_size: int) -> int:
+        per_block = KVCache.bytes_per_block(self.model_config, block_size, self.dtype)
+        want_tokens = self.scheduler_config.max_num_seqs * self.scheduler_config.max_model_len
+        want = -(-want_tokens // block_size)
+        budget = self.config.cache.kv_cache_memory or DEFAULT_CPU_KV_BYTES
+        return max(1, min(want, budget // per_block))
+
+    @property
+    def max_model_len(self) -> int:
+        return self.scheduler_config.max_model_len
+
+    # -- requests ---------------------------------------------------------------------------------
+    def encode_prompt(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt is empty")
+            return prompt, self.tokenizer.encode(prompt)
+        ids = list(prompt)
+        if not ids:
+            raise ValueError("prompt is empty")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in ids if not isinstance(t, int) or t < 0 or t >= vocab]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]!r} is outside the vocabulary [0, {vocab})")
+        return None, ids
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams,
+        arrival_time: float | None = None,
+    ) -> None:
+        """Validate and queue. Raises ValueError (naming the problem) before anything is queued."""
+        if request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        params.validate()
+        text, ids = self.encode_prompt(prompt)
+        total = len(ids) + params.max_tokens
+        if total > self.max_model_len:
+            raise ValueError(
+                f"this model's maximum context length is {self.max_model_len} tokens, but the request asks for "
+                f"{total} ({len(ids)} in the prompt + {params.max_tokens} max_tokens)"
+            )
+        now = arrival_time or time.monotonic()
+        seqs = [Sequence(request_id, list(ids), params, index=i, arrival_time=now) for i in range(params.n)]
+        states = [_SeqState(s, IncrementalDetokenizer(self.tokenizer, list(ids), skip_special_tokens=True)) for s in seqs]
+        req = _RequestState(request_id, text, list(ids), params, states, RequestMetrics(arrival_time=now))
+        added: list[Sequence] = []
+        try:
+            for s in seqs:
+                self.scheduler.add(s)
+                added.append(s)
+        except ValueError:
+            for s in added:
+                self.scheduler.finish(s, SequenceStatus.FINISHED_ABORTED)
+            raise
+        self._requests[request_id] = req
+        for st in states:
+            self._seq_to_req[st.seq.seq_id] = req
+
+    def abort_request(self, request_id: str) -> bool:
+        """Cancel a request; its KV blocks go back to the pool at once. False if unknown or finished."""
+        req = self._requests.pop(request_id, None)
+        if req is None:
+            return False
+        for st in req.seqs:
+            if not st.seq.is_finished:
+                self.scheduler.abort(st.seq)
+            self._forget(st.seq)
+        return True
+
+    def _forget(self, seq: Sequence) -> None:
+        self._seq_to_req.pop(seq.seq_id, None)
+        self.runner.release(seq.seq_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._requests)
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        return len(self._requests)
+
+    # -- the step ---------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        out = self.scheduler.schedule()
+        if out.is_empty:
+            return []
+        result = self.runner.run(out)
+        for seq_id, plps in result.prompt_logprobs.items():
+            req = self._seq_to_req.get(seq_id)
+            if req is None or req.seqs[0].seq.seq_id != seq_id:
+                continue  # one choice's copy is enough
+            if req.prompt_logprobs is None:
+                req.prompt_logprobs = [None]
+            if len(req.prompt_logprobs) < len(req.prompt_token_ids):  # not again after a recompute
+                req.prompt_logprobs.extend(plps)
+        step = self.scheduler.postprocess(out, result.sampled)
+        finished_by_scheduler = {s.seq_id for s in step.finished}
+
+        touched: dict[str, _RequestState] = {}
+        for seq in step.updated:
+            req = self._seq_to_req.get(seq.seq_id)
+            if req is None:
+                continue
+            st = next(x for x in req.seqs if x.seq is seq)
+            token = seq.output_token_ids[-1]
+            if seq.seq_id in result.logprobs:
+                st.logprobs.append(result.logprobs[seq.seq_id])
+            stopped_by_token = seq.status is SequenceStatus.FINISHED_STOPPED and seq.seq_id in finished_by_scheduler
+            if stopped_by_token:
+                st.stop_reason = token if token in seq.sampling_params.stop_token_ids else None
+            else:
+                piece = st.detok.add(token)
+                self._append_text(st, piece)
+            if req.metrics.first_token_time is None:
+                req.metrics.first_token_time = time.monotonic()
+            touched[req.request_id] = req
+        # sequences that finished without a new token (prompt scoring with max_tokens=0)
+        for seq in step.finished:
+            req = self._seq_to_req.get(seq.seq_id)
+            if req is not None:
+                touched[req.request_id] = req
+
+        outputs = [self._make_output(req) for req in touched.values()]
+        for o in outputs:
+            if o.finished:
+                req = self._requests.pop(o.request_id)
+                for st in req.seqs:
+                    self._forget(st.seq)
+        return outputs
+
+    def _append_text(self, st: _SeqState, piece: str) -> None:
+        if not piece:
+            return
+        p = st.seq.sampling_params
+        old_len = len(st.text)
+        st.text += piece
+        if not p.stop:
+            return
+        longest = max(len(s) for s in p.stop)
+        search_from = max(0, old_len - longest + 1)
+        hit: tuple[int, str] | None = None
+        for s in p.stop:
+            i = st.text.find(s, search_from)
+            if i != -1 and (hit is None or i < hit[0]):
+                hit = (i, s)
+        if hit is not None:
+            i, s = hit
+            st.text = st.text[: i + len(s)] if p.include_stop_str_in_output else st.text[:i]
+            st.stop_reason = s
+            self.scheduler.finish(st.seq, SequenceStatus.FINISHED_STOPPED)
+
+    @staticmethod
+    def _held_back(text: str, stops: list[str]) -> int:
+        """Chars at the end of text that could still grow into a stop string: not shown yet."""
+        best = 0
+        for s in stops:
+            for k in range(min(len(s) - 1, len(text)), best, -1):
+                if text.endswith(s[:k]):
+                    best = k
+                    break
+        return best
+
+    def _make_output(self, req: _RequestState) -> RequestOutput:
+        outs: list[CompletionOutput] = []
+        for st in req.seqs:
+            seq = st.seq
+            finished = seq.is_finished
+            visible = len(st.text) if finished else len(st.text) - self._held_back(st.text, seq.sampling_params.stop)
+            text_delta = st.text[st.emitted_text : visible]
+            st.emitted_text = max(st.emitted_text, visible)
+            toks = seq.output_token_ids
+            tok_delta = toks[st.emitted_tokens :]
+            lp_delta = st.logprobs[st.emitted_tokens :] if seq.sampling_params.logprobs is not None else []
+            st.emitted_tokens = len(toks)
+            outs.append(
+                CompletionOutput(
+                    index=seq.index,
+                    text=st.text[:visible],
+                    token_ids=list(toks),
+                    finish_reason=seq.status.finish_reason,
+                    logprobs=list(st.logprobs) if seq.sampling_params.logprobs is not None else None,
+                    text_delta=text_delta,
+                    token_ids_delta=list(tok_delta),
+                    logprobs_delta=list(lp_delta),
+                    stop_reason=st.stop_reason,
+                )
+            )
+        finished = all(st.seq.is_finished for st in req.seqs)
+        if finished and req.metrics.finished_time is None:
+            req.metrics.finished_time = time.monotonic()
+        return RequestOutput(
+            request_id=req.request_id,
+            prompt=req.prompt,
+            prompt_token_ids=req.prompt_token_ids,
+            outputs=outs,
+            finished=finished,
+            metrics=req.metrics,
+            prompt_logprobs=req.prompt_logprobs,
+        )
+
+    # -- introspection for metrics ----------------------------------------------------------------
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    @property
+    def kv_blocks_used(self) -> int:
+        return self.block_manager.num_used_blocks
+
+    @property
+    def kv_blocks_total(self) -> int:
+        return self.block_manager.num_blocks
+
+
+def default_dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")

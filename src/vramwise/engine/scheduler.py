@@ -1,0 +1,213 @@
+"""Scheduler: decides which sequences run in the next step and how many tokens each computes. Torch-free.
+
+One step runs a flat batch of tokens: decodes (1 token each) and prefill chunks, under a token budget
+(continuous batching with chunked prefill). When KV blocks run out, the most recently arrived running
+sequence is preempted: its blocks are freed and it goes back to the front of the waiting queue, to be
+prefilled again from its prompt and the tokens it already produced (preemption by recompute).
+
+The step loop:  out = scheduler.schedule(); tokens = runner.run(out); scheduler.postprocess(out, tokens)
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from vramwise.config import SchedulerConfig
+from vramwise.engine.block_manager import BlockManager
+from vramwise.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledSequence:
+    """One sequence's share of a step: compute tokens [start_pos, start_pos + len(token_ids))."""
+
+    seq: Sequence
+    token_ids: list[int]  # the new tokens whose K/V this step computes
+    start_pos: int  # position of token_ids[0] == seq.num_computed_tokens before the step
+    block_table: list[int]
+    sample: bool  # True when this step reaches the end of the sequence, so a next token is sampled
+
+    @property
+    def num_new_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def context_len(self) -> int:
+        """Tokens in the KV cache after this step (what attention reads)."""
+        return self.start_pos + len(self.token_ids)
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledSequence] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+    # (cpu_block, gpu_block) pairs; filled by the swap policy, empty with recompute
+    blocks_to_swap_in: list[tuple[int, int]] = field(default_factory=list)
+    blocks_to_swap_out: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+@dataclass
+class StepResult:
+    """What postprocess reports: sequences that got a token, and those that finished."""
+
+    updated: list[Sequence] = field(default_factory=list)
+    finished: list[Sequence] = field(default_factory=list)
+
+
+class Scheduler:
+    def __init__(
+        self, config: SchedulerConfig, block_manager: BlockManager, eos_token_ids: frozenset[int] = frozenset()
+    ) -> None:
+        self.config = config
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.block_manager = block_manager
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    # -- queue management -------------------------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        total = seq.num_prompt_tokens + seq.sampling_params.max_tokens
+        if total > self.config.max_model_len:
+            raise ValueError(
+                f"this model's maximum context length is {self.config.max_model_len} tokens, but the request "
+                f"asks for {total} ({seq.num_prompt_tokens} in the prompt + {seq.sampling_params.max_tokens} "
+                f"max_tokens)"
+            )
+        needed = self.block_manager.blocks_for_tokens(
+            min(seq.num_prompt_tokens + seq.sampling_params.max_tokens, self.config.max_model_len)
+        )
+        if needed > self.block_manager.num_blocks:
+            raise ValueError(
+                f"request needs {needed} KV blocks ({seq.num_prompt_tokens} prompt tokens + "
+                f"{seq.sampling_params.max_tokens} max_tokens), but the KV pool has only "
+                f"{self.block_manager.num_blocks} blocks of {self.block_manager.block_size} tokens"
+            )
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def abort(self, seq: Sequence) -> None:
+        self.finish(seq, SequenceStatus.FINISHED_ABORTED)
+
+    def finish(self, seq: Sequence, status: SequenceStatus) -> None:
+        """Mark finished and return its blocks to the pool at once."""
+        assert status.finished
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.block_manager.free(seq)
+        seq.status = status
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    # -- scheduling -------------------------------------------------------------------------------
+    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        self.running.remove(seq)
+        self.block_manager.free(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+        out.preempted.append(seq)
+
+    def _schedule_one(self, seq: Sequence, budget: int) -> ScheduledSequence:
+        n = min(seq.num_uncomputed_tokens, budget)
+        start = seq.num_computed_tokens
+        return ScheduledSequence(
+            seq=seq,
+            token_ids=seq.token_ids[start : start + n],
+            start_pos=start,
+            block_table=list(seq.block_table),
+            sample=start + n == seq.num_tokens,
+        )
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+
+        # 1. Running sequences first (FCFS); make room by preempting the newest when blocks run out.
+        scheduled_running: list[ScheduledSequence] = []
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_uncomputed_tokens, budget)
+            target = seq.num_computed_tokens + n
+            while not self.block_manager.can_allocate(seq, target):
+                victim = self.running[-1]
+                self._preempt(victim, out)
+                if victim is seq:
+                    break
+            if seq.status is not SequenceStatus.RUNNING:
+                break  # seq itself was the newest and got preempted: nothing later remains either
+            self.block_manager.allocate(seq, target)
+            sch = self._schedule_one(seq, n)
+            scheduled_running.append(sch)
+            budget -= n
+            i += 1
+        out.scheduled.extend(scheduled_running)
+
+        # 2. Admit waiting sequences while there are blocks, seats and budget; none after a preemption
+        #    in this step (the pool is tight, admitting would thrash).
+        if not out.preempted:
+            while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+                seq = self.waiting[0]
+                n = min(seq.num_uncomputed_tokens, budget)
+                if not self.block_manager.can_allocate(seq, seq.num_computed_tokens + n):
+                    break
+                self.waiting.popleft()
+                self.block_manager.allocate(seq, seq.num_computed_tokens + n)
+                seq.status = SequenceStatus.RUNNING
+                self.running.append(seq)
+                out.scheduled.append(self._schedule_one(seq, n))
+                budget -= n
+        return out
+
+    def postprocess(self, out: SchedulerOutput, sampled: dict[int, int]) -> StepResult:
+        """Advance computed counts and append sampled tokens (seq_id -> token id).
+
+        Stop conditions that need only token ids (eos, stop_token_ids, max_tokens, max_model_len) are
+        applied here; stop strings need text and are applied by the engine through `finish`.
+        """
+        result = StepResult()
+        for sch in out.scheduled:
+            seq = sch.seq
+            if seq.status is not SequenceStatus.RUNNING:
+                continue  # aborted while the step ran
+            seq.num_computed_tokens += sch.num_new_tokens
+            if not sch.sample:
+                continue
+            if seq.sampling_params.max_tokens == 0:  # prompt scoring only (echo + logprobs)
+                self.finish(seq, SequenceStatus.FINISHED_LENGTH)
+                result.finished.append(seq)
+                continue
+            token = sampled[seq.seq_id]
+            seq.append_token(token)
+            result.updated.append(seq)
+            status = self._check_stop(seq, token)
+            if status is not None:
+                self.finish(seq, status)
+                result.finished.append(seq)
+        return result
+
+    def _check_stop(self, seq: Sequence, token: int) -> SequenceStatus | None:
+        p = seq.sampling_params
+        if token in p.stop_token_ids:
+            return SequenceStatus.FINISHED_STOPPED
+        if not p.ignore_eos and token in self.eos_token_ids:
+            return SequenceStatus.FINISHED_STOPPED
+        if seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.config.max_model_len:
+            return SequenceStatus.FINISHED_LENGTH
+        return None

@@ -1,0 +1,114 @@
+"""Attention over a paged KV cache: pure-torch path (CPU, and the reference for GPU kernels).
+
+Cache layout, per layer: k_cache, v_cache of shape (num_blocks, block_size, num_kv_heads, head_dim).
+A sequence's tokens live in the blocks its block_table lists, in order; slot s = block * block_size + offset.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def write_kv(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Scatter new K/V (T, Hkv, D) into the cache at slot_mapping (T,)."""
+    nb, bs, h, d = k_cache.shape
+    k_cache.view(nb * bs, h, d).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(nb * bs, h, d).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+
+
+def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, context_len: int) -> torch.Tensor:
+    """The first context_len tokens of one sequence: (context_len, Hkv, D)."""
+    nb, bs, h, d = cache.shape
+    nblk = -(-context_len // bs)
+    return cache.index_select(0, block_table[:nblk]).reshape(nblk * bs, h, d)[:context_len]
+
+
+def paged_attention_torch(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    query_start_loc: list[int],
+    context_lens: list[int],
+    block_tables: torch.Tensor,
+    scale: float,
+    prepared: dict | None = None,
+) -> torch.Tensor:
+    """Causal attention of flattened queries q (T, Hq, D) over each sequence's cached K/V.
+
+    Sequence i owns queries q[query_start_loc[i]:query_start_loc[i+1]] (its newest tokens) and attends
+    to its first context_lens[i] cached tokens; query j of n sits at position context_len - n + j.
+    Decodes (one query each) run as one padded batch; prefill chunks run one sequence at a time so no
+    padding is spent on them. `prepared` is a per-step dict where index tensors are kept across layers.
+    Returns (T, Hq, D).
+    """
+    out = torch.empty_like(q)
+    hq = q.shape[1]
+    hkv = k_cache.shape[2]
+    rep = hq // hkv
+    num_seqs = len(context_lens)
+    decode_idx = [i for i in range(num_seqs) if query_start_loc[i + 1] - query_start_loc[i] == 1]
+    prefill_idx = [i for i in range(num_seqs) if query_start_loc[i + 1] - query_start_loc[i] > 1]
+
+    if decode_idx:
+        _decode_batch(q, k_cache, v_cache, query_start_loc, context_lens, block_tables, scale, decode_idx, out, rep, prepared)
+
+    for i in prefill_idx:
+        s, e = query_start_loc[i], query_start_loc[i + 1]
+        n, ctx = e - s, context_lens[i]
+        k = gather_kv(k_cache, block_tables[i], ctx)  # (ctx, Hkv, D)
+        v = gather_kv(v_cache, block_tables[i], ctx)
+        qi = q[s:e].transpose(0, 1)  # (Hq, n, D)
+        ki = k.transpose(0, 1).repeat_interleave(rep, dim=0)  # (Hq, ctx, D)
+        vi = v.transpose(0, 1).repeat_interleave(rep, dim=0)
+        if n == ctx:
+            o = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale)
+        else:  # a later prefill chunk: queries sit at the end of the context
+            qpos = torch.arange(ctx - n, ctx, device=q.device)[:, None]
+            kpos = torch.arange(ctx, device=q.device)[None, :]
+            o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=kpos <= qpos, scale=scale)
+        out[s:e] = o.transpose(0, 1)
+    return out
+
+
+def _decode_batch(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    query_start_loc: list[int],
+    context_lens: list[int],
+    block_tables: torch.Tensor,
+    scale: float,
+    idx: list[int],
+    out: torch.Tensor,
+    rep: int,
+    prepared: dict | None = None,
+) -> None:
+    nb, bs, hkv, d = k_cache.shape
+    # Index tensors depend only on the batch, not the layer: build once per step when a cache is given.
+    key = ("decode", bs)
+    if prepared is not None and key in prepared:
+        rows, bt, mask = prepared[key]
+    else:
+        rows = torch.tensor([query_start_loc[i] for i in idx], device=q.device)
+        ctx = torch.tensor([context_lens[i] for i in idx], device=q.device)
+        max_blocks = -(-max(context_lens[i] for i in idx) // bs)
+        bt = block_tables[idx][:, :max_blocks]  # (B, max_blocks)
+        mask = (torch.arange(max_blocks * bs, device=q.device)[None, :] < ctx[:, None])[:, None, None, :]  # (B,1,1,L)
+        if prepared is not None:
+            prepared[key] = (rows, bt, mask)
+    B, max_blocks = bt.shape
+    k = k_cache[bt].reshape(B, max_blocks * bs, hkv, d).transpose(1, 2)  # (B, Hkv, L, D)
+    v = v_cache[bt].reshape(B, max_blocks * bs, hkv, d).transpose(1, 2)
+    qd = q.index_select(0, rows).unsqueeze(2)  # (B, Hq, 1, D)
+    if rep > 1:
+        # (B, Hkv, rep, 1, D) against (B, Hkv, 1, L, D): GQA without materialising repeated K/V
+        qd = qd.view(B, hkv, rep, 1, d)
+        o = F.scaled_dot_product_attention(
+            qd, k.unsqueeze(2).to(q.dtype), v.unsqueeze(2).to(q.dtype), attn_mask=mask[:, :, None], scale=scale
+        ).reshape(B, hkv * rep, d)
+    else:
+        o = F.scaled_dot_product_attention(qd, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=scale).squeeze(2)
+    out.index_copy_(0, rows, o)

@@ -1,0 +1,54 @@
+"""Attention layer over the paged KV cache, and the metadata the runner builds for it each step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from vramwise.kernels.paged_attention import paged_attention_torch, write_kv
+
+
+@dataclass
+class AttentionMetadata:
+    """Per-step batch description shared by every attention layer.
+
+    T = tokens in the flattened batch, B = sequences.
+    """
+
+    slot_mapping: torch.Tensor  # (T,) int64: cache slot each new token's K/V is written to
+    block_tables: torch.Tensor  # (B, max_blocks) int32/int64, padded with 0
+    query_start_loc: list[int]  # B + 1 offsets into the flat token axis
+    context_lens: list[int]  # (B,) tokens cached after this step, per sequence
+    context_lens_t: torch.Tensor | None = None  # same on device, for kernels
+    max_context_len: int = 0
+    all_decode: bool = False  # every sequence has exactly one new token
+    # Backend scratch shared by all layers of one step (index tensors built once, not per layer).
+    prepared: dict = field(default_factory=dict)
+
+
+class Attention(nn.Module):
+    """Writes this step's K/V into the layer's cache pages, then attends over the pages.
+
+    The cache is bound from outside (`kv_cache`), so the model never allocates or sizes it.
+    """
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = head_dim**-0.5
+        self.kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None  # (num_blocks, block_size, Hkv, D) x2
+        self.backend = paged_attention_torch
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        # q (T, Hq, D), k/v (T, Hkv, D) -> (T, Hq, D)
+        if self.kv_cache is None:
+            raise RuntimeError("attention layer has no KV cache bound; the runner binds one before running")
+        k_cache, v_cache = self.kv_cache
+        write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        return self.backend(
+            q, k_cache, v_cache, meta.query_start_loc, meta.context_lens, meta.block_tables, self.scale, meta.prepared
+        )
