@@ -199,11 +199,14 @@ class LLMEngine:
             if req.metrics.first_token_time is None:
                 req.metrics.first_token_time = time.monotonic()
             touched[req.request_id] = req
-        # sequences that finished without a new token (prompt scoring with max_tokens=0)
         for seq in step.finished:
             req = self._seq_to_req.get(seq.seq_id)
-            if req is not None:
-                touched[req.request_id] = req
+            if req is None:
+                continue
+            # text the detokenizer still held (an incomplete character at the very end)
+            st = next(x for x in req.seqs if x.seq is seq)
+            self._append_text(st, st.detok.finish())
+            touched[req.request_id] = req  # also those that finished without a token (max_tokens=0)
 
         outputs = [self._make_output(req) for req in touched.values()]
         for o in outputs:
@@ -282,6 +285,37 @@ class LLMEngine:
             metrics=req.metrics,
             prompt_logprobs=req.prompt_logprobs,
         )
+
+    # -- scoring ----------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def score(self, token_ids: list[int]) -> torch.Tensor:
+        """Logits (T, vocab) fp32 at every position of token_ids: the model's prediction of the next token.
+
+        Runs outside the request queue (call it while no requests are in flight), in prefill chunks of
+        max_num_batched_tokens, borrowing KV blocks for the duration. Used by perplexity evaluation and tests.
+        """
+        if self.has_unfinished_requests():
+            raise RuntimeError("score() needs an idle engine")
+        if not token_ids or len(token_ids) > self.max_model_len:
+            raise ValueError(f"score() takes 1 to {self.max_model_len} tokens, got {len(token_ids)}")
+        from vramwise.engine.scheduler import ScheduledSequence, SchedulerOutput
+
+        seq = Sequence("score", list(token_ids), SamplingParams(max_tokens=1))
+        if not self.block_manager.can_allocate(seq, len(token_ids)):
+            raise ValueError(f"the KV pool ({self.block_manager.num_blocks} blocks) cannot hold {len(token_ids)} tokens")
+        self.block_manager.allocate(seq, len(token_ids))
+        chunks = []
+        try:
+            step = self.scheduler_config.max_num_batched_tokens
+            for start in range(0, len(token_ids), step):
+                piece = token_ids[start : start + step]
+                out = SchedulerOutput([ScheduledSequence(seq, piece, start, list(seq.block_table), False)])
+                ids, pos, meta = self.runner.prepare(out)
+                hidden = self.model(ids, pos, meta)
+                chunks.append(self.model.compute_logits(hidden))
+        finally:
+            self.block_manager.free(seq)
+        return torch.cat(chunks)
 
     # -- introspection for metrics ----------------------------------------------------------------
     @property

@@ -1,0 +1,23 @@
+"""Shared fixtures. GPU tests are marked `gpu` and skipped where torch sees no CUDA device."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def bundled_llm():
+    """The real bundled SmolLM2-135M-Instruct, fp32 on CPU; shared by tests that only read from it."""
+    from vramwise.llm import LLM
+
+    return LLM(device="cpu", max_model_len=1024, show_progress=False)
