@@ -69,6 +69,29 @@ def make_llm(args: argparse.Namespace, show_progress: bool = True):
     )
 
 
+def make_engine_config(args: argparse.Namespace, show_progress: bool = True):
+    """EngineConfig from the engine flags (add_engine_args)."""
+    from vramwise.config import CacheConfig, EngineConfig, SchedulerConfig
+
+    extra = {}
+    if getattr(args, "quantization", None) is not None:
+        extra["quantization"] = args.quantization
+    return EngineConfig(
+        model=args.model,
+        device=args.device,
+        dtype=args.dtype,
+        seed=args.seed,
+        cache=CacheConfig(num_gpu_blocks=args.num_kv_blocks, kv_cache_memory=args.kv_cache_memory),
+        scheduler=SchedulerConfig(
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            max_model_len=args.max_model_len,
+        ),
+        show_progress=show_progress,
+        **extra,
+    )
+
+
 def make_sampling_params(args: argparse.Namespace):
     from vramwise.sampling_params import SamplingParams
 
@@ -210,7 +233,7 @@ def _extra_commands():
         try:
             m = importlib.import_module(mod)
         except ModuleNotFoundError as e:
-            if e.name == mod:
+            if e.name and (mod == e.name or mod.startswith(e.name + ".")):  # the subsystem is not there yet
                 continue
             raise
         yield name, m.register
@@ -218,6 +241,9 @@ def _extra_commands():
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["bench", "serve"]:  # `bench MODEL` takes a positional, so route `bench serve` by hand
+        argv = ["bench-serve", *argv[2:]]
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     from vramwise.weights.base import WeightsError

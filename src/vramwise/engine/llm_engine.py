@@ -24,6 +24,7 @@ from vramwise.model_loader import load_model, resolve_device, resolve_dtype
 from vramwise.sampling_params import SamplingParams
 from vramwise.tokenizer import IncrementalDetokenizer, Tokenizer
 from vramwise.weights import open_weights
+from vramwise.weights.random_weights import RandomWeightSource
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ DEFAULT_CPU_KV_BYTES = 1 << 30  # KV pool on CPU when nothing else is said
 @dataclass
 class _SeqState:
     seq: Sequence
-    detok: IncrementalDetokenizer
+    detok: IncrementalDetokenizer | None  # None when the model has no tokenizer: token ids only
     text: str = ""
     emitted_text: int = 0  # chars of text already reported
     emitted_tokens: int = 0
@@ -60,8 +61,10 @@ class LLMEngine:
         source = open_weights(config.model, show_progress=config.show_progress)
         self.source = source
         self.model_config: ModelConfig = source.config
-        self.tokenizer: Tokenizer = source.load_tokenizer()
+        self.tokenizer: Tokenizer | None = source.load_tokenizer()  # None for random-weight models
         self.dtype = resolve_dtype(config.dtype, self.device, self.model_config)
+        if isinstance(source, RandomWeightSource):  # draw the weights where they will live
+            source.device, source.dtype = self.device, self.dtype
         self.model = load_model(source, self.device, self.dtype)
 
         max_len = min(config.scheduler.max_model_len, self.model_config.max_position_embeddings)
@@ -75,7 +78,7 @@ class LLMEngine:
         block_size = config.cache.block_size
         num_blocks = config.cache.num_gpu_blocks or self._default_num_blocks(block_size)
         self.block_manager = BlockManager(num_blocks, block_size)
-        eos = frozenset(self.tokenizer.eos_token_ids) | frozenset(self.model_config.eos_token_ids)
+        eos = frozenset(self.tokenizer.eos_token_ids if self.tokenizer else ()) | frozenset(self.model_config.eos_token_ids)
         self.scheduler = Scheduler(self.scheduler_config, self.block_manager, eos)
         self.runner = ModelRunner(self.model, self.model_config, self.device, self.dtype, num_blocks, block_size, config.seed)
         self._requests: dict[str, _RequestState] = {}
@@ -97,6 +100,8 @@ class LLMEngine:
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("prompt is empty")
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer (random weights): pass the prompt as token ids")
             return prompt, self.tokenizer.encode(prompt)
         ids = list(prompt)
         if not ids:
@@ -127,7 +132,10 @@ class LLMEngine:
             )
         now = arrival_time or time.monotonic()
         seqs = [Sequence(request_id, list(ids), params, index=i, arrival_time=now) for i in range(params.n)]
-        states = [_SeqState(s, IncrementalDetokenizer(self.tokenizer, list(ids), skip_special_tokens=True)) for s in seqs]
+        states = [
+            _SeqState(s, IncrementalDetokenizer(self.tokenizer, list(ids), skip_special_tokens=True) if self.tokenizer else None)
+            for s in seqs
+        ]
         req = _RequestState(request_id, text, list(ids), params, states, RequestMetrics(arrival_time=now))
         added: list[Sequence] = []
         try:
@@ -193,9 +201,8 @@ class LLMEngine:
             stopped_by_token = seq.status is SequenceStatus.FINISHED_STOPPED and seq.seq_id in finished_by_scheduler
             if stopped_by_token:
                 st.stop_reason = token if token in seq.sampling_params.stop_token_ids else None
-            else:
-                piece = st.detok.add(token)
-                self._append_text(st, piece)
+            elif st.detok is not None:
+                self._append_text(st, st.detok.add(token))
             if req.metrics.first_token_time is None:
                 req.metrics.first_token_time = time.monotonic()
             touched[req.request_id] = req
@@ -205,7 +212,8 @@ class LLMEngine:
                 continue
             # text the detokenizer still held (an incomplete character at the very end)
             st = next(x for x in req.seqs if x.seq is seq)
-            self._append_text(st, st.detok.finish())
+            if st.detok is not None:
+                self._append_text(st, st.detok.finish())
             touched[req.request_id] = req  # also those that finished without a token (max_tokens=0)
 
         outputs = [self._make_output(req) for req in touched.values()]

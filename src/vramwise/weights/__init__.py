@@ -35,6 +35,13 @@ def open_weights(model: str | os.PathLike[str] | None, *, show_progress: bool = 
     if model is None:
         return GGUFSource(bundled_model_path(), show_progress=show_progress)
     text = os.fspath(model)
+    if text.startswith("random:"):  # random weights of a real shape, e.g. random:llama-2-13b
+        from vramwise.weights.random_weights import RandomWeightSource
+
+        try:
+            return RandomWeightSource(text.removeprefix("random:"))
+        except ValueError as e:
+            raise WeightsError(str(e)) from None
     path = Path(text).expanduser()
     if path.is_dir():
         return SafetensorsDirSource(path, show_progress=show_progress)

@@ -1,0 +1,219 @@
+"""Offline benchmark: TTFT, prefill and decode speed per batch size, and the real GPU memory peak.
+
+For each batch size B: B prompts of prompt_len random token ids, each generating exactly gen_len tokens
+(greedy, eos ignored), submitted together. Speed does not depend on token values, so random ids serve for
+real and random-weight models alike.
+  ttft          mean over requests of (first token time - submit time)
+  prefill tok/s B * prompt_len / (time the last request got its first token - submit time)
+  decode tok/s  B * (gen_len - 1) / (end - time the last request got its first token), aggregate
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import platform
+import random
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vramwise.bench.gpu_memory import NvmlMonitor
+from vramwise.engine.llm_engine import LLMEngine
+from vramwise.sampling_params import SamplingParams
+
+
+@dataclass
+class BatchResult:
+    batch: int
+    prompt_len: int
+    gen_len: int
+    ttft_ms: float
+    prefill_tok_s: float
+    decode_tok_s: float  # aggregate over the batch
+    decode_tok_s_per_seq: float
+    total_s: float
+    throughput_tok_s: float  # generated tokens / total time
+    nvml_peak_mib: float | None = None
+    torch_max_allocated_mib: float | None = None
+    torch_max_reserved_mib: float | None = None
+
+
+@dataclass
+class BenchReport:
+    model: str
+    device: str
+    dtype: str
+    date: str
+    commit: str
+    torch_version: str
+    host: str
+    placement: str
+    planner_prediction: dict[str, Any] | None
+    load_s: float
+    nvml_available: bool
+    nvml_per_process: bool
+    nvml_peak_load_mib: float | None
+    nvml_peak_mib: float | None
+    torch_max_allocated_mib: float | None
+    torch_max_reserved_mib: float | None
+    results: list[BatchResult] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except Exception:
+        return "unknown"
+
+
+def _mib(b: int | float | None) -> float | None:
+    return None if b is None or b < 0 else round(b / 2**20, 1)
+
+
+def run_batch(engine: LLMEngine, batch: int, prompt_len: int, gen_len: int, seed: int = 0) -> BatchResult:
+    rng = random.Random(seed + batch)
+    vocab = engine.model_config.vocab_size
+    params = SamplingParams(temperature=0, max_tokens=gen_len, ignore_eos=True)
+    prompts = [[rng.randrange(3, vocab) for _ in range(prompt_len)] for _ in range(batch)]
+    ids = [f"bench-{batch}-{i}-{time.monotonic_ns()}" for i in range(batch)]
+    t0 = time.perf_counter()
+    for rid, p in zip(ids, prompts):
+        engine.add_request(rid, p, params)
+    first: dict[str, float] = {}
+    done = 0
+    while done < batch:
+        for out in engine.step():
+            if out.request_id not in first and out.outputs[0].token_ids:
+                first[out.request_id] = time.perf_counter()
+            if out.finished:
+                done += 1
+    end = time.perf_counter()
+    last_first = max(first.values())
+    decode_s = max(end - last_first, 1e-9)
+    decode = batch * (gen_len - 1) / decode_s if gen_len > 1 else 0.0
+    return BatchResult(
+        batch=batch,
+        prompt_len=prompt_len,
+        gen_len=gen_len,
+        ttft_ms=round(1000 * sum(t - t0 for t in first.values()) / batch, 2),
+        prefill_tok_s=round(batch * prompt_len / (last_first - t0), 1),
+        decode_tok_s=round(decode, 2),
+        decode_tok_s_per_seq=round(decode / batch, 2),
+        total_s=round(end - t0, 3),
+        throughput_tok_s=round(batch * gen_len / (end - t0), 2),
+    )
+
+
+def run_offline_bench(
+    engine_factory,
+    batch_sizes: list[int],
+    prompt_len: int,
+    gen_len: int,
+    model_name: str,
+    progress: bool = True,
+) -> BenchReport:
+    """engine_factory() builds the engine (timed, with the NVML monitor already running)."""
+    mon = NvmlMonitor().start()
+    t = time.perf_counter()
+    engine: LLMEngine = engine_factory()
+    load_s = time.perf_counter() - t
+    cuda = engine.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+    load_peak = mon.peak if mon.available else None
+
+    # Warm-up: first-call costs (allocator growth, kernel compilation) are not what users see per token.
+    run_batch(engine, 1, min(prompt_len, 16), min(gen_len, 4), seed=12345)
+
+    from rich.progress import Progress
+
+    results: list[BatchResult] = []
+    with Progress(disable=not progress, transient=True) as bar:
+        task = bar.add_task("bench", total=len(batch_sizes))
+        for b in batch_sizes:
+            bar.update(task, description=f"batch {b}")
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            mon.reset_peak()
+            r = run_batch(engine, b, prompt_len, gen_len)
+            if cuda:
+                torch.cuda.synchronize()
+                r.torch_max_allocated_mib = _mib(torch.cuda.max_memory_allocated())
+                r.torch_max_reserved_mib = _mib(torch.cuda.max_memory_reserved())
+            if mon.available:
+                r.nvml_peak_mib = _mib(max(mon.peak, mon.used()))
+            results.append(r)
+            bar.advance(task)
+    mon.stop()
+    dev_name = torch.cuda.get_device_name(engine.device) if cuda else (platform.processor() or "cpu")
+    return BenchReport(
+        model=model_name,
+        device=f"{engine.device.type}: {dev_name}",
+        dtype=str(engine.dtype).removeprefix("torch."),
+        date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        commit=git_commit(),
+        torch_version=torch.__version__,
+        host=f"{platform.node()} ({torch.get_num_threads()} torch threads)",
+        placement=getattr(engine, "placement_name", "all-resident"),
+        planner_prediction=getattr(engine, "planner_prediction", None),
+        load_s=round(load_s, 2),
+        nvml_available=mon.available,
+        nvml_per_process=mon.per_process,
+        nvml_peak_load_mib=_mib(load_peak),
+        nvml_peak_mib=_mib(mon.peak) if mon.available else None,
+        torch_max_allocated_mib=_mib(torch.cuda.max_memory_allocated()) if cuda else None,
+        torch_max_reserved_mib=_mib(torch.cuda.max_memory_reserved()) if cuda else None,
+        results=results,
+    )
+
+
+def format_table(report: BenchReport) -> str:
+    head = "| batch | TTFT ms | prefill tok/s | decode tok/s (agg) | per seq | throughput tok/s | NVML peak MiB | torch alloc MiB |"
+    sep = "|---:|---:|---:|---:|---:|---:|---:|---:|"
+    rows = [
+        f"| {r.batch} | {r.ttft_ms:.1f} | {r.prefill_tok_s:.0f} | {r.decode_tok_s:.1f} | {r.decode_tok_s_per_seq:.1f} | "
+        f"{r.throughput_tok_s:.1f} | {r.nvml_peak_mib if r.nvml_peak_mib is not None else '-'} | "
+        f"{r.torch_max_allocated_mib if r.torch_max_allocated_mib is not None else '-'} |"
+        for r in report.results
+    ]
+    title = (
+        f"{report.model} on {report.device}, {report.dtype}, placement {report.placement}, "
+        f"prompt {report.results[0].prompt_len if report.results else '?'} + gen "
+        f"{report.results[0].gen_len if report.results else '?'}, commit {report.commit}, {report.date}"
+    )
+    return "\n".join([title, "", head, sep, *rows])
+
+
+def write_plot(report: BenchReport, path: str | Path) -> None:
+    """tokens/s and memory against batch size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bs = [r.batch for r in report.results]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(bs, [r.decode_tok_s for r in report.results], "o-", label="decode tok/s (aggregate)")
+    ax.plot(bs, [r.throughput_tok_s for r in report.results], "s--", label="end-to-end tok/s")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("tokens / s")
+    ax.set_title(f"{report.model} — {report.device}", fontsize=9)
+    mem = [r.nvml_peak_mib for r in report.results]
+    if any(m is not None for m in mem):
+        ax2 = ax.twinx()
+        ax2.plot(bs, [m or 0 for m in mem], "r^:", label="NVML peak MiB")
+        ax2.set_ylabel("GPU memory (MiB)")
+        ax2.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

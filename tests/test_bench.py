@@ -1,0 +1,54 @@
+"""`vramwise bench` (offline): runs end to end on the bundled model, writes JSON with every field."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from vramwise.bench.offline import BatchResult, BenchReport
+from vramwise.cli import main
+
+
+def test_bench_bundled_model_writes_full_json_and_plot(tmp_path, capsys):
+    js, png = tmp_path / "r.json", tmp_path / "r.png"
+    rc = main(["bench", "--device", "cpu", "--batch", "1,3", "--prompt-len", "8", "--gen-len", "4",
+               "--json", str(js), "--plot", str(png), "--no-progress"])
+    assert rc == 0
+    data = json.loads(js.read_text())
+    assert set(data) == {f.name for f in dataclasses.fields(BenchReport)}
+    assert [r["batch"] for r in data["results"]] == [1, 3]
+    for r in data["results"]:
+        assert set(r) == {f.name for f in dataclasses.fields(BatchResult)}
+        assert r["decode_tok_s"] > 0 and r["prefill_tok_s"] > 0 and r["ttft_ms"] > 0
+        assert r["prompt_len"] == 8 and r["gen_len"] == 4
+    assert data["commit"] and data["device"].startswith("cpu") and data["placement"] == "all-resident"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| 3 |" in capsys.readouterr().out
+
+
+def test_bench_random_weights_shape(tmp_path):
+    js = tmp_path / "r.json"
+    assert main(["bench", "--random-weights", "smollm2-135m", "--device", "cpu", "--batch", "2", "--prompt-len", "4",
+                 "--gen-len", "3", "--json", str(js), "--no-progress"]) == 0
+    assert "random" in json.loads(js.read_text())["model"]
+
+
+@pytest.mark.parametrize(
+    "argv,msg",
+    [
+        (["bench", "--batch", "0"], "every value must be an integer >= 1"),
+        (["bench", "--batch", "1,x"], "comma-separated list of integers"),
+        (["bench", "--prompt-len", "-3"], "must be >= 1"),
+    ],
+)
+def test_bench_bad_arguments(argv, msg, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and msg in capsys.readouterr().err
+
+
+def test_bench_unknown_shape_is_a_clear_error(capsys):
+    assert main(["bench", "--random-weights", "llama-9000", "--no-progress"]) == 2
+    assert "unknown shape 'llama-9000'" in capsys.readouterr().err
