@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from vramwise.kernels.paged_attention import paged_attention_torch, write_kv
+from vramwise.kernels.attention_backend import torch_attention
+from vramwise.kernels.paged_attention import write_kv
 
 
 @dataclass
@@ -41,7 +42,7 @@ class Attention(nn.Module):
         self.head_dim = head_dim
         self.scale = head_dim**-0.5
         self.kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None  # (num_blocks, block_size, Hkv, D) x2
-        self.backend = paged_attention_torch
+        self.backend = torch_attention  # the runner picks the device's backend (select_attention_backend)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         # q (T, Hq, D), k/v (T, Hkv, D) -> (T, Hq, D)
@@ -50,5 +51,6 @@ class Attention(nn.Module):
         k_cache, v_cache = self.kv_cache
         write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         return self.backend(
-            q, k_cache, v_cache, meta.query_start_loc, meta.context_lens, meta.block_tables, self.scale, meta.prepared
+            q, k_cache, v_cache, meta.query_start_loc, meta.context_lens, meta.block_tables, self.scale,
+            context_lens_t=meta.context_lens_t, prepared=meta.prepared,
         )
