@@ -1,0 +1,1163 @@
+"""The planner: what lives on the GPU, what is streamed, what runs on the CPU, how big the KV pool is,
+and how fast that will be, all before anything is loaded.
+
+    plan(model, budget_bytes, device, quant, ...) -> Plan
+
+Placements of one decoder layer (and of the lm_head):
+    resident   weights live in GPU memory for the whole run
+    streamed   weights live in pinned host memory (packed) and are copied into a ring of GPU layer
+               buffers on a side stream, prefetched ahead so copies overlap compute; its KV is on the GPU
+    cpu        the layer runs on the CPU (weights and KV in host memory); with DriverCaps.prefill_offload,
+               long prefill chunks run it on the GPU through the ring buffers (prefill_offload_min_tokens)
+Embeddings stay on the CPU unless everything is resident (a step reads only B rows of the table). The lm_head
+stays resident unless DriverCaps.lm_head_offload.
+
+The planner plans within what the offload driver can execute (DriverCaps): today's driver
+(memory/offload.py) dequantizes CPU layers to fp32 (4 bytes per weight, fp32 KV), keeps the lm_head on
+the device, runs prefill on the CPU for CPU layers and needs a ring of >= 2 buffers; DRIVER_NEXT is what
+the issue's targets need (a packed CPU kernel, prefill offload, lm_head offload), and plans list it as an
+alternative with its predicted speed.
+
+Policies: resident (everything), streamed (first R layers resident, the rest streamed), cpu (the rest on
+the CPU), mixed (the rest split between streamed and CPU layers, interleaved so that each streamed
+layer's copy overlaps the CPU compute of its neighbour). For each policy the planner takes the most
+resident layers the budget allows after the fixed terms, the stream buffers and a KV pool of at least
+max(max_model_len, planned_batch x (prompt_len + gen_len)) tokens, and predicts with the cost model:
+
+    objective = generated tokens/s of the reference workload: B requests of prompt_len tokens that each
+                generate gen_len tokens, = B G / (prefill time of the B prompts + G x decode step at B)
+
+It picks the fastest (policy, planned batch <= expected_batch, buffers, chunk size); `force_policy` pins
+the policy. Pure arithmetic on plain numbers: no torch, milliseconds per plan.
+
+What the offload driver executes is `Plan.to_dict()`: per-layer placement, ring size and slot bytes, KV
+blocks (GPU pool for resident + streamed layers, a host pool of the same block count for CPU layers, so
+one block table serves both), the chunk size, the CUDA-graph batch sizes and the prefill-offload
+threshold.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from vramwise.config import ModelConfig, format_size
+from vramwise.memory.budget import (
+    ACT_BYTES,
+    FP32,
+    KV_BLOCK_SIZE,
+    Budget,
+    BudgetTooSmallError,
+    ModelWeights,
+    QuantScheme,
+    WeightFormat,
+    activation_bytes,
+    cuda_graph_bytes,
+    cuda_graph_capture_sizes,
+    kv_bytes_per_token_layer,
+    model_weights,
+    normalize_kv_dtype,
+    resolve_quant,
+    safety_margin_bytes,
+    too_small_message,
+    workspace_bytes,
+)
+from vramwise.memory.costmodel import (
+    DeviceProfile,
+    Op,
+    attention_flops,
+    copy_time,
+    cpu_time,
+    dram_shares,
+    gpu_time,
+    handover_time,
+    linear_flops,
+    simulate,
+)
+
+RESIDENT, STREAMED, CPU = "resident", "streamed", "cpu"
+POLICIES = ("resident", "streamed", "cpu", "mixed")
+#: max_model_len when the caller gives none: the engine's default, capped by the model's own.
+DEFAULT_MAX_MODEL_LEN = 2048
+#: Reference workload of the predictions (the issue's benchmark: 512-token prompt, 128 generated).
+DEFAULT_PROMPT_LEN = 512
+DEFAULT_GEN_LEN = 128
+#: Chunk sizes (max_num_batched_tokens) tried when the caller leaves it to the planner.
+CHUNK_CANDIDATES = (512, 1024, 2048)
+#: Ring buffer counts tried for streamed / mixed placements (at least DriverCaps.min_stream_buffers).
+BUFFER_CANDIDATES = (1, 2, 3)
+
+
+@dataclass(frozen=True)
+class DriverCaps:
+    """What the offload driver (memory/offload.py) can execute; the planner plans within it.
+
+    cpu_weights         how CPU-computed layers hold their weights: "fp32" (dequantized once at apply time,
+                        what the driver does today: 4 bytes per weight, the fp32 GEMM rate), "bf16" (hosts
+                        with AMX / AVX512-BF16), or "packed" (as loaded, int4/int8: needs a packed CPU matmul
+                        kernel; the cost model then uses cpu_quant_flops)
+    cpu_kv_bytes        bytes per KV element of CPU layers (their compute dtype: 4 for fp32); 0 = the pool's
+    prefill_offload     long prefill chunks may run CPU layers on the GPU through the ring (their past KV
+                        copied in, the new KV copied back), as llama.cpp does for big batches
+    lm_head_offload     the lm_head may be streamed or computed on the CPU (today it stays on the device)
+    min_stream_buffers  smallest ring the driver accepts
+    """
+
+    cpu_weights: str = "fp32"
+    cpu_kv_bytes: int = 4
+    prefill_offload: bool = False
+    lm_head_offload: bool = False
+    min_stream_buffers: int = 2
+    name: str = "today"
+
+    def __post_init__(self) -> None:
+        if self.cpu_weights not in ("fp32", "bf16", "packed"):
+            raise ValueError(f"unknown CPU weight format {self.cpu_weights!r}; choose fp32, bf16 or packed")
+
+
+#: The driver as it is (memory/offload.py: CPU layers dequantized to fp32, lm_head on the device, ring >= 2).
+DRIVER_TODAY = DriverCaps()
+#: What the issue's targets need from it: a packed int4/int8 CPU kernel, prefill offload, lm_head offload.
+DRIVER_NEXT = DriverCaps(cpu_weights="packed", cpu_kv_bytes=0, prefill_offload=True, lm_head_offload=True,
+                         name="packed CPU kernel + prefill offload")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Results
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Prediction:
+    """Predicted speed of a placement (seconds, tokens/s). Decode steps at a context of
+    prompt_len + gen_len / 2 tokens per sequence; TTFT = prefill of one prompt_len prompt at batch 1.
+
+    roofline_* are the same schedule with every fixed overhead (launches, syncs, the engine's step
+    work) set to zero: bandwidth and flops alone."""
+
+    prompt_len: int
+    gen_len: int
+    ttft_s: float
+    roofline_ttft_s: float
+    decode_step_s_b1: float
+    roofline_step_s_b1: float
+    batch: int
+    decode_step_s: float  # at the planned batch
+    roofline_step_s: float
+    workload_tok_s: float  # the objective (see the module docstring)
+
+    @property
+    def decode_tok_s_b1(self) -> float:
+        return 1.0 / self.decode_step_s_b1
+
+    @property
+    def decode_tok_s(self) -> float:
+        """Aggregate decode tokens/s at the planned batch."""
+        return self.batch / self.decode_step_s
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return self.prompt_len / self.ttft_s
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.update(decode_tok_s_b1=self.decode_tok_s_b1, decode_tok_s=self.decode_tok_s,
+                 prefill_tok_s=self.prefill_tok_s)
+        return d
+
+
+@dataclass
+class PolicyOutcome:
+    """How one policy fared (for the 'considered' table)."""
+
+    policy: str
+    fits: bool
+    reason: str = ""
+    resident_layers: int = 0
+    streamed_layers: int = 0
+    cpu_layers: int = 0
+    batch: int = 1
+    decode_tok_s_b1: float = 0.0
+    decode_tok_s: float = 0.0
+    ttft_s: float = 0.0
+    workload_tok_s: float = 0.0
+
+
+@dataclass
+class Alternative:
+    """A change that would fit the model or make it faster, planned out (e.g. int8 KV)."""
+
+    change: str  # in words: "int8 KV cache"
+    cli: str  # the flags: "--kv-cache-dtype int8"
+    args: dict[str, Any]  # plan() keyword changes
+    fits: bool
+    reason: str = ""
+    policy: str = ""
+    resident_share: float = 0.0
+    kv_capacity_tokens: int = 0
+    ttft_s: float = 0.0
+    decode_tok_s_b1: float = 0.0
+
+
+@dataclass
+class Plan:
+    """Where everything lives and how fast it will run. Sizes in bytes, times in seconds.
+
+    layers[l]                   placement of decoder layer l: "resident" | "streamed" | "cpu"
+    lm_head                     placement of final norm + lm_head (same vocabulary)
+    embeddings                  "gpu" or "cpu"
+    num_stream_buffers          ring slots on the GPU (0: none); each holds stream_buffer_bytes, the
+                                largest streamed (or prefill-offloaded CPU) piece
+    prefill_offload_min_tokens  steps with at least this many prompt tokens run the CPU layers on the GPU
+                                through the ring (their KV copied in and the new KV back); None = never
+    kv_num_blocks               blocks of kv_block_size tokens in the GPU pool, for the GPU-side layers
+                                (resident + streamed); CPU layers get a host pool of as many blocks
+    kv_capacity_tokens          kv_num_blocks x kv_block_size
+    host_weight_bytes           pinned host memory for streamed and CPU pieces (+ embeddings on the CPU)
+    max_num_batched_tokens      the prefill chunk the plan was made for
+    """
+
+    model_name: str
+    device: str
+    policy: str
+    weights: str
+    layers: list[str]
+    lm_head: str
+    embeddings: str
+    num_stream_buffers: int
+    stream_buffer_bytes: int
+    prefill_offload_min_tokens: int | None
+    kv_dtype: str
+    kv_block_size: int
+    kv_num_blocks: int
+    kv_capacity_tokens: int
+    kv_bytes_per_token: int  # GPU pool bytes per token (GPU-side layers only)
+    host_kv_bytes: int
+    host_weight_bytes: int
+    max_model_len: int
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    cuda_graph_sizes: list[int]
+    budget: Budget
+    prediction: Prediction
+    resident_share: float  # of layer + lm_head weight bytes, on the GPU
+    considered: list[PolicyOutcome] = field(default_factory=list)
+    alternatives: list[Alternative] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def layer_indices(self, placement: str) -> list[int]:
+        return [i for i, p in enumerate(self.layers) if p == placement]
+
+    @property
+    def num_resident(self) -> int:
+        return len(self.layer_indices(RESIDENT))
+
+    @property
+    def num_streamed(self) -> int:
+        return len(self.layer_indices(STREAMED))
+
+    @property
+    def num_cpu(self) -> int:
+        return len(self.layer_indices(CPU))
+
+    def describe_layers(self) -> str:
+        """'layers 0-27 resident, 28-39 streamed'."""
+        return describe_placement(self.layers)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything, JSON-ready: what an offload driver needs to execute the plan."""
+        d = asdict(self)
+        d["budget"] = self.budget.to_dict()
+        d["prediction"] = self.prediction.to_dict()
+        return d
+
+    def summary(self) -> str:
+        """The text `vramwise plan` prints."""
+        p = self.prediction
+        lines = [f"model         {self.model_name}  ({self.weights}, {len(self.layers)} layers)",
+                 f"device        {self.device}",
+                 f"budget        {format_size(self.budget.limit) if self.budget.limit else 'none (no GPU)'}", ""]
+        if self.budget.limit or self.budget.total:
+            lines.append("GPU memory:")
+            lines.append(self.budget.describe())
+            lines.append("")
+        lines.append(f"placement     {self.policy}: {self.describe_layers()}")
+        head = {RESIDENT: "resident", STREAMED: "streamed", CPU: "on the CPU"}[self.lm_head]
+        lines.append(f"              lm_head {head}, embeddings on the {self.embeddings.upper()}; "
+                     f"{self.resident_share:.0%} of the weights resident")
+        if self.num_stream_buffers:
+            lines.append(f"              ring of {self.num_stream_buffers} x {format_size(self.stream_buffer_bytes)} "
+                         f"stream buffers")
+        if self.prefill_offload_min_tokens is not None and self.num_cpu:
+            lines.append(f"              CPU layers run on the GPU (streamed) for prefill chunks of >= "
+                         f"{self.prefill_offload_min_tokens} tokens")
+        if self.host_weight_bytes or self.host_kv_bytes:
+            pinned = " (pinned)" if self.budget.limit else ""
+            lines.append(f"host memory   {format_size(self.host_weight_bytes)} weights{pinned}"
+                         + (f" + {format_size(self.host_kv_bytes)} KV of the CPU layers" if self.host_kv_bytes else ""))
+        seqs = self.kv_capacity_tokens // max(1, p.prompt_len + p.gen_len)
+        lines.append(f"KV cache      {self.kv_capacity_tokens:,} tokens ({self.kv_num_blocks} blocks of "
+                     f"{self.kv_block_size}, {self.kv_dtype}, {format_size(self.kv_bytes_per_token)}/token on the GPU); "
+                     f"max_model_len {self.max_model_len}")
+        lines.append(f"              holds {seqs} sequence{'s' if seqs != 1 else ''} of {p.prompt_len}+{p.gen_len} tokens; chunk "
+                     f"{self.max_num_batched_tokens} tokens")
+        lines.append("")
+        lines.append("predicted (roofline in brackets):")
+        lines.append(f"  TTFT, {p.prompt_len}-token prompt   {p.ttft_s * 1e3:8.1f} ms  ({p.roofline_ttft_s * 1e3:.1f} ms)"
+                     f"  = {p.prefill_tok_s:,.0f} tok/s prefill")
+        lines.append(f"  decode, batch 1           {p.decode_tok_s_b1:8.1f} tok/s  ({1 / p.roofline_step_s_b1:.1f})"
+                     f"  = {p.decode_step_s_b1 * 1e3:.2f} ms/token")
+        if p.batch > 1:
+            lines.append(f"  decode, batch {p.batch:<3} (plan) {p.decode_tok_s:8.1f} tok/s aggregate  "
+                         f"({p.batch / p.roofline_step_s:.1f})  = {p.decode_step_s * 1e3:.2f} ms/step")
+        if len(self.considered) > 1:
+            lines.append("")
+            lines.append("policies considered:")
+            for c in self.considered:
+                mark = "  <- chosen" if c.policy == self.policy else ""
+                if not c.fits:
+                    lines.append(f"  {c.policy:<9} does not fit: {c.reason}")
+                    continue
+                split = f"{c.resident_layers}/{c.streamed_layers}/{c.cpu_layers}"
+                lines.append(f"  {c.policy:<9} res/str/cpu {split:<9} decode b1 {c.decode_tok_s_b1:7.1f} tok/s"
+                             + (f", b{c.batch} {c.decode_tok_s:7.1f}" if c.batch > 1 else "")
+                             + f", TTFT {c.ttft_s * 1e3:7.1f} ms{mark}")
+        if self.alternatives:
+            lines.append("")
+            lines.append("alternatives:")
+            lines.extend(format_alternatives(self.alternatives))
+        if self.notes:
+            lines.append("")
+            lines.extend(f"note: {n}" for n in self.notes)
+        return "\n".join(lines)
+
+
+def format_alternatives(alts: list[Alternative]) -> list[str]:
+    out = []
+    for a in alts:
+        if not a.fits:
+            out.append(f"  {a.change:<32} ({a.cli}): does not fit either ({a.reason})")
+            continue
+        out.append(f"  {a.change:<32} ({a.cli}): {a.policy}, {a.resident_share:.0%} resident, KV "
+                   f"{a.kv_capacity_tokens:,} tokens, TTFT {a.ttft_s * 1e3:.0f} ms, decode "
+                   f"{a.decode_tok_s_b1:.1f} tok/s")
+    return out
+
+
+def describe_placement(layers: list[str]) -> str:
+    """Compact description: 'layers 0-27 resident, 28-39 streamed'; an interleaved tail reads
+    'layers 0-19 resident, 20-39 interleaved: 11 streamed (20, 21, 23, ...), 9 cpu (22, 24, ...)'."""
+    groups = {p: [i for i, q in enumerate(layers) if q == p] for p in (RESIDENT, STREAMED, CPU)}
+    runs = {p: _runs(idx) for p, idx in groups.items()}
+    parts = []
+    if groups[RESIDENT]:
+        parts.append(f"{_fmt_runs(runs[RESIDENT])} resident")
+    offloaded = sorted(groups[STREAMED] + groups[CPU])
+    if groups[STREAMED] and groups[CPU] and (len(runs[STREAMED]) > 2 or len(runs[CPU]) > 2):
+        span = _fmt_runs(_runs(offloaded))
+        parts.append(f"{span} interleaved: {len(groups[STREAMED])} streamed ({_first(groups[STREAMED])}), "
+                     f"{len(groups[CPU])} cpu ({_first(groups[CPU])})")
+    else:
+        for p in (STREAMED, CPU):
+            if groups[p]:
+                parts.append(f"{_fmt_runs(runs[p])} {p}")
+    return "layers " + ", ".join(parts) if parts else "no layers"
+
+
+def _runs(idx: list[int]) -> list[list[int]]:
+    runs: list[list[int]] = []
+    for i in idx:
+        if runs and i == runs[-1][-1] + 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return runs
+
+
+def _fmt_runs(runs: list[list[int]]) -> str:
+    return ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
+
+
+def _first(idx: list[int], k: int = 3) -> str:
+    return ", ".join(map(str, idx[:k])) + (", ..." if len(idx) > k else "")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Planning
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Setup:
+    """Everything one plan() call holds fixed."""
+
+    model: ModelConfig
+    weights: ModelWeights
+    scheme: QuantScheme
+    device: DeviceProfile
+    limit: int
+    max_model_len: int
+    max_num_seqs: int
+    kv_dtype: str
+    kv_layer: int  # KV bytes per token per layer
+    prompt_len: int
+    gen_len: int
+    block_size: int
+    cuda_graphs: bool
+    caps: DriverCaps
+    cpu_layer_bytes: tuple[int, ...]  # each layer as a CPU layer holds it (caps.cpu_weights)
+    cpu_kv_layer: int  # KV bytes per token per layer of a CPU layer (host memory)
+
+    @property
+    def n(self) -> int:
+        return self.model.num_hidden_layers
+
+    @property
+    def decode_context(self) -> float:
+        return self.prompt_len + self.gen_len / 2
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    """One placement to evaluate."""
+
+    policy: str
+    layers: tuple[str, ...]
+    lm_head: str
+    embeddings: str
+    num_buffers: int
+    chunk: int  # max_num_batched_tokens
+    batch: int  # planned batch
+    kv_min_tokens: int
+
+
+def plan(
+    model: ModelConfig,
+    budget_bytes: int,
+    device: DeviceProfile,
+    quant: Any = None,
+    *,
+    max_model_len: int | None = None,
+    max_num_seqs: int = 64,
+    kv_dtype: str = "fp16",
+    expected_batch: int = 1,
+    prompt_len: int = DEFAULT_PROMPT_LEN,
+    gen_len: int = DEFAULT_GEN_LEN,
+    max_num_batched_tokens: int | None = None,
+    force_policy: str = "auto",
+    cuda_graphs: bool = True,
+    block_size: int = KV_BLOCK_SIZE,
+    model_name: str = "",
+    driver: DriverCaps = DRIVER_TODAY,
+    alternatives: bool = True,
+) -> Plan:
+    """Plan `model` (quantized as `quant`: a QuantSpec, WeightFormat, QuantScheme or per-module mapping,
+    see budget.resolve_quant) into `budget_bytes` of GPU memory on `device`.
+
+    max_model_len          context the KV pool must hold for one sequence (default min(2048, the model's))
+    max_num_seqs           sequences per step (sizes the logits and the CUDA graphs)
+    kv_dtype               fp16 | bf16 | int8 | fp8
+    expected_batch         the concurrency to plan for; the planner may pick a smaller planned batch when
+                           its KV would cost more speed than the batch brings
+    prompt_len, gen_len    the reference request of the predictions and the objective
+    max_num_batched_tokens the prefill chunk; None lets the planner choose among 512/1024/2048
+    force_policy           auto | resident | streamed | cpu | mixed
+    driver                 what the offload driver supports (DRIVER_TODAY; DRIVER_NEXT for the planned one)
+    Raises BudgetTooSmallError (a ValueError) with the numbers when nothing runnable fits, ValueError for
+    bad arguments.
+    """
+    s = _setup(model, budget_bytes, device, quant, max_model_len, max_num_seqs, kv_dtype, prompt_len, gen_len,
+               cuda_graphs, block_size, driver)
+    call = dict(quant=s.scheme, max_model_len=s.max_model_len, max_num_seqs=max_num_seqs, kv_dtype=s.kv_dtype,
+                expected_batch=expected_batch, prompt_len=prompt_len, gen_len=gen_len,
+                max_num_batched_tokens=max_num_batched_tokens, force_policy=force_policy, cuda_graphs=cuda_graphs,
+                block_size=block_size, driver=driver, model_name=model_name, alternatives=False)
+    if force_policy not in ("auto", *POLICIES):
+        raise ValueError(f"unknown policy {force_policy!r}; choose auto, {', '.join(POLICIES)}")
+    if expected_batch < 1:
+        raise ValueError(f"expected_batch must be >= 1, got {expected_batch}")
+    if max_num_batched_tokens is not None and max_num_batched_tokens < 1:
+        raise ValueError(f"max_num_batched_tokens must be >= 1, got {max_num_batched_tokens}")
+    name = model_name or f"{model.architecture} {model.num_hidden_layers}L h{model.hidden_size}"
+    batch_cap = min(expected_batch, max_num_seqs)
+
+    if not device.has_gpu:
+        result = _cpu_only_plan(s, batch_cap, max_num_batched_tokens, name)
+        return result
+
+    policies = POLICIES if force_policy == "auto" else (force_policy,)
+    chunks = (max_num_batched_tokens,) if max_num_batched_tokens else CHUNK_CANDIDATES
+    batches = sorted({b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b <= batch_cap} | {batch_cap})
+
+    scored: dict[str, list[tuple[float, _Candidate, Budget]]] = {}
+    fail: dict[str, Budget] = {}
+    for policy in policies:
+        for chunk in chunks:
+            for b in batches:
+                for cand, budget in _candidates(s, policy, chunk, b, fail):
+                    scored.setdefault(policy, []).append((_objective(s, cand), cand, budget))
+    best = {p: _pick(options) for p, options in scored.items()}
+    if not best:
+        raise _too_small(model, budget_bytes, device, s, call, fail, alternatives)
+
+    chosen_policy = _pick([(best[p][0], best[p][1], best[p][2]) for p in best])[1].policy
+    _, cand, budget = best[chosen_policy]
+    result = _finish(s, cand, budget, name)
+    result.considered = _considered(s, policies, best, fail)
+    if alternatives and (result.policy != "resident" or result.kv_capacity_tokens < s.max_model_len):
+        result.alternatives = _alternatives(model, budget_bytes, device, s, call, baseline=result)
+    return result
+
+
+#: Scores within this fraction of the best count as ties, broken by preference (see _pick).
+TIE_TOLERANCE = 0.005
+
+
+def _pick(options: list[tuple[float, "_Candidate", Budget]]) -> tuple[float, "_Candidate", Budget]:
+    """The best-scoring option; near-ties (TIE_TOLERANCE) go to the simpler policy (resident, streamed,
+    cpu, mixed), then the larger planned batch, then the larger chunk (better for long prompts)."""
+    top = max(o[0] for o in options)
+    near = [o for o in options if o[0] >= top * (1 - TIE_TOLERANCE)]
+    return max(near, key=lambda o: (-POLICIES.index(o[1].policy), o[1].batch, o[1].chunk, o[0]))
+
+
+def _too_small(model: ModelConfig, budget_bytes: int, device: DeviceProfile, s: "_Setup", call: dict[str, Any],
+               fail: dict[str, Budget], alternatives: bool) -> BudgetTooSmallError:
+    """The error for a budget that holds no placement: the smallest misfit's terms, what the fixed terms
+    alone take, and the alternatives that would fit."""
+    smallest = min(fail.values(), key=lambda b: b.total) if fail else Budget(limit=s.limit)
+    force_policy = call["force_policy"]
+    what = ("this model, even with every layer on the CPU" if force_policy == "auto"
+            else f"the '{force_policy}' placement")
+    extra = f"the fixed terms alone take {format_size(smallest.fixed)}"
+    if smallest.kv_pool:
+        extra += (f"; max_model_len {s.max_model_len} costs {format_size(s.kv_layer * s.max_model_len)} of KV per "
+                  f"GPU layer")
+    msg = too_small_message(what, smallest, extra)
+    alts: list[Alternative] = []
+    if alternatives:
+        alts = _alternatives(model, budget_bytes, device, s, call)
+        fitting = [a for a in alts if a.fits]
+        if fitting:
+            msg += "\nthese would fit:\n" + "\n".join(format_alternatives(fitting))
+        elif alts:
+            msg += f"\nnone of these fits either: {', '.join(a.cli for a in alts)}"
+        if smallest.fixed > s.limit:
+            msg += "\nthe budget is below what any GPU placement needs: give a larger --gpu-memory, or run on the CPU"
+    return BudgetTooSmallError(msg, smallest, alts)
+
+
+def _setup(model: ModelConfig, budget_bytes: int, device: DeviceProfile, quant: Any, max_model_len: int | None,
+           max_num_seqs: int, kv_dtype: str, prompt_len: int, gen_len: int, cuda_graphs: bool,
+           block_size: int, caps: DriverCaps) -> _Setup:
+    if budget_bytes < 0:
+        raise ValueError(f"GPU memory budget must be non-negative, got {budget_bytes}")
+    if device.has_gpu and budget_bytes > device.total_memory:
+        raise ValueError(f"GPU memory budget {format_size(budget_bytes)} exceeds the {device.name} profile's "
+                         f"{format_size(device.total_memory)}")
+    model_max = model.max_position_embeddings
+    length = max_model_len if max_model_len is not None else min(DEFAULT_MAX_MODEL_LEN, model_max)
+    if length < 1:
+        raise ValueError(f"max_model_len must be >= 1, got {length}")
+    if length > model_max:
+        raise ValueError(f"max_model_len {length} exceeds the model's context of {model_max} tokens")
+    if max_num_seqs < 1:
+        raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
+    if prompt_len < 1 or gen_len < 1:
+        raise ValueError("prompt_len and gen_len must be >= 1")
+    kv = normalize_kv_dtype(kv_dtype)
+    scheme = resolve_quant(quant)
+    weights = model_weights(model, scheme)
+    if caps.cpu_weights == "packed":
+        cpu_bytes = weights.layer_bytes
+    else:
+        fmt = FP32 if caps.cpu_weights == "fp32" else FP16
+        cpu_bytes = model_weights(model, QuantScheme(fmt, (), fmt, fmt)).layer_bytes
+    kv_layer = kv_bytes_per_token_layer(model, kv)
+    cpu_kv = kv_layer if not caps.cpu_kv_bytes else 2 * model.num_key_value_heads * model.head_dim * caps.cpu_kv_bytes
+    return _Setup(model=model, weights=weights, scheme=scheme, device=device, limit=int(budget_bytes),
+                  max_model_len=length, max_num_seqs=max_num_seqs, kv_dtype=kv, kv_layer=kv_layer,
+                  prompt_len=prompt_len, gen_len=gen_len, block_size=block_size, cuda_graphs=cuda_graphs, caps=caps,
+                  cpu_layer_bytes=cpu_bytes, cpu_kv_layer=cpu_kv)
+
+
+def _round_up(x: int, k: int) -> int:
+    return -(-x // k) * k
+
+
+def _fixed_budget(s: _Setup, chunk: int) -> Budget:
+    """The placement-independent terms for a chunk size."""
+    m, dev = s.model, s.device
+    tokens = max(chunk, s.max_num_seqs)
+    graphs = cuda_graph_capture_sizes(s.max_num_seqs) if s.cuda_graphs else []
+    quantized = s.scheme.linear.quantized or any(f.quantized for _, f in s.scheme.overrides)
+    b = Budget(
+        limit=s.limit,
+        cuda_context=dev.cuda_context_bytes,
+        activations=activation_bytes(m, tokens, s.max_num_seqs),
+        workspace=workspace_bytes(m, tokens, s.max_model_len, quantized=quantized, num_sms=dev.num_sms or 132,
+                                  library_workspace=dev.library_workspace_bytes),
+        cuda_graphs=cuda_graph_bytes(m, graphs),
+        margin=safety_margin_bytes(s.limit),
+    )
+    b.notes.update(
+        cuda_context=f"{dev.name} profile",
+        activations=f"{tokens} tokens x {ACT_BYTES * max(3 * m.hidden_size + 3 * m.intermediate_size, 3 * m.hidden_size + 3 * m.q_size + 3 * m.kv_size) // 1024} KiB + logits of {s.max_num_seqs} rows",
+        workspace="attention gather + split-K partials" + (" + dequant" if quantized and tokens >= 256 else "")
+                  + " + cuBLAS",
+        cuda_graphs=f"{len(graphs)} decode graphs (batch 1..{max(graphs)})" if graphs else "off",
+        margin="2% + 32 MiB for fragmentation",
+    )
+    return b
+
+
+def _interleave(num: int, streamed: int) -> list[str]:
+    """`num` offloaded layers, `streamed` of them streamed, spread evenly (streamed first in each group)."""
+    if streamed <= 0:
+        return [CPU] * num
+    if streamed >= num:
+        return [STREAMED] * num
+    out = [CPU] * num
+    for j in range(streamed):
+        out[(j * num) // streamed] = STREAMED
+    return out
+
+
+def _memory(s: _Setup, cand: _Candidate, fixed: Budget) -> Budget:
+    """The budget of a candidate, its KV pool at the minimum (the leftover is added in _finish).
+
+    resident  Σ resident layers + lm_head (+ final norm) if resident + embeddings if on the GPU (shared
+              with a resident lm_head when tied)
+    ring      buffers x the largest piece that may pass through it: streamed layers, CPU layers (for
+              prefill offload) and a streamed lm_head
+    KV        kv_min_tokens (rounded to blocks) x KV bytes/token/layer x GPU-side layers
+    """
+    w = s.weights
+    b = replace(fixed, notes=dict(fixed.notes))
+    resident = sum(wb for wb, p in zip(w.layer_bytes, cand.layers) if p == RESIDENT)
+    if cand.lm_head == RESIDENT:
+        resident += w.lm_head_bytes
+    if cand.embeddings == "gpu" and not (s.model.tie_word_embeddings and cand.lm_head == RESIDENT):
+        resident += w.embed_bytes
+    b.resident_weights = resident
+    if cand.num_buffers:
+        ringed = [wb for wb, p in zip(w.layer_bytes, cand.layers) if p != RESIDENT]
+        if cand.lm_head == STREAMED:
+            ringed.append(w.lm_head_bytes)
+        b.stream_buffers = cand.num_buffers * max(ringed, default=0)
+    gpu_layers = sum(1 for p in cand.layers if p != CPU)
+    b.kv_pool = _round_up(cand.kv_min_tokens, s.block_size) * s.kv_layer * gpu_layers
+    return b
+
+
+class _Sizer:
+    """Fast totals for 'first r layers resident, the tail offloaded' layouts (prefix sums), so the search
+    does not build a Budget per probe. total(...) equals _memory(...).total for the same layout."""
+
+    def __init__(self, s: _Setup, fixed: Budget, kv_min: int) -> None:
+        w = s.weights
+        self.s = s
+        self.fixed = fixed.total
+        self.prefix = [0]
+        for wb in w.layer_bytes:
+            self.prefix.append(self.prefix[-1] + wb)
+        self.tail_max = [0] * (s.n + 1)  # largest layer in layers r..n-1
+        for r in range(s.n - 1, -1, -1):
+            self.tail_max[r] = max(self.tail_max[r + 1], w.layer_bytes[r])
+        self.kv_per_layer = kv_min * s.kv_layer
+
+    def total(self, r: int, gpu_layers: int, head: str, embeddings: str, buffers: int) -> int:
+        s, w = self.s, self.s.weights
+        t = self.fixed + self.prefix[r] + self.kv_per_layer * gpu_layers
+        if head == RESIDENT:
+            t += w.lm_head_bytes
+        if embeddings == "gpu" and not (s.model.tie_word_embeddings and head == RESIDENT):
+            t += w.embed_bytes
+        if buffers:
+            slot = self.tail_max[r]
+            if head == STREAMED:
+                slot = max(slot, w.lm_head_bytes)
+            t += buffers * slot
+        return t
+
+
+def _candidates(s: _Setup, policy: str, chunk: int, batch: int, fail: dict[str, Budget]):
+    """Yield (candidate, budget) pairs of `policy` that fit: for each ring size and lm_head placement the
+    most resident layers the budget allows (mixed: the top few resident counts, each with the split that
+    balances copy time against CPU time and its neighbours). Records the smallest misfit in `fail`."""
+    fixed = _fixed_budget(s, chunk)
+    n = s.n
+    kv_min = _round_up(max(s.max_model_len, batch * (s.prompt_len + s.gen_len)), s.block_size)
+    size = _Sizer(s, fixed, kv_min)
+
+    def emit(layers: list[str], head: str, emb: str, buffers: int) -> tuple[_Candidate, Budget]:
+        c = _Candidate(policy, tuple(layers), head, emb, buffers, chunk, batch, kv_min)
+        return c, _memory(s, c, fixed)
+
+    def miss(layers: list[str], head: str, emb: str, buffers: int) -> None:
+        b = _memory(s, _Candidate(policy, tuple(layers), head, emb, buffers, chunk, batch, kv_min), fixed)
+        if policy not in fail or b.total < fail[policy].total:
+            fail[policy] = b
+
+    def max_r(lo: int, hi: int, fits) -> int | None:
+        """Largest r in [lo, hi] with fits(r), fits monotone (true up to some r); None if none."""
+        if hi < lo or not fits(lo):
+            return None
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if fits(mid):
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
+    if policy == "resident":
+        for emb in ("gpu", "cpu"):
+            if size.total(n, n, RESIDENT, emb, 0) <= s.limit:
+                yield emit([RESIDENT] * n, RESIDENT, emb, 0)
+                return
+        miss([RESIDENT] * n, RESIDENT, "cpu", 0)
+        return
+
+    ring_choices = [b for b in BUFFER_CANDIDATES if b >= s.caps.min_stream_buffers]
+    heads = (RESIDENT, STREAMED, CPU) if s.caps.lm_head_offload else (RESIDENT,)
+    if policy in ("streamed", "cpu"):
+        off = STREAMED if policy == "streamed" else CPU
+        # a CPU placement needs a ring only to run its layers on the GPU for long prefills
+        buffer_choices = ring_choices if policy == "streamed" else ((0, *ring_choices[:1]) if s.caps.prefill_offload else (0,))
+        for buffers in buffer_choices:
+            for head in [h for h in heads if h in (RESIDENT, off)]:
+                if head == STREAMED and not buffers:
+                    continue
+                gpu = (lambda r: n) if off == STREAMED else (lambda r: r)
+                r = max_r(0, n - 1, lambda r: size.total(r, gpu(r), head, "cpu", buffers) <= s.limit)
+                if r is None:
+                    miss([off] * n, head, "cpu", buffers)
+                    continue
+                yield emit([RESIDENT] * r + [off] * (n - r), head, "cpu", buffers)
+        return
+
+    # mixed: r resident, the tail of x = n - r split into `st` streamed layers and x - st CPU layers,
+    # interleaved. Streamed layers need GPU KV, CPU ones do not, so at most s_max(r) can be streamed.
+    dev = s.device
+    wmax, pmax = max(s.weights.layer_bytes), max(s.weights.layer_params)
+    per_copy = copy_time(dev, wmax)
+    per_cpu = cpu_time(dev, max(s.cpu_layer_bytes), linear_flops(pmax, batch), quantized=_cpu_quantized(s))
+    for buffers in ring_choices:
+        for head in [h for h in heads if h in (RESIDENT, CPU)]:
+            def s_max(r: int) -> int:
+                spare = s.limit - size.total(r, r, head, "cpu", buffers)
+                return min(n - r - 1, spare // size.kv_per_layer if size.kv_per_layer else n)
+
+            top = max_r(0, n - 2, lambda r: s_max(r) >= 1)
+            if top is None:
+                miss([RESIDENT] * 0 + _interleave(n, 1), head, "cpu", buffers)
+                continue
+            for r in range(top, max(-1, top - 3), -1):
+                x, cap = n - r, s_max(r)
+                if cap < 1:
+                    continue
+                balanced = round(x * per_cpu / (per_cpu + per_copy))
+                for st in sorted({min(max(v, 1), cap) for v in (balanced - 1, balanced, balanced + 1)}):
+                    yield emit([RESIDENT] * r + _interleave(x, st), head, "cpu", buffers)
+
+
+def _cpu_quantized(s: _Setup) -> bool:
+    """Whether CPU layers compute on packed weights (cpu_quant_flops) or float ones (cpu_float_flops)."""
+    return s.caps.cpu_weights == "packed" and s.scheme.linear.quantized
+
+
+def _dram(s: _Setup, layers: tuple[str, ...] | list[str], lm_head: str) -> tuple[float, float]:
+    places = set(layers) | {lm_head}
+    return dram_shares(s.device, STREAMED in places, CPU in places)
+
+
+def _decode_ops(s: _Setup, cand: _Candidate, batch: int, overheads: bool) -> tuple[list[Op], float]:
+    """Ops of one decode step at `batch` sequences and the GPU<->CPU hand-over time.
+
+    Per layer, B tokens at a context of c = decode_context tokens each:
+        flops = 2 n B + 4 q B c          kv_read = B c x KV bytes/token/layer
+        resident  gpu_time(w, flops, kv_read)
+        streamed  the same, after copy_time(w) into a ring slot
+        cpu       cpu_time(w, flops, kv_read)   (its KV is in host memory)
+    """
+    dev, w, m = s.device, s.weights, s.model
+    ctx = s.decode_context
+    copy_share, cpu_share = _dram(s, cand.layers, cand.lm_head)
+    quant = _cpu_quantized(s)
+    memo: dict[tuple[str, int, int], Op] = {}  # layers of one shape and placement cost the same
+    ops: list[Op] = []
+    if cand.embeddings == "cpu":
+        ops.append(Op("embed", "cpu", 0.0))
+    for place, wb, cb, params in zip(cand.layers, w.layer_bytes, s.cpu_layer_bytes, w.layer_params):
+        key = (place, wb, params)
+        op = memo.get(key)
+        if op is None:
+            flops = linear_flops(params, batch) + attention_flops(m.q_size, batch, ctx)
+            kv_read = batch * ctx * s.kv_layer
+            if place == CPU:
+                op = Op("cpu layer", "cpu", cpu_time(dev, cb, flops, batch * ctx * s.cpu_kv_layer, quantized=quant,
+                                                      bandwidth_share=cpu_share, overheads=overheads))
+            else:
+                copy = copy_time(dev, wb, bandwidth_share=copy_share, overheads=overheads) if place == STREAMED else 0.0
+                op = Op(f"{place} layer", "gpu", gpu_time(dev, wb, flops, kv_read, overheads=overheads), copy)
+            memo[key] = op
+        ops.append(op)
+    ops.append(_head_op(s, cand.lm_head, batch, overheads, copy_share, cpu_share))
+    return ops, handover_time(dev, batch * m.hidden_size * ACT_BYTES, overheads)
+
+
+def _head_op(s: _Setup, place: str, rows: int, overheads: bool, copy_share: float, cpu_share: float) -> Op:
+    dev, w = s.device, s.weights
+    flops = linear_flops(w.lm_head_params, rows)
+    head_quant = (s.scheme.embed_tokens if s.model.tie_word_embeddings else s.scheme.lm_head).quantized
+    if place == CPU:
+        return Op("lm_head", "cpu", cpu_time(dev, w.lm_head_bytes, flops, quantized=head_quant,
+                                             bandwidth_share=cpu_share, overheads=overheads))
+    copy = copy_time(dev, w.lm_head_bytes, bandwidth_share=copy_share, overheads=overheads) if place == STREAMED else 0.0
+    return Op("lm_head", "gpu", gpu_time(dev, w.lm_head_bytes, flops, overheads=overheads), copy)
+
+
+def _prefill_steps(s: _Setup, cand: _Candidate, prompts: int, overheads: bool,
+                   offload_min: int | None) -> tuple[list[list[Op]], float]:
+    """Ops of each chunk that prefills `prompts` prompts of prompt_len tokens, packed into chunks of
+    cand.chunk tokens (T tokens per chunk, mean attention context c, `past` earlier tokens of the prompt):
+
+        flops = 2 n T + 4 q T c          KV traffic = (past + T) x KV bytes/token/layer
+        resident / streamed  as in decode, with these flops
+        cpu                  cpu_time, or, when T >= offload_min and the plan has a ring, run on the GPU:
+                             copy_time(w + past KV) in, gpu_time, and the chunk's new KV back out
+    The lm_head runs for the rows that end a prompt only."""
+    dev, w, m = s.device, s.weights, s.model
+    total = prompts * s.prompt_len
+    chunk = max(1, cand.chunk)
+    copy_share, cpu_share = _dram(s, cand.layers, cand.lm_head)
+    quant = _cpu_quantized(s)
+    steps: list[list[Op]] = []
+    done = 0
+    while done < total:
+        tokens = min(chunk, total - done)
+        if tokens >= s.prompt_len:  # whole prompts: mean attention context prompt_len / 2, nothing before
+            ctx, past = s.prompt_len / 2, 0
+        else:  # a piece of one prompt, after `past` of its tokens
+            past = done % s.prompt_len
+            ctx = past + tokens / 2
+        offload = offload_min is not None and cand.num_buffers > 0 and tokens >= offload_min
+        memo: dict[tuple[str, int, int], Op] = {}
+        ops: list[Op] = []
+        if cand.embeddings == "cpu":
+            ops.append(Op("embed", "cpu", 0.0))
+        for place, wb, cb, params in zip(cand.layers, w.layer_bytes, s.cpu_layer_bytes, w.layer_params):
+            key = (place, wb, params)
+            op = memo.get(key)
+            if op is None:
+                flops = linear_flops(params, tokens) + attention_flops(m.q_size, tokens, ctx)
+                kv_rw = (past + tokens) * s.kv_layer
+                if place == CPU and not offload:
+                    op = Op("cpu layer", "cpu", cpu_time(dev, cb, flops, (past + tokens) * s.cpu_kv_layer,
+                                                          quantized=quant, bandwidth_share=cpu_share,
+                                                          overheads=overheads))
+                else:
+                    copy = 0.0
+                    run = gpu_time(dev, wb, flops, kv_rw, overheads=overheads)
+                    if place == STREAMED:
+                        copy = copy_time(dev, wb, bandwidth_share=copy_share, overheads=overheads)
+                    elif place == CPU:  # offloaded: weights + past KV in, the chunk's new KV back out
+                        copy = copy_time(dev, wb + past * s.kv_layer, bandwidth_share=copy_share,
+                                         overheads=overheads)
+                        run += tokens * s.kv_layer / dev.h2d_pinned_bandwidth
+                    op = Op(f"{place} layer", "gpu", run, copy)
+                memo[key] = op
+            ops.append(op)
+        last_rows = (done + tokens) // s.prompt_len - done // s.prompt_len  # prompts that end in this chunk
+        if last_rows:
+            ops.append(_head_op(s, cand.lm_head, last_rows, overheads, copy_share, cpu_share))
+        steps.append(ops)
+        done += tokens
+    return steps, handover_time(dev, chunk * m.hidden_size * ACT_BYTES, overheads)
+
+
+def _offload_threshold(s: _Setup, cand: _Candidate) -> int | None:
+    """Smallest chunk (tokens) for which running a CPU layer on the GPU through the ring beats the CPU:
+    max(copy, GPU compute) < CPU compute. None without CPU layers or ring buffers."""
+    if not s.caps.prefill_offload or not cand.num_buffers or CPU not in cand.layers:
+        return None
+    return _gpu_beats_cpu_from(s)
+
+
+@functools.lru_cache(maxsize=256)
+def _gpu_beats_cpu_from(s: _Setup) -> int | None:
+    dev = s.device
+    wb, cb, params = max(s.weights.layer_bytes), max(s.cpu_layer_bytes), max(s.weights.layer_params)
+    quant = _cpu_quantized(s)
+
+    def gpu_wins(t: int) -> bool:
+        flops = linear_flops(params, t)
+        return max(copy_time(dev, wb), gpu_time(dev, wb, flops)) < cpu_time(dev, cb, flops, quantized=quant)
+
+    lo, hi = 1, 1 << 16
+    if not gpu_wins(hi):
+        return None
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if gpu_wins(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def _step_time(s: _Setup, cand: _Candidate, batch: int, overheads: bool = True) -> float:
+    ops, hand = _decode_ops(s, cand, batch, overheads)
+    return simulate([ops] * 3, cand.num_buffers, handover_s=hand,
+                    step_overhead_s=s.device.step_overhead_s if overheads else 0.0)[-1]
+
+
+def _prefill_time(s: _Setup, cand: _Candidate, prompts: int, overheads: bool = True) -> float:
+    steps, hand = _prefill_steps(s, cand, prompts, overheads, _offload_threshold(s, cand))
+    return sum(simulate(steps, cand.num_buffers, handover_s=hand,
+                        step_overhead_s=s.device.step_overhead_s if overheads else 0.0))
+
+
+def _objective(s: _Setup, cand: _Candidate) -> float:
+    """Generated tokens/s of the reference workload at the candidate's planned batch B:
+    B G / (prefill of B prompts + G x decode step at B)."""
+    b = cand.batch
+    return b * s.gen_len / (_prefill_time(s, cand, b) + s.gen_len * _step_time(s, cand, b))
+
+
+def _predict(s: _Setup, cand: _Candidate) -> Prediction:
+    return Prediction(
+        prompt_len=s.prompt_len,
+        gen_len=s.gen_len,
+        ttft_s=_prefill_time(s, cand, 1),
+        roofline_ttft_s=_prefill_time(s, cand, 1, overheads=False),
+        decode_step_s_b1=_step_time(s, cand, 1),
+        roofline_step_s_b1=_step_time(s, cand, 1, overheads=False),
+        batch=cand.batch,
+        decode_step_s=_step_time(s, cand, cand.batch),
+        roofline_step_s=_step_time(s, cand, cand.batch, overheads=False),
+        workload_tok_s=_objective(s, cand),
+    )
+
+
+def _finish(s: _Setup, cand: _Candidate, budget: Budget, name: str) -> Plan:
+    """Grow the KV pool into the leftover budget and assemble the Plan."""
+    m, w = s.model, s.weights
+    gpu_layers = sum(1 for p in cand.layers if p != CPU)
+    block_bytes = s.block_size * s.kv_layer * gpu_layers
+    if block_bytes:
+        spare = budget.limit - budget.total
+        budget.kv_pool += (spare // block_bytes) * block_bytes
+        num_blocks = budget.kv_pool // block_bytes
+    else:
+        num_blocks = cand.kv_min_tokens // s.block_size
+    budget.notes["kv_pool"] = (f"{num_blocks} blocks x {s.block_size} tokens x {gpu_layers} GPU layers x "
+                               f"{format_size(s.kv_layer)}/token/layer ({s.kv_dtype})")
+    resident_layers = sum(1 for p in cand.layers if p == RESIDENT)
+    budget.notes["resident_weights"] = (f"{resident_layers} layers ({s.scheme.linear.name})"
+                                        + (", lm_head" if cand.lm_head == RESIDENT else "")
+                                        + (", embeddings" if cand.embeddings == "gpu" else ""))
+    slot = budget.stream_buffers // cand.num_buffers if cand.num_buffers else 0
+    if cand.num_buffers:
+        budget.notes["stream_buffers"] = f"{cand.num_buffers} x {format_size(slot)} (largest offloaded layer)"
+    cpu_layers = sum(1 for p in cand.layers if p == CPU)
+    host_weights = sum(wb for wb, p in zip(w.layer_bytes, cand.layers) if p == STREAMED)
+    host_weights += sum(cb for cb, p in zip(s.cpu_layer_bytes, cand.layers) if p == CPU)
+    if cand.lm_head != RESIDENT:
+        host_weights += w.lm_head_bytes
+    if cand.embeddings == "cpu":
+        host_weights += w.embed_bytes
+    host_kv = num_blocks * s.block_size * s.cpu_kv_layer * cpu_layers
+    on_gpu = sum(wb for wb, p in zip(w.layer_bytes, cand.layers) if p == RESIDENT) + (
+        w.lm_head_bytes if cand.lm_head == RESIDENT else 0)
+    share = on_gpu / (w.total_layer_bytes + w.lm_head_bytes)
+    notes = []
+    if cpu_layers:
+        if s.caps.cpu_weights == "packed":
+            notes.append(f"CPU layers are costed for a packed (int4/int8) CPU matmul reading "
+                         f"{s.device.cpu_bandwidth / 1e9:.0f} GB/s: the offload driver needs that kernel")
+        else:
+            notes.append(f"CPU layers hold {s.caps.cpu_weights} weights (the offload driver dequantizes them): "
+                         f"{format_size(max(s.cpu_layer_bytes))} per layer read every step")
+    if cand.embeddings == "cpu":
+        notes.append("embeddings stay on the CPU: a step copies only its B rows to the GPU")
+    if host_weights + host_kv > 0.8 * s.device.host_memory:
+        notes.append(f"offloaded weights + host KV ({format_size(host_weights + host_kv)}) exceed 80% of the "
+                     f"host's {format_size(s.device.host_memory)}: they would stream from an mmap of the checkpoint "
+                     "(pageable, disk-bound) and the prediction is optimistic")
+    notes.append(f"device profile: {s.device.summary()}")
+    return Plan(
+        model_name=name, device=s.device.name, policy=cand.policy, weights=s.scheme.name,
+        layers=list(cand.layers), lm_head=cand.lm_head, embeddings=cand.embeddings,
+        num_stream_buffers=cand.num_buffers, stream_buffer_bytes=slot,
+        prefill_offload_min_tokens=_offload_threshold(s, cand), kv_dtype=s.kv_dtype,
+        kv_block_size=s.block_size, kv_num_blocks=num_blocks, kv_capacity_tokens=num_blocks * s.block_size,
+        kv_bytes_per_token=s.kv_layer * gpu_layers, host_kv_bytes=host_kv, host_weight_bytes=host_weights,
+        max_model_len=s.max_model_len, max_num_seqs=s.max_num_seqs,
+        max_num_batched_tokens=max(cand.chunk, s.max_num_seqs),
+        cuda_graph_sizes=cuda_graph_capture_sizes(s.max_num_seqs) if s.cuda_graphs and s.device.has_gpu else [],
+        budget=budget, prediction=_predict(s, cand), resident_share=share, notes=notes,
+    )
+
+
+def _considered(s: _Setup, policies: tuple[str, ...], best: dict, fail: dict[str, Budget]) -> list[PolicyOutcome]:
+    out = []
+    for p in policies:
+        if p in best:
+            _, cand, _ = best[p]
+            pred = _predict(s, cand)
+            out.append(PolicyOutcome(
+                policy=p, fits=True, resident_layers=cand.layers.count(RESIDENT),
+                streamed_layers=cand.layers.count(STREAMED), cpu_layers=cand.layers.count(CPU), batch=cand.batch,
+                decode_tok_s_b1=pred.decode_tok_s_b1, decode_tok_s=pred.decode_tok_s, ttft_s=pred.ttft_s,
+                workload_tok_s=pred.workload_tok_s))
+        else:
+            b = fail.get(p)
+            reason = (f"needs {format_size(b.total)} (weights {format_size(b.resident_weights)}, KV "
+                      f"{format_size(b.kv_pool)})" if b else "no placement")
+            out.append(PolicyOutcome(policy=p, fits=False, reason=reason))
+    return out
+
+
+def _cpu_only_plan(s: _Setup, batch: int, chunk: int | None, name: str) -> Plan:
+    """No GPU: every piece on the CPU; the GPU budget is empty and the KV lives in host memory.
+
+    The engine's CPU path dequantizes quantized checkpoints to fp32 at load (model_loader.py: the packed
+    CPU path is slower per byte), so the plan costs fp32 weights: 4 bytes per weight, the fp32 GEMM rate.
+    """
+    notes = ["no GPU: vramwise runs every layer on the CPU; the GPU budget does not apply"]
+    if s.scheme.linear.bits != 32:
+        notes.append(f"the CPU path holds weights in fp32 (dequantized at load), so {s.scheme.name} weights are "
+                     "costed at 4 bytes per weight")
+    fp32 = QuantScheme(FP32, (), FP32, FP32)
+    weights = model_weights(s.model, fp32)
+    s = replace(s, scheme=fp32, weights=weights, cpu_layer_bytes=weights.layer_bytes,
+                cpu_kv_layer=2 * s.model.num_key_value_heads * s.model.head_dim * 4,
+                caps=replace(s.caps, cpu_weights="fp32", prefill_offload=False))
+    n = s.n
+    kv_min = _round_up(max(s.max_model_len, batch * (s.prompt_len + s.gen_len)), s.block_size)
+    cand = _Candidate("cpu", tuple([CPU] * n), CPU, "cpu", 0, chunk or CHUNK_CANDIDATES[0], batch, kv_min)
+    num_blocks = kv_min // s.block_size
+    notes.append(f"device profile: {s.device.summary()}")
+    return Plan(
+        model_name=name, device=s.device.name, policy="cpu", weights=s.scheme.name, layers=[CPU] * n,
+        lm_head=CPU, embeddings="cpu", num_stream_buffers=0, stream_buffer_bytes=0,
+        prefill_offload_min_tokens=None, kv_dtype=s.kv_dtype, kv_block_size=s.block_size,
+        kv_num_blocks=num_blocks, kv_capacity_tokens=num_blocks * s.block_size, kv_bytes_per_token=0,
+        host_kv_bytes=num_blocks * s.block_size * s.cpu_kv_layer * n, host_weight_bytes=s.weights.total_bytes,
+        max_model_len=s.max_model_len, max_num_seqs=s.max_num_seqs, max_num_batched_tokens=cand.chunk,
+        cuda_graph_sizes=[], budget=Budget(limit=0), prediction=_predict(s, cand), resident_share=0.0,
+        notes=notes,
+    )
+
+
+# --------------------------------------------------------------------------------------------------------
+# Alternatives
+# --------------------------------------------------------------------------------------------------------
+
+
+def _alternatives(model: ModelConfig, budget_bytes: int, device: DeviceProfile, s: _Setup, call: dict[str, Any],
+                  baseline: Plan | None = None) -> list[Alternative]:
+    """Plans with one thing changed: int8 KV, half the context, fewer bits, an 8-bit lm_head, the offload
+    driver's next capabilities. Kept when they fit and beat the baseline (all of them without one)."""
+    scheme = s.scheme
+    # (in words, CLI flags, plan() changes, JSON-able description of the change)
+    changes: list[tuple[str, str, dict[str, Any], dict[str, Any]]] = []
+    if s.kv_dtype not in ("int8", "fp8"):
+        changes.append(("int8 KV cache", "--kv-cache-dtype int8", {"kv_dtype": "int8"}, {"kv_dtype": "int8"}))
+    shorter = max(s.max_model_len // 2, 1)
+    if shorter >= max(256, s.prompt_len + s.gen_len):  # still holds the reference request
+        changes.append((f"context {shorter}", f"--max-model-len {shorter}", {"max_model_len": shorter},
+                        {"max_model_len": shorter}))
+    lin = scheme.linear
+    if lin.bits >= 16:
+        changes.append(("8-bit weights", "--bits 8", {"quant": replace(scheme, linear=WeightFormat.for_bits(8))},
+                        {"bits": 8}))
+    if lin.bits >= 8:
+        changes.append(("4-bit weights (g128)", "--bits 4 --group-size 128",
+                        {"quant": replace(scheme, linear=WeightFormat.for_bits(4))}, {"bits": 4, "group_size": 128}))
+    elif lin.group_size is not None and lin.group_size < 128:
+        changes.append(("4-bit, group 128", "--group-size 128",
+                        {"quant": replace(scheme, linear=WeightFormat(4, 128, lin.symmetric))}, {"group_size": 128}))
+    if not model.tie_word_embeddings and scheme.lm_head.bits >= 16:
+        changes.append(("8-bit lm_head", "--lm-head-bits 8",
+                        {"quant": replace(scheme, lm_head=WeightFormat.for_bits(8))}, {"lm_head_bits": 8}))
+    if s.caps != DRIVER_NEXT:
+        changes.append((f"driver: {DRIVER_NEXT.name}", "--cpu-weights packed --prefill-offload --lm-head-offload",
+                        {"driver": DRIVER_NEXT}, {"driver": DRIVER_NEXT.name}))
+    if baseline is None and s.max_num_seqs > 8:  # the logits and CUDA-graph terms shrink with fewer sequences
+        changes.append(("8 sequences per step", "--max-num-seqs 8", {"max_num_seqs": 8}, {"max_num_seqs": 8}))
+    out: list[Alternative] = []
+    for change, cli, kw, desc in changes:
+        args = {**call, **kw}
+        try:
+            p = plan(model, budget_bytes, device, **args)
+        except BudgetTooSmallError as e:
+            out.append(Alternative(change, cli, desc, fits=False, reason=str(e).split(" (")[0]))
+            continue
+        if baseline is not None and p.prediction.decode_tok_s_b1 <= baseline.prediction.decode_tok_s_b1 * 1.005 \
+                and p.kv_capacity_tokens <= baseline.kv_capacity_tokens \
+                and p.prediction.ttft_s >= baseline.prediction.ttft_s * 0.995:
+            continue  # neither faster nor more KV: not worth listing
+        out.append(Alternative(change, cli, desc, fits=True, policy=p.policy, resident_share=p.resident_share,
+                               kv_capacity_tokens=p.kv_capacity_tokens, ttft_s=p.prediction.ttft_s,
+                               decode_tok_s_b1=p.prediction.decode_tok_s_b1))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------
+# The matrix (no model given)
+# --------------------------------------------------------------------------------------------------------
+
+#: Shapes of the `plan` matrix: (label, models/shapes.py key).
+MATRIX_SHAPES = (("7B", "llama-2-7b"), ("8B", "llama-3-8b"), ("13B", "llama-2-13b"), ("34B", "codellama-34b"),
+                 ("70B", "llama-2-70b"))
+
+
+@dataclass
+class MatrixRow:
+    label: str
+    shape: str
+    bits: int
+    fits: bool
+    policy: str = ""
+    resident_share: float = 0.0
+    kv_capacity_tokens: int = 0
+    ttft_s: float = 0.0
+    decode_tok_s_b1: float = 0.0
+    reason: str = ""
+
+
+def plan_matrix(budget_bytes: int, device: DeviceProfile, *, bits: tuple[int, ...] = (4, 8),
+                group_size: int | None = 128, **kw: Any) -> list[MatrixRow]:
+    """One plan per (common shape, bit width): what fits in `budget_bytes` and how fast."""
+    from vramwise.models.shapes import shape_config
+
+    rows: list[MatrixRow] = []
+    for label, key in MATRIX_SHAPES:
+        cfg = shape_config(key)
+        for b in bits:
+            fmt = WeightFormat.for_bits(b, group_size if b == 4 else -1)
+            try:
+                p = plan(cfg, budget_bytes, device, fmt, alternatives=False, model_name=key, **kw)
+            except BudgetTooSmallError as e:
+                rows.append(MatrixRow(label, key, b, False, reason=str(e).split(";")[0]))
+                continue
+            rows.append(MatrixRow(label, key, b, True, p.policy, p.resident_share, p.kv_capacity_tokens,
+                                  p.prediction.ttft_s, p.prediction.decode_tok_s_b1))
+    return rows
+
+
+def format_matrix(rows: list[MatrixRow]) -> str:
+    head = f"{'model':<5} {'shape':<14} {'bits':>4}  {'policy':<9} {'resident':>8}  {'KV tokens':>9}  " \
+           f"{'TTFT 512':>9}  {'decode b1':>10}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        if not r.fits:
+            lines.append(f"{r.label:<5} {r.shape:<14} {r.bits:>4}  does not fit: {r.reason}")
+            continue
+        lines.append(f"{r.label:<5} {r.shape:<14} {r.bits:>4}  {r.policy:<9} {r.resident_share:>8.0%}  "
+                     f"{r.kv_capacity_tokens:>9,}  {r.ttft_s * 1e3:>7.0f}ms  {r.decode_tok_s_b1:>6.1f} tok/s")
+    return "\n".join(lines)

@@ -1,0 +1,404 @@
+"""Budget arithmetic, the cost model's schedule, the planner's choices and `vramwise plan` (all torch-free
+arithmetic: every plan here takes milliseconds)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from vramwise.memory.budget import (
+    FP16,
+    GiB,
+    MiB,
+    Budget,
+    BudgetTooSmallError,
+    QuantScheme,
+    WeightFormat,
+    activation_bytes,
+    kv_bytes_per_token,
+    kv_bytes_per_token_layer,
+    kv_pool_bytes,
+    model_weights,
+    resolve_quant,
+)
+from vramwise.memory.costmodel import (
+    CPU_GENERIC,
+    H100,
+    RTX2060,
+    DeviceProfile,
+    Op,
+    profile_from_doctor,
+    simulate,
+)
+from vramwise.memory.planner import (
+    CPU,
+    DRIVER_NEXT,
+    DRIVER_TODAY,
+    RESIDENT,
+    STREAMED,
+    DriverCaps,
+    describe_placement,
+    plan,
+    plan_matrix,
+)
+from vramwise.models.shapes import shape_config
+
+W4 = WeightFormat.for_bits(4)  # int4, group 128
+L13 = shape_config("llama-2-13b")
+L7 = shape_config("llama-2-7b")
+
+
+# ------------------------------------------------------------------------------------------------ budget
+
+
+def test_kv_bytes_llama2_13b_by_hand():
+    # 2 (K, V) x 40 layers x 40 kv heads x 128 head_dim x 2 bytes = 819,200 B = 0.8 MiB per token
+    assert kv_bytes_per_token(L13, "fp16") == 2 * 40 * 40 * 128 * 2 == 819_200
+    assert kv_bytes_per_token_layer(L13, "fp16") == 20_480
+    # int8: 1 byte per element + one fp16 scale per (token, kv head) for K and for V
+    assert kv_bytes_per_token_layer(L13, "int8") == 2 * 40 * (128 + 2) == 10_400
+    assert kv_bytes_per_token(L13, "int8") < kv_bytes_per_token(L13, "fp16") * 0.51
+    # GQA: Llama-3-8B has 8 kv heads of 128
+    assert kv_bytes_per_token(shape_config("llama-3-8b")) == 2 * 32 * 8 * 128 * 2
+    # the pool rounds up to whole blocks of 16 tokens
+    assert kv_pool_bytes(L13, 17, num_layers=40) == 32 * 819_200
+
+
+def test_int4_g128_bytes_of_a_13b_mlp_projection():
+    # down_proj (out 5120, in 13824): 4-bit codes + fp16 scale and min per 128 inputs
+    codes = 5120 * 13824 // 2  # 35,389,440
+    groups = (13824 // 128) * 5120 * 2 * 2  # 108 groups x 5120 outputs x (scale + min) x 2 bytes = 2,211,840
+    assert W4.bytes_for(5120, 13824) == codes + groups == 37_601_280
+    assert W4.bits_per_weight(13824) == pytest.approx(4 + 32 / 128)
+    assert WeightFormat.for_bits(8).bytes_for(5120, 13824) == 5120 * 13824 + 5120 * 2  # per-channel scale
+    assert FP16.bytes_for(5120, 13824) == 2 * 5120 * 13824
+
+
+def test_weight_format_matches_quantspec_layouts():
+    from vramwise.quant.formats import QuantSpec  # torch; the planner itself never imports it
+
+    for spec in (QuantSpec.int4(128), QuantSpec.int4(32, symmetric=True), QuantSpec.int8(), QuantSpec.int8(32)):
+        for n, k in ((5120, 13824), (13824, 5120), (4096, 4096)):
+            assert WeightFormat.from_spec(spec).bytes_for(n, k) == spec.weight_bytes(n, k)
+    assert WeightFormat.from_spec(QuantSpec.int4(64)).name == QuantSpec.int4(64).name == "w4g64"
+
+
+def test_13b_int4_total_is_designs_6_9_gb():
+    w = model_weights(L13, QuantScheme(linear=W4, lm_head=W4))
+    per_layer = 317_194_240 * 4.25 / 8 + 2 * 5120 * 2  # linears at 4.25 bits + two fp16 norm vectors
+    assert w.layer_bytes[0] == per_layer
+    total = w.total_layer_bytes + w.lm_head_bytes
+    assert total == pytest.approx(6.9e9, rel=0.02)
+    # fp16 embeddings and lm_head by default (the loader quantizes decoder-layer linears only)
+    assert model_weights(L13, W4).lm_head_bytes == 32000 * 5120 * 2 + 5120 * 2
+
+
+def test_resolve_quant_per_module_mapping():
+    w8 = WeightFormat.for_bits(8)
+    scheme = resolve_quant({"model.layers.0.mlp.down_proj": w8, "self_attn.q_proj": W4, "lm_head": w8})
+    assert scheme.for_module("model.layers.0.mlp.down_proj") == w8
+    assert scheme.for_module("model.layers.1.mlp.down_proj") == FP16
+    assert scheme.for_module("model.layers.7.self_attn.q_proj") == W4
+    assert scheme.lm_head == w8
+    mixed = model_weights(L13, scheme)
+    assert mixed.layer_bytes[0] != mixed.layer_bytes[1]
+    assert resolve_quant(4).linear == W4 and resolve_quant(None).linear == FP16
+
+
+def test_activation_bytes_by_hand():
+    h, i, v = 5120, 13824, 32000
+    assert activation_bytes(L13, 512, 8) == 512 * 2 * (3 * h + 3 * i) + 8 * v * 18
+
+
+# ------------------------------------------------------------------------------------------------ cost model
+
+
+def test_schedule_streamed_overlaps_with_two_buffers_not_one():
+    ops = [Op(f"l{i}", "gpu", run_s=1.0, copy_s=2.0) for i in range(4)]
+    # two slots: copies back to back, each layer runs while the next copies: copy-bound, 4 x 2 per step
+    assert simulate([ops] * 3, 2)[-1] == pytest.approx(8.0)
+    # one slot: a copy waits for the previous layer to finish: copy + run per layer
+    assert simulate([ops] * 3, 1)[-1] == pytest.approx(12.0)
+    with pytest.raises(ValueError):
+        simulate([ops], 0)
+
+
+def test_schedule_mixed_overlaps_copies_with_cpu_compute():
+    streamed_only = [Op(f"s{i}", "gpu", 0.1, copy_s=3.0) for i in range(4)]
+    mixed = []
+    for i in range(2):
+        mixed += [Op(f"s{i}", "gpu", 0.1, copy_s=3.0), Op(f"c{i}", "cpu", 3.0)]
+    t_streamed = simulate([streamed_only] * 3, 2)[-1]
+    t_mixed = simulate([mixed] * 3, 2)[-1]
+    assert t_streamed == pytest.approx(12.0, rel=0.01)  # 4 copies of 3
+    assert t_mixed < 0.6 * t_streamed  # each copy hides behind the neighbour's CPU work
+
+
+def test_profile_from_doctor_report():
+    report = {"time": "2026-11-25T00:00:00Z",
+              "gpu": {"name": "NVIDIA H100 80GB HBM3", "total_memory": 80 * GiB, "hbm_bandwidth": 3.0e12,
+                      "h2d_pinned_bandwidth": 50e9, "cuda_context_bytes": 520 * MiB, "num_sms": 132},
+              "cpu": {"cpu_bandwidth": 40e9, "cpu_float_flops": 1.5e12}}
+    p = profile_from_doctor(report)
+    assert p.has_gpu and p.name.startswith("doctor:")
+    assert p.h2d_pinned_bandwidth == 50e9 and p.cuda_context_bytes == 520 * MiB and p.cpu_bandwidth == 40e9
+    assert p.cpu_quant_flops == pytest.approx(0.3 * 1.5e12)
+    assert p.h2d_pageable_bandwidth == H100.h2d_pageable_bandwidth  # not measured: the base's
+    cpu_only = profile_from_doctor({"gpu": None, "cpu": {"cpu_bandwidth": 9e9}})
+    assert not cpu_only.has_gpu and cpu_only.cpu_bandwidth == 9e9
+    assert DeviceProfile.from_dict(H100.to_dict()) == H100
+
+
+# ------------------------------------------------------------------------------------------------ planner
+
+
+def _check_budget(p):
+    b = p.budget
+    assert b.total == sum(getattr(b, t) for t in Budget.TERMS)
+    assert b.total <= b.limit
+    gpu_layers = p.num_resident + p.num_streamed
+    assert b.kv_pool == p.kv_num_blocks * 16 * kv_bytes_per_token_layer(L13 if len(p.layers) == 40 else L7,
+                                                                          p.kv_dtype) * gpu_layers
+    assert p.kv_capacity_tokens >= p.max_model_len
+
+
+def test_all_resident_when_it_fits():
+    p = plan(L7, 16 * GiB, H100, W4, alternatives=False)
+    assert p.policy == "resident" and p.layers == [RESIDENT] * 32 and p.lm_head == RESIDENT
+    assert p.embeddings == "gpu" and p.num_stream_buffers == 0 and p.alternatives == []
+    assert p.resident_share == 1.0
+    _check_budget(p)
+    # all-resident decode is HBM-bound: about the weights / 2979 GB/s (+ launch overheads)
+    roof = p.prediction.roofline_step_s_b1
+    assert 0.9 * (model_weights(L7, W4).total_layer_bytes / H100.hbm_bandwidth) < roof < 2 * (
+        model_weights(L7, W4).total_bytes / H100.hbm_bandwidth)
+
+
+def test_13b_in_6gib_offloads_and_predicts():
+    p = plan(L13, 6 * GiB, H100, W4, model_name="llama-2-13b")
+    assert p.policy in ("streamed", "cpu", "mixed")
+    assert 0 < p.num_resident < 40 and p.num_streamed + p.num_cpu == 40 - p.num_resident
+    _check_budget(p)
+    pred = p.prediction
+    assert 0 < pred.ttft_s < 1.0 and 1 < pred.decode_tok_s_b1 < 200
+    assert pred.roofline_step_s_b1 <= pred.decode_step_s_b1
+    assert {c.policy for c in p.considered} == {"resident", "streamed", "cpu", "mixed"}
+    assert not next(c for c in p.considered if c.policy == "resident").fits
+    assert any(a.cli == "--kv-cache-dtype int8" and a.fits for a in p.alternatives)
+    assert json.loads(json.dumps(p.to_dict()))["layers"] == p.layers  # JSON-ready for the driver
+
+
+@pytest.mark.parametrize("policy,off", [("streamed", STREAMED), ("cpu", CPU)])
+def test_forced_policies(policy, off):
+    p = plan(L13, 6 * GiB, H100, W4, force_policy=policy, alternatives=False)
+    assert p.policy == policy
+    assert set(p.layers) == {RESIDENT, off}
+    assert p.layers[: p.num_resident] == [RESIDENT] * p.num_resident  # resident first, offloaded tail
+    _check_budget(p)
+
+
+def test_mixed_wins_at_batch_1_streaming_wins_at_batch_16():
+    # with a packed CPU kernel, copies of streamed layers hide behind the CPU work of their neighbours
+    kw = dict(max_model_len=384, prompt_len=256, gen_len=128, alternatives=False)
+    b1 = {pol: plan(L13, 6 * GiB, H100, W4, force_policy=pol, driver=DRIVER_NEXT, **kw).prediction.decode_tok_s_b1
+          for pol in ("streamed", "cpu", "mixed")}
+    assert b1["mixed"] > b1["streamed"] and b1["mixed"] > b1["cpu"]
+    assert plan(L13, 6 * GiB, H100, W4, driver=DRIVER_NEXT, **kw).policy == "mixed"
+    # at 16 sequences a streamed weight serves 16 tokens per copy, while CPU flops grow 16x
+    b16 = {pol: plan(L13, 6 * GiB, H100, W4, force_policy=pol, expected_batch=16, kv_dtype="int8", **kw)
+           for pol in ("streamed", "cpu")}
+    assert b16["streamed"].prediction.batch == 16
+    assert b16["streamed"].prediction.decode_tok_s > b16["cpu"].prediction.decode_tok_s
+    auto = plan(L13, 6 * GiB, H100, W4, expected_batch=16, kv_dtype="int8", **kw)
+    assert auto.prediction.batch == 16 and auto.policy == "streamed"
+    assert auto.kv_capacity_tokens >= 16 * 384
+
+
+def test_todays_driver_computes_cpu_layers_in_fp32():
+    today = plan(L13, 6 * GiB, H100, W4, force_policy="cpu", alternatives=False)
+    nxt = plan(L13, 6 * GiB, H100, W4, force_policy="cpu", driver=DRIVER_NEXT, alternatives=False)
+    fp32_layer = 4 * 317_194_240 + 2 * 5120 * 4
+    embeddings = 32000 * 5120 * 2  # fp16 table, on the CPU
+    assert today.host_weight_bytes == today.num_cpu * fp32_layer + embeddings  # dequantized: 4 bytes/weight
+    assert today.prediction.decode_tok_s_b1 < nxt.prediction.decode_tok_s_b1
+    assert today.prefill_offload_min_tokens is None and today.lm_head == RESIDENT
+    auto = plan(L13, 6 * GiB, H100, W4)
+    assert auto.policy == "streamed"  # fp32 CPU layers lose to streaming
+    assert any(a.args.get("driver") == DRIVER_NEXT.name and a.fits and
+               a.decode_tok_s_b1 > auto.prediction.decode_tok_s_b1 for a in auto.alternatives)
+    with pytest.raises(ValueError):
+        DriverCaps(cpu_weights="int2")
+
+
+def test_int8_kv_or_shorter_context_means_more_resident_layers():
+    base = plan(L13, 6 * GiB, H100, W4, force_policy="streamed", alternatives=False)
+    int8 = plan(L13, 6 * GiB, H100, W4, force_policy="streamed", kv_dtype="int8", alternatives=False)
+    short = plan(L13, 6 * GiB, H100, W4, force_policy="streamed", max_model_len=1024, alternatives=False)
+    assert int8.num_resident > base.num_resident and short.num_resident > base.num_resident
+    assert int8.prediction.decode_tok_s_b1 > base.prediction.decode_tok_s_b1
+    auto, auto8 = (plan(L13, 6 * GiB, H100, W4, kv_dtype=kv, alternatives=False) for kv in ("fp16", "int8"))
+    assert auto8.resident_share > auto.resident_share
+
+
+@pytest.mark.parametrize("driver", [DRIVER_TODAY, DRIVER_NEXT], ids=["today", "next"])
+def test_decode_speed_falls_monotonically_as_the_budget_shrinks(driver):
+    speeds = []
+    for mib in range(12 * 1024, 2 * 1024, -512):
+        p = plan(L13, mib * MiB, H100, W4, driver=driver, alternatives=False)
+        speeds.append((mib, p.prediction.decode_tok_s_b1, p.prediction.workload_tok_s))
+    for (m1, d1, w1), (m2, d2, w2) in zip(speeds, speeds[1:]):
+        assert d2 <= d1 * (1 + 1e-9), f"{m2} MiB decodes faster than {m1} MiB"
+        assert w2 <= w1 * (1 + 1e-9)
+    assert speeds[0][1] > 5 * speeds[-1][1]
+
+
+def test_budget_too_small_error_lists_the_numbers():
+    with pytest.raises(BudgetTooSmallError) as e:
+        plan(L13, 256 * MiB, H100, W4)
+    msg = str(e.value)
+    assert isinstance(e.value, ValueError)
+    assert "256.00 MiB" in msg and "CUDA context 500.00 MiB" in msg and "fixed terms" in msg
+    assert e.value.budget is not None and e.value.budget.total > 256 * MiB
+    with pytest.raises(BudgetTooSmallError) as e:
+        plan(L13, 6 * GiB, H100, W4, force_policy="resident")
+    msg = str(e.value)
+    assert "'resident'" in msg and "resident weights 6.58 GiB" in msg and "6.00 GiB" in msg
+
+
+def test_bad_arguments_are_value_errors():
+    with pytest.raises(ValueError, match="exceeds the model's context"):
+        plan(L13, 6 * GiB, H100, W4, max_model_len=8192)
+    with pytest.raises(ValueError, match="unknown policy"):
+        plan(L13, 6 * GiB, H100, W4, force_policy="magic")
+    with pytest.raises(ValueError, match="KV cache dtype"):
+        plan(L13, 6 * GiB, H100, W4, kv_dtype="int3")
+    with pytest.raises(ValueError, match="exceeds"):
+        plan(L13, 100 * GiB, RTX2060, W4)
+
+
+def test_cpu_only_device_runs_everything_on_the_cpu():
+    p = plan(L7, 0, CPU_GENERIC, W4)
+    assert p.policy == "cpu" and set(p.layers) == {CPU} and p.budget.total == 0
+    assert p.weights == "fp32"  # the CPU path dequantizes at load
+    assert p.prediction.decode_tok_s_b1 > 0
+
+
+def test_rtx2060_profile_plans_13b():
+    p = plan(L13, 6 * GiB, RTX2060, W4, alternatives=False)
+    assert p.policy != "resident" and p.budget.total <= 6 * GiB
+    assert p.prediction.decode_tok_s_b1 < plan(L13, 6 * GiB, H100, W4, alternatives=False).prediction.decode_tok_s_b1
+
+
+def test_describe_placement_is_compact():
+    assert describe_placement([RESIDENT] * 28 + [STREAMED] * 12) == "layers 0-27 resident, 28-39 streamed"
+    text = describe_placement([RESIDENT] * 20 + [STREAMED, CPU] * 10)
+    assert text.startswith("layers 0-19 resident, 20-39 interleaved: 10 streamed (20, 22, 24, ...)")
+
+
+def test_matrix_covers_the_five_shapes():
+    rows = plan_matrix(6 * GiB, H100)
+    assert {r.shape for r in rows} == {"llama-2-7b", "llama-3-8b", "llama-2-13b", "codellama-34b", "llama-2-70b"}
+    by = {(r.shape, r.bits): r for r in rows}
+    assert by[("llama-2-7b", 4)].policy == "resident" and by[("llama-2-70b", 4)].resident_share < 0.2
+    assert by[("llama-2-13b", 4)].decode_tok_s_b1 > by[("llama-2-13b", 8)].decode_tok_s_b1
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+@pytest.fixture
+def no_doctor_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    return tmp_path
+
+
+def test_cli_plan_13b_in_6gib(no_doctor_cache, capsys):
+    from vramwise.cli import main
+
+    out_json = no_doctor_cache / "plan.json"
+    assert main(["plan", "--random-weights", "llama-2-13b", "--gpu-memory", "6GiB", "--json", str(out_json)]) == 0
+    out = capsys.readouterr().out
+    for term in ("CUDA context", "resident weights", "streaming buffers", "KV pool", "activations", "workspace",
+                 "CUDA graphs", "safety margin"):
+        assert term in out
+    assert "layers 0-" in out and "KV cache" in out and "TTFT, 512-token prompt" in out and "decode, batch 1" in out
+    assert "alternatives:" in out and "built-in h100 profile" in out
+    data = json.loads(out_json.read_text())
+    assert len(data["layers"]) == 40 and data["budget"]["total"] <= 6 * GiB
+
+
+def test_cli_plan_matrix(no_doctor_cache, capsys):
+    from vramwise.cli import main
+
+    assert main(["plan", "--gpu-memory", "6GiB", "--device-profile", "h100"]) == 0
+    out = capsys.readouterr().out
+    for shape in ("llama-2-7b", "llama-3-8b", "llama-2-13b", "codellama-34b", "llama-2-70b"):
+        assert shape in out
+
+
+def test_cli_plan_utilization_and_profiles(no_doctor_cache, capsys):
+    from vramwise.cli import main
+
+    assert main(["plan", "--random-weights", "llama-2-7b", "--gpu-memory-utilization", "0.1",
+                 "--device-profile", "h100", "--kv-cache-dtype", "int8", "--batch", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "7.96 GiB" in out  # 0.1 x 81559 MiB
+    assert main(["plan", "--random-weights", "llama-2-7b", "--device-profile", "cpu"]) == 0
+    assert "no GPU" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["plan", "--random-weights", "llama-2-13b", "--gpu-memory", "256MiB"], "CUDA context 500.00 MiB"),
+    (["plan", "--random-weights", "llama-9b", "--gpu-memory", "6GiB"], "unknown model shape"),
+    (["plan", "--random-weights", "llama-2-13b", "--gpu-memory", "6GiB", "--group-size", "100"], "--group-size 100"),
+    (["plan", "--random-weights", "llama-2-13b", "--gpu-memory", "6GiB", "--gpu-memory-utilization", "0.5"],
+     "not both"),
+    (["plan", "--random-weights", "llama-2-13b", "--gpu-memory", "6GiB", "--device-profile", "tpu"],
+     "unknown device profile"),
+])
+def test_cli_plan_bad_input_exits_2(no_doctor_cache, capsys, argv, needle):
+    from vramwise.cli import main
+
+    assert main(argv) == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_cli_plan_unparseable_size_exits_2(no_doctor_cache, capsys):
+    from vramwise.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["plan", "--random-weights", "llama-2-13b", "--gpu-memory", "6Gx"])
+    assert e.value.code == 2
+    assert "cannot parse size" in capsys.readouterr().err
+
+
+def test_cli_plan_uses_doctor_cache(no_doctor_cache, capsys):
+    from vramwise.cli import main
+    from vramwise.memory.bandwidth import REPORT_VERSION, save_report
+
+    save_report({"version": REPORT_VERSION, "time": "t", "gpu": {"name": "NVIDIA H100 80GB HBM3",
+                 "total_memory": 80 * GiB, "h2d_pinned_bandwidth": 25e9}, "cpu": {"cpu_bandwidth": 30e9}})
+    assert main(["plan", "--random-weights", "llama-2-13b", "--gpu-memory", "6GiB"]) == 0
+    out = capsys.readouterr().out
+    assert "doctor:nvidia-h100-80gb-hbm3" in out and "pinned H2D 25.0 GB/s" in out
+
+
+def test_cli_plan_reads_a_checkpoints_own_quantization(no_doctor_cache, capsys):
+    from vramwise.cli import main
+    from vramwise.weights import bundled_model_path
+
+    assert main(["plan", str(bundled_model_path()), "--gpu-memory", "1GiB", "--device-profile", "h100"]) == 0
+    out = capsys.readouterr().out
+    assert "SmolLM2" in out and "(w4g32, 30 layers)" in out and "resident" in out  # GGUF Q4_1 -> int4 g32
+
+
+def test_checkpoint_quant_gptq_config():
+    from types import SimpleNamespace
+
+    from vramwise.memory.cli import checkpoint_quant
+
+    src = SimpleNamespace(hf_config={"quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": 128}})
+    scheme, desc = checkpoint_quant(src)
+    assert scheme.linear == W4 and "GPTQ" in desc
+    assert checkpoint_quant(SimpleNamespace(hf_config={})) is None
