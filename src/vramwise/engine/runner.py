@@ -6,6 +6,7 @@ Batch tensors for T flattened tokens of B sequences:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -13,6 +14,7 @@ from torch import nn
 
 from vramwise.config import ModelConfig
 from vramwise.engine.scheduler import SchedulerOutput
+from vramwise.kernels.attention_backend import select_attention_backend
 from vramwise.models.attention import AttentionMetadata
 from vramwise.sampler import Sampler, SampleRow, token_logprobs
 
@@ -28,21 +30,65 @@ class RunnerOutput:
 
 
 class KVCache:
-    """The paged KV pool: per layer, K and V of shape (num_blocks, block_size, num_kv_heads, head_dim)."""
+    """The paged KV pool: per layer, K and V of shape (num_blocks, block_size, num_kv_heads, head_dim).
 
-    def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device):
+    Every layer has the same block numbering (a sequence's block_table is valid in all of them), but each
+    layer's pages may live on their own device in their own dtype (`layers`: one (device, dtype) per layer):
+    the offload driver keeps the KV of CPU-computed layers in host memory. Layers sharing a (device, dtype)
+    share one tensor (n_layers_there, 2, num_blocks, block_size, num_kv_heads, head_dim).
+    """
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        layers: Sequence[tuple[torch.device, torch.dtype]] | None = None,
+    ):
         self.num_blocks = num_blocks
         self.block_size = block_size
-        shape = (cfg.num_hidden_layers, 2, num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
-        self.tensor = torch.zeros(shape, dtype=dtype, device=device)
+        n = cfg.num_hidden_layers
+        if layers is None:
+            layers = [(device, dtype)] * n
+        if len(layers) != n:
+            raise ValueError(f"KV placement names {len(layers)} layers, the model has {n}")
+        self.layer_placement = [(torch.device(d), t) for d, t in layers]
+        groups: dict[tuple[str, torch.dtype], list[int]] = {}
+        for i, (d, t) in enumerate(self.layer_placement):
+            groups.setdefault((str(d), t), []).append(i)
+        page = (num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
+        self.pools: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+        self._where: list[tuple[torch.Tensor, int]] = [None] * n  # type: ignore[list-item]  # (pool, row)
+        for key, idx in groups.items():
+            d, t = self.layer_placement[idx[0]]
+            pool = torch.zeros((len(idx), 2, *page), dtype=t, device=d)
+            self.pools[key] = pool
+            for row, i in enumerate(idx):
+                self._where[i] = (pool, row)
+
+    @property
+    def tensor(self) -> torch.Tensor:
+        """The whole pool, (layers, 2, num_blocks, block_size, kv_heads, head_dim), when one tensor holds it."""
+        if len(self.pools) != 1:
+            raise RuntimeError("the KV pool is split across devices/dtypes; use layer(i) or pools")
+        return next(iter(self.pools.values()))
 
     @staticmethod
     def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
         elem = torch.empty((), dtype=dtype).element_size()
         return cfg.num_hidden_layers * 2 * block_size * cfg.num_key_value_heads * cfg.head_dim * elem
 
+    def nbytes_by_device(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for (dev, _), pool in self.pools.items():
+            out[dev] = out.get(dev, 0) + pool.numel() * pool.element_size()
+        return out
+
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.tensor[i, 0], self.tensor[i, 1]
+        pool, row = self._where[i]
+        return pool[row, 0], pool[row, 1]
 
 
 class ModelRunner:
@@ -55,14 +101,23 @@ class ModelRunner:
         num_blocks: int,
         block_size: int,
         seed: int = 0,
+        kv_layers: Sequence[tuple[torch.device, torch.dtype]] | None = None,
     ) -> None:
+        """kv_layers: (device, dtype) of each layer's KV pages (OffloadDriver.kv_layers); default: all on
+        `device` in `kv_dtype`."""
         self.model = model
         self.cfg = cfg
         self.device = device
         self.block_size = block_size
-        self.kv_cache = KVCache(cfg, num_blocks, block_size, kv_dtype, device)
+        self.kv_cache = KVCache(cfg, num_blocks, block_size, kv_dtype, device, kv_layers)
         for i, attn in enumerate(model.attention_layers()):
             attn.kv_cache = self.kv_cache.layer(i)
+            # The backend follows the layer's pages: a layer the offload driver computes on the CPU keeps
+            # its KV in host memory and gets the torch path there, whatever the GPU layers use.
+            attn.backend = select_attention_backend(self.kv_cache.layer_placement[i][0])
+        # Layers computed on the host (their KV is there) get this step's batch tensors there too, built in
+        # prepare() from the Python lists: no device-to-host copy, and once per step rather than per layer.
+        self._host_layers = any(d.type == "cpu" for d, _ in self.kv_cache.layer_placement) and device.type != "cpu"
         self.sampler = Sampler(seed)
         self._generators: dict[int, torch.Generator] = {}
 
@@ -108,6 +163,18 @@ class ModelRunner:
         )
         ids = torch.tensor(input_ids, dtype=torch.long, device=dev)
         pos_t = torch.tensor(positions, dtype=torch.long, device=dev)
+        if self._host_layers:
+            from vramwise.memory.offload import HOST_STEP_KEY, HostStep, host_metadata
+
+            host_meta = host_metadata(
+                meta,
+                slot_mapping=torch.tensor(slots, dtype=torch.long),
+                block_tables=torch.tensor(bt, dtype=torch.long),
+                context_lens_t=torch.tensor(ctx_lens, dtype=torch.int32),
+            )
+            step = HostStep(host_meta)
+            step.tensors[id(pos_t)] = (pos_t, torch.tensor(positions, dtype=torch.long))
+            meta.prepared[HOST_STEP_KEY] = step
         return ids, pos_t, meta
 
     @torch.inference_mode()

@@ -1,0 +1,649 @@
+"""Offload driver: per-layer placement policies executed over the plain model, from outside it.
+
+Each decoder layer gets one of three placements (the planner, memory/planner.py, chooses them; a flag can
+force them):
+
+    resident   weights live on the GPU for good.
+    streamed   weights live in host memory (pinned, quantized as loaded), packed into one contiguous byte
+               buffer per layer, and are copied host-to-device (H2D) into a ring of GPU "slots" just before
+               the layer runs, on a side CUDA stream, prefetching ahead so that copies overlap compute.
+    cpu        weights, and the layer's KV pages, live in host memory and the layer runs on the CPU
+               (llama.cpp's split); hidden states go device -> CPU -> device around it.
+
+The model file knows none of this (DESIGN.md principles 1 and 7): the driver moves and re-points each
+layer's parameters and buffers (memory/placement.py) and installs forward pre/post hooks on the layer
+modules; module names, state_dict keys and the model's own forward stay as they are.
+
+Streaming, step by step (S streamed layers in model order j = 0..S-1, N slots, prefetch depth N - 1):
+  * Slot assignment is fixed: streamed layer j always runs from slot j % N. Its parameters and buffers are
+    re-pointed ONCE, at apply time, at views into that slot (same byte layout as its host buffer), so a
+    layer's tensor addresses never change between steps: a captured CUDA graph can replay the same kernels
+    and the same in-place H2D copies into the same slots (issue 5's later CUDA-graph work relies on this).
+  * Two CUDA events per slot: `loaded[s]`, recorded on the copy stream after the copy into s, and `freed[s]`,
+    recorded on the compute stream after the layer that read s returned (its kernels are queued by then, so
+    the event completes exactly when they have finished reading the slot).
+  * Pre-hook of layer j: if slot j % N does not already hold (or is not already loading) layer j, issue
+    the copy now (a "miss": first use, or an out-of-order call); then the compute stream waits on
+    `loaded[j % N]`. The host never blocks: the wait is a GPU-side dependency.
+  * Post-hook of layer j: record `freed[j % N]`, then issue the copy of the slot's next user on the copy
+    stream, which first waits on `freed[j % N]`: the next user is layer j + N, or, past the last streamed
+    layer, layer j % N of the NEXT step (the ring wraps, so the first streamed layers of the next step are
+    prefetched at the end of this one, overlapping the lm_head, sampling and the scheduler's host work).
+    Resident and CPU layers interleaved with streamed ones just run in between; copies in flight go on.
+  * When S <= N every streamed layer keeps its own slot: after the first load no copy is ever issued.
+  * When N does not divide S, the last streamed layer of a step and the first of the next share a slot, so
+    that one copy cannot start before the last streamed layer finishes (it still overlaps the end of the
+    step). The planner can pick N dividing S when the budget allows.
+On the CPU (no GPU, tests) the very same code runs with CPU slots and synchronous copies; events are no-ops.
+
+CPU-computed layers: weights in `cpu_dtype` (default float32, see DEFAULT_CPU_DTYPE for the measurement),
+quantized linears dequantized once at apply time (the packed CPU path dequantizes on every call); the KV
+pages of these layers live in host memory, and the runner gives them the torch attention path there
+(ModelRunner(kv_layers=driver.kv_layers(...)) picks each layer's backend by where its pages are); the
+attention metadata is copied to the host once per step (the runner builds it from its Python lists;
+HostStep); the shared rotary table is cloned onto the host (copied, so its values are bit-identical).
+While the CPU computes, H2D copies already queued for streamed layers go on (the copy engine and the CPU
+work side by side; the D2H of the hidden states syncs the compute stream only).
+
+The lm_head (final projection, as large as a layer or larger) can be placed too: streamed (the last unit
+of the ring) or on the CPU. Embeddings can stay on the CPU (the lookup is a gather; rows go to the GPU).
+
+Engine integration (the lead wires `--offload-policy`):
+    model = load_model(source, device, dtype, ...)   # or on the CPU first when the model exceeds the GPU
+    driver = setup_offload(model, OffloadConfig(placements=...), device)   # or apply_plan(model, plan, device)
+    runner = ModelRunner(model, cfg, device, dtype, num_blocks, block_size, seed,
+                         kv_layers=driver.kv_layers(kv_dtype) if driver else None)
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from vramwise.config import format_size
+from vramwise.memory import placement as pl
+from vramwise.models.attention import AttentionMetadata
+
+log = logging.getLogger(__name__)
+
+RESIDENT, STREAMED, CPU = "resident", "streamed", "cpu"
+PLACEMENTS = (RESIDENT, STREAMED, CPU)
+_ALIASES = {"resident": RESIDENT, "r": RESIDENT, "gpu": RESIDENT, "streamed": STREAMED, "stream": STREAMED,
+            "s": STREAMED, "cpu": CPU, "c": CPU}
+HOST = torch.device("cpu")
+
+#: Compute dtype of CPU layers when none is asked for. Measured on an AVX2 host (torch 2.13, 2 cores),
+#: F.linear of a (1, 2048) activation with a (5504, 2048) weight: float32 2.05 ms (22 GB/s of weight read),
+#: bfloat16 8.2 ms, float16 7.4 ms: half precision reads half the bytes yet runs 3.6-4x slower without native
+#: bf16/fp16 instructions (and 1.5-5x slower at 16-128 tokens). The packed int4/int8 CPU path is the torch
+#: reference that dequantizes on every call, 10-30x slower than a float32 GEMM at decode (model_loader's
+#: note). So CPU layers are dequantized and computed in float32; hosts with AMX / AVX512-BF16 can pass
+#: cpu_dtype=torch.bfloat16 to halve their memory (the cost model should measure it there).
+DEFAULT_CPU_DTYPE = torch.float32
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Configuration
+# ------------------------------------------------------------------------------------------------------------
+
+
+def parse_placements(spec: str | Sequence[str], num_layers: int) -> list[str]:
+    """Per-layer placements from a list, or from text:
+        "streamed"                       every layer so (resident | streamed | cpu; r / s / c for short)
+        "resident:10,streamed:20,cpu:10" runs, in layer order; counts must add up to the layer count
+        "r,r,s,c"                        one entry per layer
+    Raises ValueError naming the bad part."""
+    if isinstance(spec, str):
+        parts = [p.strip().lower() for p in spec.split(",") if p.strip()]
+        if not parts:
+            raise ValueError("empty placement; use resident, streamed, cpu or runs like resident:10,streamed:22")
+        if len(parts) == 1 and ":" not in parts[0] and "*" not in parts[0]:
+            name = _ALIASES.get(parts[0])
+            if name is None:
+                raise ValueError(f"unknown placement {parts[0]!r}; choose from {', '.join(PLACEMENTS)}")
+            return [name] * num_layers
+        out: list[str] = []
+        for part in parts:
+            m = re.fullmatch(r"([a-z]+)\s*(?:[:*]\s*(\d+))?", part)
+            name = _ALIASES.get(m.group(1)) if m else None
+            if name is None:
+                raise ValueError(f"bad placement entry {part!r}: expected NAME or NAME:COUNT with NAME one of "
+                                 f"{', '.join(PLACEMENTS)}")
+            out.extend([name] * (int(m.group(2)) if m.group(2) else 1))  # type: ignore[union-attr]
+    else:
+        out = []
+        for p in spec:
+            name = _ALIASES.get(str(p).strip().lower())
+            if name is None:
+                raise ValueError(f"unknown placement {p!r}; choose from {', '.join(PLACEMENTS)}")
+            out.append(name)
+    if len(out) != num_layers:
+        raise ValueError(f"placement names {len(out)} layer(s) but the model has {num_layers}")
+    return out
+
+
+def parse_cpu_dtype(name: str | torch.dtype | None) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name is None or name == "auto":
+        return DEFAULT_CPU_DTYPE
+    if name not in _DTYPES:
+        raise ValueError(f"unknown CPU compute dtype {name!r}; choose auto, float32, bfloat16 or float16")
+    return _DTYPES[name]
+
+
+@dataclass(frozen=True)
+class OffloadConfig:
+    """Engine-level offload settings (EngineConfig.offload once the lead wires it).
+
+    placements: per-layer list or text (parse_placements); None = no offload (all resident, no hooks).
+    num_stream_buffers: GPU slots in the streaming ring (>= 2; prefetch depth is this minus one).
+    embed_on_cpu: keep the token embedding table on the CPU (lookup there, rows copied to the GPU).
+    lm_head: resident | streamed | cpu (final projection; not for a head tied to the embedding).
+    cpu_dtype: compute dtype of CPU layers: auto (float32, see DEFAULT_CPU_DTYPE) | float32 | bfloat16 | float16.
+    """
+
+    placements: tuple[str, ...] | str | None = None
+    num_stream_buffers: int = 2
+    embed_on_cpu: bool = False
+    lm_head: str = RESIDENT
+    cpu_dtype: str = "auto"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Per-step host copies of the batch description (for CPU layers)
+# ------------------------------------------------------------------------------------------------------------
+
+#: Key in AttentionMetadata.prepared (the per-step scratch every layer sees) under which the host copy lives.
+HOST_STEP_KEY = "vramwise.offload.host_step"
+
+
+@dataclass
+class HostStep:
+    """This step's batch description on the host: built once per step (by the runner from its Python lists,
+    or lazily from the device tensors by the first CPU layer), shared by every CPU layer of the step."""
+
+    meta: AttentionMetadata  # slot_mapping / block_tables / context_lens_t on the host; its own `prepared`
+    tensors: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # id(dev) -> (dev, host)
+
+    def tensor(self, t: torch.Tensor) -> torch.Tensor:
+        """Host copy of an integer batch tensor (positions), copied once per step."""
+        hit = self.tensors.get(id(t))
+        if hit is not None and hit[0] is t:  # `is`: the id of a freed tensor can be reused
+            return hit[1]
+        host = t.to(HOST)
+        self.tensors[id(t)] = (t, host)
+        return host
+
+
+def host_metadata(meta: AttentionMetadata, **host_tensors: torch.Tensor) -> AttentionMetadata:
+    """A copy of `meta` whose tensors are on the host, with a fresh `prepared` scratch (index tensors built
+    there are host tensors, so they must not mix with the device layers' ones). `host_tensors` supplies
+    fields already built on the host (the runner builds them from its lists); the others are copied D2H."""
+    changes: dict[str, Any] = {}
+    for f in fields(meta):
+        value = getattr(meta, f.name)
+        if f.name in host_tensors:
+            changes[f.name] = host_tensors[f.name]
+        elif isinstance(value, torch.Tensor):
+            changes[f.name] = value.to(HOST)
+    changes["prepared"] = {}
+    return replace(meta, **changes)
+
+
+def host_step(meta: AttentionMetadata) -> HostStep:
+    step = meta.prepared.get(HOST_STEP_KEY)
+    if step is None:
+        step = HostStep(host_metadata(meta))
+        meta.prepared[HOST_STEP_KEY] = step
+    return step
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The ring of device slots
+# ------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StreamStats:
+    loads: int = 0  # whole-layer H2D copies issued into a slot
+    prefetches: int = 0  # of which issued ahead, by the post-hook of the slot's previous user
+    misses: int = 0  # of which issued by the layer that needed it (first use, out-of-order call)
+    bytes_copied: int = 0
+
+
+class _SlotRing:
+    """N equal device buffers (uint8, slot_bytes each) and, on CUDA, the copy stream and per-slot events.
+
+    On the CPU the copies are plain synchronous copy_() calls and the event methods do nothing: the same
+    driver code runs with the CPU as both sides."""
+
+    def __init__(self, device: torch.device, num_slots: int, slot_bytes: int) -> None:
+        self.device = device
+        self.slots = [torch.empty(slot_bytes, dtype=torch.uint8, device=device) for _ in range(num_slots)]
+        self.owner: list[int | None] = [None] * num_slots  # streamed index each slot holds or is loading
+        self.is_async = device.type == "cuda"
+        self.copy_stream: torch.cuda.Stream | None = None
+        if self.is_async:
+            compute = torch.cuda.current_stream(device)
+            self.copy_stream = torch.cuda.Stream(device=device)
+            self.loaded = [torch.cuda.Event() for _ in range(num_slots)]
+            self.freed = [torch.cuda.Event() for _ in range(num_slots)]
+            for slot, ev in zip(self.slots, self.freed):
+                # The slot was allocated on the compute stream and is written on the copy stream: tell the
+                # caching allocator, so that when the slot is freed its block is not handed out again
+                # before the copy stream's work on it is done.
+                slot.record_stream(self.copy_stream)
+                # The block may have been freed by the compute stream a moment ago with kernels still
+                # reading it: the first copy into the slot must wait for those.
+                ev.record(compute)
+
+    def copy_in(self, s: int, dst: torch.Tensor, src: torch.Tensor) -> None:
+        """dst (a view of slot s) <- src (host bytes), after the slot's last reader finished."""
+        if self.copy_stream is None:
+            dst.copy_(src)
+            return
+        self.copy_stream.wait_event(self.freed[s])
+        with torch.cuda.stream(self.copy_stream):
+            dst.copy_(src, non_blocking=True)  # pinned source: a DMA on the copy engine, host not blocked
+        self.loaded[s].record(self.copy_stream)
+
+    def wait_loaded(self, s: int) -> None:
+        if self.is_async:
+            torch.cuda.current_stream(self.device).wait_event(self.loaded[s])
+
+    def mark_free(self, s: int) -> None:
+        if self.is_async:
+            self.freed[s].record(torch.cuda.current_stream(self.device))
+
+    def close(self) -> None:
+        if self.copy_stream is not None:
+            self.copy_stream.synchronize()  # no copy may still be writing a slot or reading a host buffer
+        self.slots = []
+        self.owner = []
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The driver
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise TypeError(f"{type(model).__name__} has no model.layers ModuleList; the offload driver needs the "
+                        "decoder layers of a Llama-family model")
+    return layers
+
+
+def _embedding(model: nn.Module) -> nn.Embedding:
+    emb = getattr(getattr(model, "model", None), "embed_tokens", None)
+    if not isinstance(emb, nn.Module):
+        raise TypeError(f"{type(model).__name__} has no model.embed_tokens")
+    return emb  # type: ignore[return-value]
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    """The compute dtype of the model: that of its token embedding (QuantLinear's float parts follow it)."""
+    return _embedding(model).weight.dtype
+
+
+def _normalize(device: torch.device | str) -> torch.device:
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+@dataclass
+class _Streamed:
+    name: str  # module path: model.layers.7, lm_head
+    module: nn.Module
+    refs: list[pl.TensorRef]
+    layout: pl.ByteLayout
+    host: torch.Tensor  # uint8 (layout.nbytes,), pinned when the device is CUDA
+    dst: torch.Tensor | None = None  # uint8 view of its slot, (layout.nbytes,)
+
+
+class OffloadDriver:
+    """Runs `placements` over `model`. Build it with apply_placement(); undo it with release().
+
+    The units it places are the decoder layers and, optionally, the lm_head (a vocabulary-sized matrix:
+    as large as a layer or larger); streamed units share one ring in execution order (layers, then lm_head).
+    """
+
+    def __init__(self, model: nn.Module, placements: list[str], device: torch.device, num_stream_buffers: int,
+                 embed_on_cpu: bool, cpu_dtype: torch.dtype, dtype: torch.dtype,
+                 host_allocator: pl.HostAllocator | None, lm_head: str) -> None:
+        self.model = model
+        self.placements = placements
+        self.lm_head = lm_head
+        self.device = device
+        self.dtype = dtype  # compute dtype of device layers
+        self.cpu_dtype = cpu_dtype  # compute dtype (and KV dtype) of CPU layers
+        self.stats = StreamStats()
+        self.released = False
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._host_clones: dict[int, nn.Module] = {}  # id(shared module) -> its host clone for CPU units
+        self._restore: list[tuple[nn.Module, str, nn.Module]] = []  # (parent, attribute, original module)
+        self._shared = shared = pl.shared_modules(model)
+        layers = _decoder_layers(model)
+        # (module path, placement) of every unit, in execution order.
+        units = [(f"model.layers.{i}", p) for i, p in enumerate(placements)]
+        if lm_head != RESIDENT:
+            units.append(("lm_head", lm_head))
+
+        # 1. CPU units first and streamed units next: both free device memory when the model was loaded on
+        #    the GPU, before resident layers and the slots take theirs.
+        self.bytes_cpu = 0
+        for name, p in units:
+            if p == CPU:
+                self.bytes_cpu += self._setup_cpu_unit(name)
+        if host_allocator is None:
+            host_allocator = pl.PinnedHostMemory() if device.type == "cuda" else pl.pageable_allocator
+        self._allocator = host_allocator
+        self._streamed: list[_Streamed] = []
+        for name, p in units:
+            if p != STREAMED:
+                continue
+            module = model.get_submodule(name)
+            pl.warn_unregistered_tensors(module, shared)
+            self._cast_floats(module, dtype)
+            refs = pl.owned_tensors(module, shared)
+            layout = pl.ByteLayout.of(refs)
+            host = pl.pack(refs, layout, host_allocator)
+            pl.point_at(refs, layout.views(host))  # drops the unit's old (device) tensors
+            self._streamed.append(_Streamed(name, module, refs, layout, host))
+        self.bytes_streamed = sum(s.layout.nbytes for s in self._streamed)
+
+        # 2. Resident layers and everything outside the units (embedding, final norm, a resident lm_head,
+        #    the rotary table) go to the device.
+        self.bytes_resident = 0
+        for i in self.layers_with(RESIDENT):
+            self._cast_floats(layers[i], dtype)
+            refs = pl.owned_tensors(layers[i], shared)
+            pl.move(refs, device)
+            self.bytes_resident += pl.tensor_bytes(refs)
+        self.embed_on_cpu = embed_on_cpu and self._can_embed_on_cpu(model)
+        emb = _embedding(model)
+        placed = {id(m) for name, _ in units for m in model.get_submodule(name).modules()} - shared
+        if self.embed_on_cpu:
+            placed |= {id(m) for m in emb.modules()}
+        outside = pl.owned_tensors(model, placed)
+        pl.move(outside, device)
+        self.bytes_resident += pl.tensor_bytes(outside)
+        if self.embed_on_cpu:
+            emb_refs = pl.owned_tensors(emb)
+            pl.move(emb_refs, HOST)
+            self.bytes_cpu += pl.tensor_bytes(emb_refs)
+            # Token ids (T,) to the host for the lookup, the rows (T, hidden) back to the device.
+            self._hooks.append(emb.register_forward_pre_hook(lambda m, args: tuple(
+                a.to(HOST) if isinstance(a, torch.Tensor) else a for a in args)))
+            self._hooks.append(emb.register_forward_hook(lambda m, args, out: out.to(self.device)))
+
+        # 3. The ring: N slots (fewer when fewer units stream), each unit re-pointed at its slot for good.
+        n = min(num_stream_buffers, len(self._streamed))
+        self.num_slots = n
+        self.slot_bytes = pl.align(max((s.layout.nbytes for s in self._streamed), default=0))
+        self._ring = _SlotRing(device, n, self.slot_bytes) if n else None
+        for j, s in enumerate(self._streamed):
+            slot = self._ring.slots[j % n]  # type: ignore[union-attr]
+            s.dst = slot[: s.layout.nbytes]
+            pl.point_at(s.refs, s.layout.views(slot))
+            self._hooks.append(s.module.register_forward_pre_hook(self._make_streamed_pre(j)))
+            self._hooks.append(s.module.register_forward_hook(self._make_streamed_post(j), always_call=True))
+        for j in range(n):  # prime the ring: the first step starts with its first N streamed units loaded
+            self._load(j, prefetch=True)
+
+    # -- bookkeeping ------------------------------------------------------------------------------------
+    def layers_with(self, placement: str) -> list[int]:
+        return [i for i, p in enumerate(self.placements) if p == placement]
+
+    @property
+    def bytes_slots(self) -> int:
+        """Device bytes of the streaming ring (num_slots x slot_bytes)."""
+        return self.num_slots * self.slot_bytes
+
+    @property
+    def device_bytes(self) -> int:
+        """Weight bytes this placement keeps on the device: resident tensors plus the ring."""
+        return self.bytes_resident + self.bytes_slots
+
+    def kv_layers(self, kv_dtype: torch.dtype) -> list[tuple[torch.device, torch.dtype]]:
+        """(device, dtype) of each layer's KV pages: CPU layers keep theirs on the host in their compute
+        dtype; the others on the device in `kv_dtype`. Pass to ModelRunner(kv_layers=...), which also
+        gives each layer the attention backend of its pages' device."""
+        return [(HOST, self.cpu_dtype) if p == CPU else (self.device, kv_dtype) for p in self.placements]
+
+    def summary(self) -> str:
+        counts = {p: self.placements.count(p) for p in PLACEMENTS}
+        head = "" if self.lm_head == RESIDENT else f", lm_head {self.lm_head}"
+        return (f"{counts[RESIDENT]} layer(s) resident ({format_size(self.bytes_resident)} on {self.device} with "
+                f"embeddings and head), {counts[STREAMED]} streamed ({format_size(self.bytes_streamed)} in host "
+                f"memory, {self.num_slots} slot(s) of {format_size(self.slot_bytes)}), {counts[CPU]} on the CPU "
+                f"({format_size(self.bytes_cpu)} in {str(self.cpu_dtype).removeprefix('torch.')}){head}"
+                f"{', embeddings on the CPU' if self.embed_on_cpu else ''}")
+
+    # -- setup helpers ----------------------------------------------------------------------------------
+    def _quantized_ids(self, module: nn.Module) -> set[int]:
+        return {id(sub) for m in module.modules() if pl.is_quantized(m) for sub in m.modules()}
+
+    def _cast_floats(self, module: nn.Module, dtype: torch.dtype) -> None:
+        """Float tensors of the unit's plain modules to `dtype` (packed modules keep their fp16 scales)."""
+        for r in pl.owned_tensors(module, self._shared | self._quantized_ids(module)):
+            t = r.get()
+            if t.is_floating_point() and t.dtype != dtype:
+                r.set(t.to(dtype))
+
+    def _setup_cpu_unit(self, name: str) -> int:
+        """Weights to the host in cpu_dtype (packed linears dequantized once), shared submodules cloned
+        there, hooks that carry activations across. Returns the unit's host bytes."""
+        module = self.model.get_submodule(name)
+        if pl.is_quantized(module):  # the unit is itself a packed linear (a quantized lm_head)
+            parent_name, _, child = name.rpartition(".")
+            module = pl.dequantized_linear(module, HOST, self.cpu_dtype)
+            setattr(self.model.get_submodule(parent_name) if parent_name else self.model, child, module)
+        pl.dequantize_modules(module, HOST, self.cpu_dtype)
+        pl.warn_unregistered_tensors(module, self._shared)
+        refs = pl.owned_tensors(module, self._shared)
+        pl.move(refs, HOST)  # first, so that an up-cast to cpu_dtype allocates host memory, not device memory
+        self._cast_floats(module, self.cpu_dtype)
+        if self.device.type != "cpu":
+            self._clone_shared_to_host(module)
+        self._hooks.append(module.register_forward_pre_hook(self._cpu_pre, with_kwargs=True))
+        self._hooks.append(module.register_forward_hook(self._cpu_post, always_call=True))
+        return pl.tensor_bytes(refs)
+
+    def _clone_shared_to_host(self, module: nn.Module) -> None:
+        """Give a CPU unit host clones of the submodules it shares with device units (the rotary table), so
+        it never pulls their tensors across PCIe (RotaryEmbedding rebuilds its table for whatever device it
+        sees). One clone per shared module, for all CPU units; values copied, so bit-identical."""
+        clones = self._host_clones
+        for name, m in list(module.named_modules()):
+            if not name or id(m) not in self._shared:
+                continue
+            parent_name, _, child = name.rpartition(".")
+            parent = module.get_submodule(parent_name) if parent_name else module
+            if id(parent) in self._shared:
+                continue  # cloned along with its parent
+            if id(m) not in clones:
+                clones[id(m)] = pl.host_clone(m, HOST)
+            self._restore.append((parent, child, m))
+            setattr(parent, child, clones[id(m)])
+
+    def _can_embed_on_cpu(self, model: nn.Module) -> bool:
+        lm_head = getattr(model, "lm_head", None)
+        if lm_head is not None and getattr(lm_head, "weight", None) is _embedding(model).weight:
+            log.warning("embed_on_cpu ignored: the embedding is tied to lm_head, which needs it on the device")
+            return False
+        return True
+
+    # -- streaming hooks --------------------------------------------------------------------------------
+    def _load(self, j: int, prefetch: bool) -> None:
+        """Issue the H2D copy of streamed unit j into its slot (queued behind the slot's last reader)."""
+        s = j % self.num_slots
+        st = self._streamed[j]
+        self._ring.copy_in(s, st.dst, st.host)  # type: ignore[union-attr,arg-type]
+        self._ring.owner[s] = j  # type: ignore[union-attr]
+        self.stats.loads += 1
+        self.stats.bytes_copied += st.layout.nbytes
+        if prefetch:
+            self.stats.prefetches += 1
+        else:
+            self.stats.misses += 1
+
+    def _make_streamed_pre(self, j: int):
+        def pre(module: nn.Module, args: tuple) -> None:
+            s = j % self.num_slots
+            if self._ring.owner[s] != j:  # type: ignore[union-attr]
+                self._load(j, prefetch=False)
+            self._ring.wait_loaded(s)  # type: ignore[union-attr]
+
+        return pre
+
+    def _make_streamed_post(self, j: int):
+        n, count = self.num_slots, len(self._streamed)
+
+        def post(module: nn.Module, args: tuple, output: Any) -> None:
+            s = j % n
+            self._ring.mark_free(s)  # type: ignore[union-attr]
+            nxt = j + n if j + n < count else s  # the slot's next user: later this step, or next step's
+            if self._ring.owner[s] != nxt:  # type: ignore[union-attr]
+                self._load(nxt, prefetch=True)
+
+        return post
+
+    # -- CPU-unit hooks ---------------------------------------------------------------------------------
+    def _cpu_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        step = next((host_step(a) for a in (*args, *kwargs.values()) if isinstance(a, AttentionMetadata)), None)
+
+        def to_host(a: Any) -> Any:
+            if isinstance(a, AttentionMetadata):
+                return step.meta  # type: ignore[union-attr]
+            if isinstance(a, torch.Tensor):
+                if a.is_floating_point():  # hidden states (T, hidden): D2H, in the CPU compute dtype
+                    return a.to(HOST, self.cpu_dtype)
+                return step.tensor(a) if step is not None else a.to(HOST)  # positions: once per step
+            return a
+
+        return tuple(to_host(a) for a in args), {k: to_host(v) for k, v in kwargs.items()}
+
+    def _cpu_post(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        if isinstance(output, torch.Tensor):
+            # (T, hidden) back for the next device layer, in the device layers' dtype. Pageable H2D: small
+            # (a decode step moves T x hidden x 2 bytes), so not staged through pinned memory.
+            return output.to(self.device, self.dtype)
+        return output
+
+    # -- undo -------------------------------------------------------------------------------------------
+    def release(self) -> None:
+        """Remove the hooks and free the device slots. Streamed units are left computing from their host
+        buffers (unpinned), CPU units stay on the CPU (dequantized, in cpu_dtype; the shared rotary table is
+        theirs again), resident ones on the device: the model is a plain module again, and
+        apply_placement can lay it out anew (build a new ModelRunner after that, for the KV placement)."""
+        if self.released:
+            return
+        self.released = True
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        for parent, attr, original in reversed(self._restore):
+            setattr(parent, attr, original)
+        self._restore.clear()
+        self._host_clones.clear()
+        if self._ring is not None:
+            self._ring.close()  # waits for copies in flight
+            self._ring = None
+        for s in self._streamed:
+            pl.point_at(s.refs, s.layout.views(s.host))
+            s.dst = None
+        close = getattr(self._allocator, "close", None)
+        if callable(close):
+            close()  # unpin: the buffers stay valid as ordinary host memory
+        self.num_slots = 0
+
+
+#: The driver currently laid over each model, so that a second placement is not stacked on the first.
+_ACTIVE: weakref.WeakKeyDictionary[nn.Module, OffloadDriver] = weakref.WeakKeyDictionary()
+
+
+def apply_placement(
+    model: nn.Module,
+    placements: str | Sequence[str],
+    device: torch.device | str,
+    num_stream_buffers: int = 2,
+    *,
+    embed_on_cpu: bool = False,
+    lm_head: str = RESIDENT,
+    cpu_dtype: torch.dtype | str | None = None,
+    dtype: torch.dtype | None = None,
+    host_allocator: pl.HostAllocator | None = None,
+) -> OffloadDriver:
+    """Lay `model` out as `placements` says (one of resident | streamed | cpu per decoder layer) for running
+    on `device`, and return the driver that executes it. The model may start anywhere (all on the CPU is
+    the way for models larger than the GPU); its tensors are moved, packed and re-pointed in place. Build
+    the ModelRunner afterwards with kv_layers=driver.kv_layers(kv_dtype).
+
+    num_stream_buffers: slots in the GPU ring (>= 2). embed_on_cpu: token embedding table on the host.
+    lm_head: resident | streamed (through the same ring, after the last layer) | cpu; not for a tied head.
+    cpu_dtype: compute dtype of CPU units (default DEFAULT_CPU_DTYPE). dtype: compute dtype of the device
+    units (default: the embedding's). host_allocator: where streamed units' host buffers come from
+    (default: pinned memory when `device` is CUDA, else pageable; placement.file_backed_allocator for
+    models larger than RAM).
+    """
+    layers = _decoder_layers(model)
+    names = parse_placements(placements, len(layers))
+    head = _ALIASES.get(str(lm_head).strip().lower())
+    if head is None:
+        raise ValueError(f"unknown lm_head placement {lm_head!r}; choose from {', '.join(PLACEMENTS)}")
+    if head != RESIDENT:
+        lm = getattr(model, "lm_head", None)
+        if not isinstance(lm, nn.Module):
+            raise TypeError(f"{type(model).__name__} has no lm_head module to place")
+        if getattr(lm, "weight", None) is _embedding(model).weight:
+            raise ValueError(f"lm_head placement {head!r}: this model ties lm_head to the token embedding, "
+                             "which the first step reads on the device; keep lm_head resident")
+    if num_stream_buffers < 2:
+        raise ValueError(f"num_stream_buffers must be >= 2 (one slot computing while the next loads), "
+                         f"got {num_stream_buffers}")
+    current = _ACTIVE.get(model)
+    if current is not None and not current.released:
+        raise RuntimeError("this model already has an offload placement; release() it before applying another")
+    cpu_compute = parse_cpu_dtype(cpu_dtype)
+    dev = _normalize(device)
+    with torch.inference_mode(False), torch.no_grad():  # the views must be ordinary tensors, not inference ones
+        driver = OffloadDriver(model, names, dev, num_stream_buffers, embed_on_cpu, cpu_compute,
+                               dtype or _model_dtype(model), host_allocator, head)
+    _ACTIVE[model] = driver
+    log.info("offload: %s", driver.summary())
+    return driver
+
+
+def setup_offload(model: nn.Module, config: OffloadConfig, device: torch.device | str) -> OffloadDriver | None:
+    """What the engine calls after loading: None when the config asks for no offload (no hooks at all)."""
+    if config.placements is None and not config.embed_on_cpu and config.lm_head == RESIDENT:
+        return None
+    placements = config.placements if config.placements is not None else RESIDENT
+    return apply_placement(model, placements, device, config.num_stream_buffers, embed_on_cpu=config.embed_on_cpu,
+                           lm_head=config.lm_head, cpu_dtype=config.cpu_dtype)
+
+
+def apply_plan(model: nn.Module, plan: Any, device: torch.device | str, **kw: Any) -> OffloadDriver:
+    """Execute a planner Plan (memory/planner.py): its per-layer placements, ring size, lm_head and
+    embeddings placement. Its prefill_offload_min_tokens (CPU layers run through the ring for long
+    prefills) is not executed yet: those layers always run on the CPU."""
+    if getattr(plan, "prefill_offload_min_tokens", None) is not None:
+        log.warning("plan asks for prefill offload of CPU layers (from %d prompt tokens); the offload driver "
+                    "does not do that yet, so they run on the CPU", plan.prefill_offload_min_tokens)
+    return apply_placement(model, list(plan.layers), device, max(2, int(plan.num_stream_buffers)),
+                           embed_on_cpu=plan.embeddings == "cpu", lm_head=plan.lm_head, **kw)
