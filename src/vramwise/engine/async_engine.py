@@ -145,6 +145,11 @@ class AsyncEngine:
         return self._thread is not None and self._thread.is_alive() and self._dead is None
 
     @property
+    def num_open_streams(self) -> int:
+        """Requests whose outputs someone is still waiting for (read on the event loop)."""
+        return len(self._streams)
+
+    @property
     def dead_error(self) -> BaseException | None:
         return self._dead
 
