@@ -110,3 +110,16 @@ def test_bad_input_clear_errors_and_engine_keeps_working(bundled_llm):
         bundled_llm.generate([""], SamplingParams(max_tokens=2))
     assert bundled_llm.engine.kv_blocks_used == 0
     assert bundled_llm.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=2))[0].outputs[0].token_ids
+
+
+def test_offload_placement_flag_gives_identical_outputs(alone):
+    # Streamed layers run through a ring of 2 slots (CPU as both sides here), CPU layers in host memory.
+    llm = LLM(device="cpu", max_model_len=256, offload="resident:10,streamed:10,cpu:10", show_progress=False)
+    assert llm.engine.offload is not None and "streamed" in llm.engine.placement_name
+    outs = llm.generate(PROMPTS, GREEDY)
+    assert [o.outputs[0].token_ids for o in outs] == alone
+
+
+def test_bad_offload_spec_is_a_clear_error():
+    with pytest.raises(ValueError, match="placement"):
+        LLM(device="cpu", offload="resident:99", show_progress=False)

@@ -38,6 +38,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-cache-memory", type=_size, default=None, help="bytes for the KV pool, e.g. 1GiB")
     g.add_argument("--num-kv-blocks", type=_positive_int, default=None, help="KV pool size in blocks of 16 tokens")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--offload", default=None, metavar="PLACEMENT",
+                   help="layer placement: streamed | cpu | resident:20,streamed:20 | r,s,c,... (default: all on the device)")
+    g.add_argument("--stream-buffers", type=_positive_int, default=2, help="GPU slots for streamed layers (default: 2)")
+    g.add_argument("--quantization", default=None,
+                   help="weights: auto (checkpoint's own; dequantized on CPU) | native (keep packed) | none | "
+                        "int8 | int4 | int4-g32/g64/g128 (RTN at load) (default: auto)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 256) -> None:
@@ -55,18 +61,7 @@ def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 256) -> None
 def make_llm(args: argparse.Namespace, show_progress: bool = True):
     from vramwise.llm import LLM
 
-    return LLM(
-        args.model,
-        device=args.device,
-        dtype=args.dtype,
-        seed=args.seed,
-        max_model_len=args.max_model_len,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        num_kv_blocks=args.num_kv_blocks,
-        kv_cache_memory=args.kv_cache_memory,
-        show_progress=show_progress,
-    )
+    return LLM(engine_config=make_engine_config(args, show_progress))
 
 
 def make_engine_config(args: argparse.Namespace, show_progress: bool = True):
@@ -88,6 +83,8 @@ def make_engine_config(args: argparse.Namespace, show_progress: bool = True):
             max_model_len=args.max_model_len,
         ),
         show_progress=show_progress,
+        offload=getattr(args, "offload", None),
+        num_stream_buffers=getattr(args, "stream_buffers", 2),
         **extra,
     )
 

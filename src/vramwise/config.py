@@ -183,3 +183,10 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     show_progress: bool = True
+    # Weight quantization plan (model_loader.py): None/"auto" = the checkpoint's own (packed on CUDA, dequantized
+    # on CPU), "native" = keep it packed everywhere, "none" = float, "int8" / "int4-g128" / ... = RTN at load.
+    quantization: str | None = None
+    # Layer placement (memory/offload.py): None = all on the device; otherwise a spec such as "streamed",
+    # "resident:20,streamed:20" or "r,s,c,..." (resident | streamed | cpu per decoder layer).
+    offload: str | None = None
+    num_stream_buffers: int = 2  # GPU slots in the streaming ring (prefetch depth is this minus one)

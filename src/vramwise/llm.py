@@ -19,7 +19,8 @@ class LLM:
     """Runs a model in this process and generates for batches of prompts (continuous batching inside).
 
     Extra keyword arguments: device, dtype, seed, max_model_len, max_num_seqs, max_num_batched_tokens,
-    num_kv_blocks, kv_cache_memory (bytes), block_size, show_progress.
+    num_kv_blocks, kv_cache_memory (bytes), block_size, show_progress, quantization (see model_loader),
+    offload (layer placement, see memory/offload.py), num_stream_buffers; or a whole engine_config.
     """
 
     def __init__(
@@ -36,7 +37,15 @@ class LLM:
         kv_cache_memory: int | None = None,
         block_size: int = 16,
         show_progress: bool = True,
+        quantization: str | None = None,
+        offload: str | None = None,
+        num_stream_buffers: int = 2,
+        engine_config: EngineConfig | None = None,
     ) -> None:
+        if engine_config is not None:  # a complete config (the CLI builds one); the keywords are then unused
+            self.engine = LLMEngine(engine_config)
+            self._ids = itertools.count()
+            return
         cfg = EngineConfig(
             model=model,
             device=device,
@@ -47,6 +56,9 @@ class LLM:
                 max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len
             ),
             show_progress=show_progress,
+            quantization=quantization,
+            offload=offload,
+            num_stream_buffers=num_stream_buffers,
         )
         self.engine = LLMEngine(cfg)
         self._ids = itertools.count()

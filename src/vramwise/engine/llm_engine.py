@@ -65,7 +65,16 @@ class LLMEngine:
         self.dtype = resolve_dtype(config.dtype, self.device, self.model_config)
         if isinstance(source, RandomWeightSource):  # draw the weights where they will live
             source.device, source.dtype = self.device, self.dtype
-        self.model = load_model(source, self.device, self.dtype)
+        self.model = load_model(source, self.device, self.dtype, config.quantization)
+        self.offload = None  # OffloadDriver when layers are streamed or computed on the CPU
+        if config.offload:
+            from vramwise.memory.offload import OffloadConfig, setup_offload
+
+            self.offload = setup_offload(
+                self.model, OffloadConfig(placements=config.offload, num_stream_buffers=config.num_stream_buffers),
+                self.device,
+            )
+        self.placement_name = self.offload.summary() if self.offload else "all-resident"
 
         max_len = min(config.scheduler.max_model_len, self.model_config.max_position_embeddings)
         if self.model_config.sliding_window:
@@ -80,7 +89,10 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, block_size)
         eos = frozenset(self.tokenizer.eos_token_ids if self.tokenizer else ()) | frozenset(self.model_config.eos_token_ids)
         self.scheduler = Scheduler(self.scheduler_config, self.block_manager, eos)
-        self.runner = ModelRunner(self.model, self.model_config, self.device, self.dtype, num_blocks, block_size, config.seed)
+        kv_layers = self.offload.kv_layers(self.dtype) if self.offload else None  # CPU layers keep KV on the host
+        self.runner = ModelRunner(
+            self.model, self.model_config, self.device, self.dtype, num_blocks, block_size, config.seed, kv_layers
+        )
         self._requests: dict[str, _RequestState] = {}
         self._seq_to_req: dict[int, _RequestState] = {}
 
