@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # vramwise front door.
-#   ./run.sh            set up .venv on first use, then serve the bundled model (see README)
+#   ./run.sh            set up .venv on first use, then serve the bundled model on http://127.0.0.1:8000/v1
 #   ./run.sh test       set up .venv with test extras, then run the test suite
 #   ./run.sh ARGS...    any other vramwise command, e.g. ./run.sh generate "Hello" or ./run.sh info
 set -euo pipefail
@@ -21,7 +21,7 @@ setup() {
   touch "$stamp"
 }
 
-case "${1:-chat}" in
+case "${1:-serve}" in
   test)
     shift
     setup test
@@ -29,6 +29,6 @@ case "${1:-chat}" in
     ;;
   *)
     setup triton
-    exec "$VENV/bin/vramwise" "${@:-chat}"
+    exec "$VENV/bin/vramwise" "${@:-serve}"
     ;;
 esac
