@@ -33,7 +33,7 @@ USER = [{"role": "user", "content": "Name three colors."}]
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[ServerProcess]:
-    srv = start_server("--max-model-len", str(MAX_MODEL_LEN), "--graceful-timeout", "2", api_key=API_KEY)
+    srv = start_server("--max-model-len", str(MAX_MODEL_LEN), "--graceful-timeout", "4", api_key=API_KEY)
     yield srv
     srv.stop()
 
@@ -282,27 +282,27 @@ def test_api_key(server: ServerProcess, client: openai.OpenAI) -> None:
 
 
 def test_disconnect_mid_stream_frees_kv_blocks(server: ServerProcess, idle_kv: float) -> None:
-    body = {"model": MODEL, "prompt": "Write a long story about a dragon.", "max_tokens": 400, "stream": True}
+    body = {"model": MODEL, "prompt": "Write a long story about a dragon.", "max_tokens": 400, "stream": True, "ignore_eos": True}
     with httpx.Client(timeout=60, headers=server.headers()) as c:
         with c.stream("POST", server.v1 + "/completions", json=body) as r:
             assert r.status_code == 200
+            # Keep the line iterator referenced: a `for ... break` would let httpx close the connection
+            # at once (a disconnect) before the gauges below are read.
+            lines = r.iter_lines()
             seen = 0
-            for line in r.iter_lines():
-                if line.startswith("data: "):
-                    seen += 1
-                if seen == 3:
-                    break
+            while seen < 3:
+                seen += next(lines).startswith("data: ")
             busy = metrics(server.base_url)
             assert busy["vramwise:kv_blocks_used"] > idle_kv
             assert busy["vramwise:num_requests_running"] == 1
     # the connection is closed: the request must be aborted and its blocks returned at once
-    assert wait_for_metric(server.base_url, "vramwise:kv_blocks_used", idle_kv, timeout=5) == idle_kv
-    assert wait_for_metric(server.base_url, "vramwise:num_requests_running", 0, timeout=5) == 0
+    assert wait_for_metric(server.base_url, "vramwise:kv_blocks_used", idle_kv, timeout=20) == idle_kv
+    assert wait_for_metric(server.base_url, "vramwise:num_requests_running", 0, timeout=20) == 0
     # a non-streaming request whose client gives up is aborted too
     impatient = openai.OpenAI(base_url=server.v1, api_key=API_KEY, max_retries=0, timeout=1.0)
     with pytest.raises(openai.APITimeoutError):
         impatient.completions.create(model=MODEL, prompt="Tell me everything.", max_tokens=400, extra_body={"ignore_eos": True})
-    assert wait_for_metric(server.base_url, "vramwise:kv_blocks_used", idle_kv, timeout=5) == idle_kv
+    assert wait_for_metric(server.base_url, "vramwise:kv_blocks_used", idle_kv, timeout=20) == idle_kv
 
 
 def test_load_32_concurrent_streaming_clients(server: ServerProcess, client: openai.OpenAI, idle_kv: float) -> None:
@@ -343,7 +343,7 @@ def test_load_32_concurrent_streaming_clients(server: ServerProcess, client: ope
     assert len(results) == clients * rounds
     mismatches = [(p, t, expected[p]) for p, t in results if t != expected[p]]
     assert not mismatches, mismatches[:3]
-    assert wait_for_metric(server.base_url, "vramwise:kv_blocks_used", idle_kv, timeout=5) == idle_kv
+    assert wait_for_metric(server.base_url, "vramwise:kv_blocks_used", idle_kv, timeout=20) == idle_kv
     print(f"load: {clients * rounds} streams in {elapsed:.1f}s")
 
 

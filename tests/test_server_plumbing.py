@@ -51,7 +51,7 @@ def test_async_engine_streams_validates_and_aborts() -> None:
             agen = engine.generate("long", "x", SamplingParams(max_tokens=200))
             await agen.__anext__()
             await agen.aclose()
-            for _ in range(100):
+            for _ in range(1000):  # bounded wait (10 s) for the engine thread; a loaded 2-core box is slow
                 if "long" in fake.aborted:
                     break
                 await asyncio.sleep(0.01)
@@ -192,3 +192,14 @@ def test_serve_bench_rejects_bad_arguments(bad: list[str], capsys: pytest.Captur
         main(["--url", "http://127.0.0.1:9", *bad])
     assert info.value.code == 2
     assert f"argument {bad[0]}" in capsys.readouterr().err
+
+
+def test_cli_wiring_of_serve_and_bench_serve(capsys: pytest.CaptureFixture[str]) -> None:
+    from vramwise.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["bench", "serve", "--url", "http://127.0.0.1:9", "--concurrency", "0,x"])
+    assert info.value.code == 2 and "vramwise bench serve: error: argument --concurrency" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        main(["serve", "--port", "99999"])
+    assert info.value.code == 2 and "argument --port" in capsys.readouterr().err

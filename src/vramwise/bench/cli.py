@@ -57,11 +57,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         from vramwise.bench.serve import add_serve_parser
     except ImportError:
         return
-    # `sub` is the top-level subparsers, where `serve` is the server's command; registering the load
-    # client there too crashed every `vramwise` invocation. Until `bench serve` is wired under `bench`,
-    # the load client runs as `python -m vramwise.bench.serve`.
-    if "serve" not in sub.choices:
-        add_serve_parser(sub)
+    # `serve` at the top level is the server; vramwise.cli.main routes `bench serve ...` to `bench-serve`.
+    add_serve_parser(sub, name="bench-serve", prog="vramwise bench serve")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

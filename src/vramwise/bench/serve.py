@@ -242,9 +242,15 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=cmd_serve_bench)
 
 
-def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register `serve` under the `bench` command's subparsers."""
-    p = subparsers.add_parser("serve", help="load-test an OpenAI-compatible server (TTFT, ITL, throughput)", description=__doc__.split("\n\n")[1])
+def add_serve_parser(
+    subparsers: argparse._SubParsersAction, name: str = "serve", prog: str | None = None
+) -> argparse.ArgumentParser:
+    """Register the load client as subcommand `name` (vramwise's CLI registers it as `bench-serve` and
+    routes `vramwise bench serve ...` to it; `prog` sets the name shown in usage and errors)."""
+    kw = {"prog": prog} if prog else {}
+    p = subparsers.add_parser(
+        name, help="load-test an OpenAI-compatible server (TTFT, ITL, throughput)", description=__doc__.split("\n\n")[1], **kw
+    )
     _configure(p)
     return p
 
