@@ -129,7 +129,7 @@ def _markdown(meta: dict, rows: list[dict], speed: list[dict]) -> str:
         "the fp16 scale/min come out the same), hence the same perplexity: a sanity check of the RTN and "
         "checkpoint path. Coarser groups have to merge two Q4_1 blocks with different grids, which is where "
         "the int4 g128 loss comes from on this small model.",
-        "- int8 g64 and int8 GPTQ are extra rows: what closes the int8 gap when per-channel RTN does not.",
+        "- int8 g64 is an extra row: what closes the int8 gap if per-channel RTN does not.",
         "",
         "## CPU default for quantized checkpoints",
         "",
@@ -165,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", default=None, help="where the quantized checkpoints go (default: a temp dir)")
     p.add_argument("--no-speed", action="store_true")
     p.add_argument("--only", default=None, help="comma-separated variant keys (the imported row always runs)")
+    p.add_argument("--resume", default=None, help="JSON of an earlier run: reuse its rows, measure the rest")
     args = p.parse_args(argv)
 
     from vramwise.eval.perplexity import reference_text
@@ -198,15 +199,24 @@ def main(argv: list[str] | None = None) -> int:
         ("imported", "imported (GGUF Q4_1, dequantized)", "Q4_1 g32 (+ Q8_0 embedding)", None, ""),
         ("int8-rtn", "int8 RTN", "W8A16 per channel", dict(bits=8), "<= +0.5 %"),
         ("int8-g64-rtn", "int8 g64 RTN", "W8A16 g64", dict(bits=8, group_size=64), ""),
-        ("int8-gptq", "int8 GPTQ", "W8A16 per channel", dict(bits=8, **gptq), ""),
         ("int4-g32-rtn", "int4 g32 RTN", "W4A16 g32", dict(bits=4, group_size=32), ""),
         ("int4-rtn", "int4 g128 RTN", "W4A16 g128 (g64 where needed)", dict(bits=4), ""),
         ("int4-gptq", "int4 g128 GPTQ", "W4A16 g128 (g64 where needed)", dict(bits=4, **gptq), "<= +4 %, below RTN"),
     ]
     if args.only:
         variants = [v for v in variants if v[0] == "imported" or v[0] in args.only.split(",")]
+    done: dict[str, dict] = {}
+    if args.resume:  # rows measured by an earlier (interrupted) run of the same evaluation
+        prev = json.loads(Path(args.resume).read_text())
+        same = ("text", "tokens_used", "context")
+        if any(prev["meta"].get(k) != meta[k] for k in same):
+            raise SystemExit(f"--resume {args.resume}: measured on another text / token count / context")
+        done = {r["key"]: r for r in prev["rows"]}
     timing = {}
     for key, label, fmt, kw, target in variants:
+        if key in done:
+            rows.append(done[key])
+            continue
         model = None
         if kw is not None:
             t0 = time.perf_counter()
