@@ -1,6 +1,6 @@
 """Quality of the quantized formats on the bundled SmolLM2-135M-Instruct: perplexity on real English text.
 
-    python benchmarks/quality.py                      # full run, writes benchmarks/QUALITY.md (+ .json)
+    python benchmarks/quality.py                      # full run, writes benchmarks/QUALITY.md
     python benchmarks/quality.py --max-tokens 4096    # quicker, less precise
 
 Rows (all on CPU, fp32 activations, non-overlapping windows of --context tokens from the start of --text):
@@ -109,7 +109,7 @@ def _markdown(meta: dict, rows: list[dict], speed: list[dict]) -> str:
         f"GPTQ calibration: `{meta['calib_text']}` (a different text), {meta['calib_samples']} x "
         f"{meta['calib_seq_len']} tokens; block 128, damp 0.01, act-order (static groups), clip search.",
         "",
-        "| weights | format | perplexity | vs imported | target | time |",
+        "| weights | format | perplexity | vs imported | target | eval time |",
         "| --- | --- | ---: | ---: | --- | ---: |",
     ]
     for r in rows:
@@ -118,6 +118,7 @@ def _markdown(meta: dict, rows: list[dict], speed: list[dict]) -> str:
                    f"{'—' if r is rows[0] else f'{delta:+.2f} %'} | {r.get('target', '')} | {r['seconds']:.0f} s |")
     out += [
         "",
+        "Eval times are wall clock on a shared, often busy 2-core machine: indicative only. "
         "Every quantized row is re-quantized from the imported model's dequantized Q4_1 weights (a second "
         "rounding, as asked for), so the reference is the imported model, not the original bf16 one. Embedding "
         "and lm_head (tied, Q8_0) stay as imported in every row.",
@@ -159,12 +160,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=32768)
     p.add_argument("--context", type=int, default=1024)
     p.add_argument("--calib-text", default="britannica")
-    p.add_argument("--calib-samples", type=int, default=128)
+    p.add_argument("--calib-samples", type=int, default=32)  # the CLI default is 128; 32 keeps a CPU run short
     p.add_argument("--calib-seq-len", type=int, default=512)
     p.add_argument("--out", default=str(REPO / "benchmarks" / "QUALITY.md"))
     p.add_argument("--workdir", default=None, help="where the quantized checkpoints go (default: a temp dir)")
     p.add_argument("--no-speed", action="store_true")
     p.add_argument("--only", default=None, help="comma-separated variant keys (the imported row always runs)")
+    p.add_argument("--json", default=None, help="also write the rows as JSON here (what --resume reads)")
     p.add_argument("--resume", default=None, help="JSON of an earlier run: reuse its rows, measure the rest")
     args = p.parse_args(argv)
 
@@ -231,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
 
     md = _markdown(meta, rows, speed)
     Path(args.out).write_text(md)
-    Path(args.out).with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows, "speed": speed}, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows, "speed": speed}, indent=2))
     print(md)
     by = {r["key"]: r["perplexity"] for r in rows}
     ref = by["imported"]

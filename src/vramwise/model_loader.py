@@ -357,31 +357,26 @@ def load_model(source: WeightSource, device: torch.device, dtype: torch.dtype,
 def _fill(model: nn.Module, source: WeightSource, plan: dict[str, PlanEntry], keep_native: bool,
           device: torch.device) -> None:
     """Stream the checkpoint into the model: float tensors into parameters, packed weights into buffers."""
-    from vramwise.quant.importers import ImportedWeight
+    from vramwise.quant.importers import ImportedWeight, dequantize_imported
 
     kind = checkpoint_kind(source)
-    float_params: list[tuple[str, torch.Tensor]] = []
-    loaded: set[str] = set()
     filled: set[str] = set()
-
-    def flush() -> None:
-        if float_params:
-            loaded.update(model.load_weights(float_params))
-            float_params.clear()
-
+    bias_loaded: set[str] = set()
     shapes = {n: (m.out_features, m.in_features) for n, m in model.named_modules()
               if hasattr(m, "in_features") and hasattr(m, "out_features") and not isinstance(m, nn.Embedding)}
-    for name, item in _weight_stream(source, kind, plan, keep_native, shapes):
-        if isinstance(item, ImportedWeight):  # a packed linear (name is the module name)
-            entry = plan.get(name)
-            if entry is None:  # packed in the checkpoint, float in this model: dequantize
-                from vramwise.quant.importers import dequantize_imported
 
-                float_params.append((name + ".weight", dequantize_imported(item)))
-            else:
-                _fill_quant(model, name, entry, item, device)
-                filled.add(name)
-        else:
+    def float_tensors() -> Iterator[tuple[str, torch.Tensor]]:
+        """The float parameters for model.load_weights; packed items are stored into their modules on the way
+        (one load_weights call, one tensor alive at a time)."""
+        for name, item in _weight_stream(source, kind, plan, keep_native, shapes):
+            if isinstance(item, ImportedWeight):  # a packed linear (name is the module name)
+                entry = plan.get(name)
+                if entry is None:  # packed in the checkpoint, float in this model: dequantize
+                    yield name + ".weight", dequantize_imported(item)
+                else:
+                    _fill_quant(model, name, entry, item, device)
+                    filled.add(name)
+                continue
             module, _, leaf = name.rpartition(".")
             entry = plan.get(module)
             if entry is not None and leaf == "weight":  # float weight of a planned module: RTN at load
@@ -389,22 +384,20 @@ def _fill(model: nn.Module, source: WeightSource, plan: dict[str, PlanEntry], ke
 
                 if entry.source != "rtn":
                     raise ValueError(f"tensor {name!r} is stored in float but the plan expects it packed ({entry.source})")
-                packed = quantize_rtn(item.to(device), entry.spec)
-                _fill_quant(model, module, entry, ImportedWeight(packed), device)
+                _fill_quant(model, module, entry, ImportedWeight(quantize_rtn(item.to(device), entry.spec)), device)
                 filled.add(module)
-            elif entry is not None and leaf == "bias":
+            elif entry is not None and leaf == "bias":  # QuantLinear keeps its bias as a buffer
                 _quant_module(model, module).bias.data.copy_(item)  # type: ignore[union-attr]
-                loaded.add(name)
+                bias_loaded.add(name)
             else:
-                float_params.append((name, item))
-                flush()  # one tensor at a time: the source's tensor is released right after the copy
-    flush()
+                yield name, item
+
+    loaded = model.load_weights(float_tensors()) | bias_loaded
     missing_mods = sorted(set(plan) - filled)
     if missing_mods:
         more = f" (and {len(missing_mods) - 5} more)" if len(missing_mods) > 5 else ""
         raise WeightsError(f"{source.path}: checkpoint is missing the weights of {', '.join(missing_mods[:5])}{more}")
-    expected = set(model.expected_weight_names())
-    missing = sorted(expected - loaded)
+    missing = sorted(set(model.expected_weight_names()) - loaded)
     if missing:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
         raise WeightsError(f"{source.path}: checkpoint is missing tensor(s) {', '.join(missing[:5])}{more}")
