@@ -28,7 +28,8 @@ def _app(engine: FakeEngine, api_key: str | None = None):
 
 def test_async_engine_streams_validates_and_aborts() -> None:
     async def main() -> None:
-        fake = FakeEngine()
+        # Steps slow enough that the 200-token request below is still running when it is aborted.
+        fake = FakeEngine(step_delay=0.005)
         engine = AsyncEngine(fake)  # type: ignore[arg-type]
         engine.start()
         try:
