@@ -7,24 +7,9 @@ import logging
 import sys
 from collections.abc import Callable
 
-from vramwise.config import format_size, parse_size
-
-
-def _size(text: str) -> int:
-    try:
-        return parse_size(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
+from vramwise.argtypes import positive_int
+from vramwise.argtypes import size
+from vramwise.config import format_size
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -32,15 +17,15 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", "-m", default=None, help="HF directory, .gguf file or hub id (default: bundled SmolLM2-135M-Instruct)")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     g.add_argument("--dtype", default="auto", help="auto | float32 | float16 | bfloat16 (default: auto)")
-    g.add_argument("--max-model-len", type=_positive_int, default=2048, help="context length cap (default: 2048)")
-    g.add_argument("--max-num-seqs", type=_positive_int, default=64, help="sequences batched at once (default: 64)")
-    g.add_argument("--max-num-batched-tokens", type=_positive_int, default=4096, help="tokens per step (default: 4096)")
-    g.add_argument("--kv-cache-memory", type=_size, default=None, help="bytes for the KV pool, e.g. 1GiB")
-    g.add_argument("--num-kv-blocks", type=_positive_int, default=None, help="KV pool size in blocks of 16 tokens")
+    g.add_argument("--max-model-len", type=positive_int, default=2048, help="context length cap (default: 2048)")
+    g.add_argument("--max-num-seqs", type=positive_int, default=64, help="sequences batched at once (default: 64)")
+    g.add_argument("--max-num-batched-tokens", type=positive_int, default=4096, help="tokens per step (default: 4096)")
+    g.add_argument("--kv-cache-memory", type=size, default=None, help="bytes for the KV pool, e.g. 1GiB")
+    g.add_argument("--num-kv-blocks", type=positive_int, default=None, help="KV pool size in blocks of 16 tokens")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--offload", default=None, metavar="PLACEMENT",
                    help="layer placement: streamed | cpu | resident:20,streamed:20 | r,s,c,... (default: all on the device)")
-    g.add_argument("--stream-buffers", type=_positive_int, default=2, help="GPU slots for streamed layers (default: 2)")
+    g.add_argument("--stream-buffers", type=positive_int, default=2, help="GPU slots for streamed layers (default: 2)")
     g.add_argument("--quantization", default=None,
                    help="weights: auto (checkpoint's own; dequantized on CPU) | native (keep packed) | none | "
                         "int8 | int4 | int4-g32/g64/g128 (RTN at load) (default: auto)")
@@ -48,7 +33,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 
 def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 256) -> None:
     g = p.add_argument_group("sampling")
-    g.add_argument("--max-tokens", type=_positive_int, default=max_tokens)
+    g.add_argument("--max-tokens", type=positive_int, default=max_tokens)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--top-p", type=float, default=1.0)

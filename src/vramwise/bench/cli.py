@@ -6,25 +6,7 @@ import argparse
 import json
 import sys
 
-
-def _int_list(text: str) -> list[int]:
-    try:
-        vals = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a comma-separated list of integers, got {text!r}") from None
-    if not vals or any(v < 1 for v in vals):
-        raise argparse.ArgumentTypeError(f"every value must be an integer >= 1, got {text!r}")
-    return vals
-
-
-def _pos(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
+from vramwise.argtypes import positive_int, positive_int_list
 
 
 def _shapes() -> list[str]:
@@ -44,9 +26,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("bench_model", nargs="?", default=None, metavar="MODEL", help="model (default: --model or bundled)")
     p.add_argument("--random-weights", default=None, metavar="SHAPE",
                    help="random weights of a real shape: " + ", ".join(_shapes()))
-    p.add_argument("--batch", type=_int_list, default=[1, 8, 32], help="batch sizes, e.g. 1,8,32 (default)")
-    p.add_argument("--prompt-len", type=_pos, default=512)
-    p.add_argument("--gen-len", type=_pos, default=128)
+    p.add_argument("--batch", type=positive_int_list, default=[1, 8, 32], help="batch sizes, e.g. 1,8,32 (default)")
+    p.add_argument("--prompt-len", type=positive_int, default=512)
+    p.add_argument("--gen-len", type=positive_int, default=128)
     p.add_argument("--json", default=None, metavar="FILE", help="write the full report as JSON")
     p.add_argument("--plot", default=None, metavar="FILE.png", help="write tokens/s and memory vs batch")
     p.add_argument("--no-progress", action="store_true")

@@ -25,6 +25,8 @@ from typing import Any
 import httpx
 import numpy as np
 
+from vramwise.argtypes import positive_int, positive_int_list
+
 DEFAULT_CONCURRENCY = (1, 4, 16, 64)
 
 
@@ -204,37 +206,13 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 # ---- command line -------------------------------------------------------------------------------------
 
 
-def _concurrency_list(text: str) -> list[int]:
-    levels = []
-    for part in text.split(","):
-        part = part.strip()
-        try:
-            v = int(part)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {part!r} in {text!r}") from None
-        if v < 1:
-            raise argparse.ArgumentTypeError(f"concurrency levels must be >= 1, got {v} in {text!r}")
-        levels.append(v)
-    return levels
-
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
-
-
 def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", required=True, help="server address, e.g. http://127.0.0.1:8000 (with or without /v1)")
     p.add_argument("--model", default=None, help="model name to send (default: the first from /v1/models)")
-    p.add_argument("--concurrency", type=_concurrency_list, default=list(DEFAULT_CONCURRENCY), help="comma-separated client counts (default: 1,4,16,64)")
-    p.add_argument("--num-prompts", type=_positive_int, default=None, help="requests per level (default: 2 x clients, at least 8)")
-    p.add_argument("--prompt-len", type=_positive_int, default=128, help="prompt tokens per request (default: 128)")
-    p.add_argument("--gen-len", type=_positive_int, default=64, help="generated tokens per request (default: 64)")
+    p.add_argument("--concurrency", type=positive_int_list, default=list(DEFAULT_CONCURRENCY), help="comma-separated client counts (default: 1,4,16,64)")
+    p.add_argument("--num-prompts", type=positive_int, default=None, help="requests per level (default: 2 x clients, at least 8)")
+    p.add_argument("--prompt-len", type=positive_int, default=128, help="prompt tokens per request (default: 128)")
+    p.add_argument("--gen-len", type=positive_int, default=64, help="generated tokens per request (default: 64)")
     p.add_argument("--api-key", default=None, help="Bearer key, if the server needs one")
     p.add_argument("--seed", type=int, default=0, help="seed for the random prompts")
     p.add_argument("--timeout", type=float, default=600.0, help="per-request timeout in seconds (default: 600)")

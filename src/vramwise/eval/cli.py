@@ -7,15 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-
-def _positive(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
+from vramwise.argtypes import positive_int
 
 
 def read_text_arg(text: str) -> str:
@@ -74,8 +66,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("model_pos", nargs="?", default=None, metavar="MODEL",
                    help="HF directory, .gguf file, quantized checkpoint or hub id (default: bundled SmolLM2)")
     p.add_argument("--text", required=True, help="text file, or a reference text name (hamlet, britannica, devil)")
-    p.add_argument("--context", type=_positive, default=1024, help="tokens per window (default: 1024)")
-    p.add_argument("--max-tokens", type=_positive, default=32768, help="use the first N tokens (default: 32768)")
+    p.add_argument("--context", type=positive_int, default=1024, help="tokens per window (default: 1024)")
+    p.add_argument("--max-tokens", type=positive_int, default=32768, help="use the first N tokens (default: 32768)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_engine_args(p)
     p.set_defaults(func=cmd_perplexity)

@@ -23,7 +23,8 @@ _KV_CHOICES = ("fp16", "bf16", "int8", "fp8")
 
 def register(subparsers: Any) -> None:
     """Add `plan` and `doctor` to the top-level parser (vramwise.cli discovers this)."""
-    from vramwise.cli import _positive_int, _size
+    from vramwise.argtypes import positive_int
+    from vramwise.argtypes import size
     from vramwise.memory.planner import POLICIES
 
     p = subparsers.add_parser(
@@ -34,18 +35,18 @@ def register(subparsers: Any) -> None:
     p.add_argument("model", nargs="?", default=None, help="HF directory, .gguf file or hub id (config only)")
     p.add_argument("--random-weights", default=None, metavar="SHAPE",
                    help="a model shape instead of a checkpoint, e.g. llama-2-13b")
-    p.add_argument("--gpu-memory", type=_size, default=None, metavar="SIZE",
+    p.add_argument("--gpu-memory", type=size, default=None, metavar="SIZE",
                    help="the process's GPU-memory budget, e.g. 6GiB")
     p.add_argument("--gpu-memory-utilization", type=float, default=None, metavar="F",
                    help="the budget as a fraction of the card's memory (from the device profile)")
-    p.add_argument("--max-model-len", type=_positive_int, default=None,
+    p.add_argument("--max-model-len", type=positive_int, default=None,
                    help="context length the KV pool must hold (default: min(2048, the model's))")
-    p.add_argument("--max-num-seqs", type=_positive_int, default=64, help="sequences per step (default: 64)")
-    p.add_argument("--batch", type=_positive_int, default=1,
+    p.add_argument("--max-num-seqs", type=positive_int, default=64, help="sequences per step (default: 64)")
+    p.add_argument("--batch", type=positive_int, default=1,
                    help="concurrent requests to plan for (default: 1, latency)")
-    p.add_argument("--prompt-len", type=_positive_int, default=512, help="reference prompt (default: 512)")
-    p.add_argument("--gen-len", type=_positive_int, default=128, help="reference generation (default: 128)")
-    p.add_argument("--max-num-batched-tokens", type=_positive_int, default=None,
+    p.add_argument("--prompt-len", type=positive_int, default=512, help="reference prompt (default: 512)")
+    p.add_argument("--gen-len", type=positive_int, default=128, help="reference generation (default: 128)")
+    p.add_argument("--max-num-batched-tokens", type=positive_int, default=None,
                    help="prefill chunk (default: chosen by the planner)")
     p.add_argument("--bits", type=int, default=None, choices=(4, 8, 16),
                    help="weight bits (default: the checkpoint's own quantization, else 4)")
