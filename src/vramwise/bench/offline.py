@@ -130,8 +130,9 @@ def run_offline_bench(
         torch.cuda.synchronize()
     load_peak = mon.peak if mon.available else None
 
-    # Warm-up: first-call costs (allocator growth, kernel compilation) are not what users see per token.
-    run_batch(engine, 1, min(prompt_len, 16), min(gen_len, 4), seed=12345)
+    # Warm-up: first-call costs (allocator growth, Triton compilation per shape bucket) are not what users see
+    # per token, so each batch size first runs once with the measured prompt length and a short generation.
+    warm_gen = min(gen_len, 4)
 
     from rich.progress import Progress
 
@@ -142,6 +143,7 @@ def run_offline_bench(
             bar.update(task, description=f"batch {b}")
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
+            run_batch(engine, b, prompt_len, warm_gen, seed=12345)
             mon.reset_peak()
             r = run_batch(engine, b, prompt_len, gen_len)
             if cuda:
