@@ -114,6 +114,13 @@ def test_table_parses_every_format_and_prints_ratios(run_dir: Path, capsys):
     assert "334.1" in r7 and "x |" not in r7
 
 
+def test_plot_is_a_png(run_dir: Path, tmp_path: Path):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "sbs.png"
+    assert table.main([str(run_dir), "--plot", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_headline_takes_the_fastest_peer_within_the_cap(run_dir: Path, capsys):
     fast = run_dir / "fast_but_over.out"
     fast.write_text((DATA / "llama_cap_13b_b1.out").read_text().replace('"avg_ts": 26.1', '"avg_ts": 99.0'))

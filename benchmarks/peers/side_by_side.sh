@@ -316,6 +316,7 @@ finish() {
   log "table (python3 benchmarks/peers/table.py DIR... merges the peers/ folders of both parts):"
   $TABLE show "$R" ${VW_COMMIT:+--commit "$VW_COMMIT"} | tee "$R/table.md"
   $TABLE show "$R" --headline ${VW_COMMIT:+--commit "$VW_COMMIT"} > "$R/headline.md" 2>&1
+  $TABLE show "$R" --plot "$R/side_by_side.png" > /dev/null 2>&1 || log "no plot (matplotlib missing?): table.py --plot can draw it later"
   sync_out
 }
 
@@ -336,7 +337,7 @@ else
   else                                                  # cold: Python steps first, then a build if time allows
     py_phase
     if [ "$(left)" -gt 400 ]; then llama_phase; else
-      for s in $LLAMA_STEPS; do wanted "$s" && log "not run: $s (cold machine, no build; run part1 again, then part2 at once)"; done
+      for s in $LLAMA_STEPS; do wanted "$s" && ! done_ "$s" && skip "$s" "cold machine: run part1, then part2 at once"; done
     fi
   fi
 fi

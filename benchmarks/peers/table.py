@@ -7,7 +7,7 @@ Two subcommands (stdlib only, so it runs anywhere python3 does):
            [--note TEXT] [--skipped]
       writes DIR/S.step.json: which scenario a run belongs to, its exit status, the device-wide NVML peak the
       script's poller saw, and the file holding the tool's own output (parsed here, not in the shell).
-  table.py [show] DIR [DIR ...] [--headline] [--commit C]
+  table.py [show] DIR [DIR ...] [--headline] [--commit C] [--plot FILE.png]
       prints one markdown table: each scenario's rows with TTFT, prefill and decode tokens/s, peak NVML MiB
       and the ratios ours/peer. Several DIRs (part 1 and part 2 of a cold run) merge by step; for a step seen
       twice, a run beats a skip, then the later run wins. `vramwise bench --json DIR/` reports lying in DIR
@@ -352,6 +352,11 @@ def _f(v: float | None, digits: int = 1) -> str:
     return "—" if v is None else f"{v:,.{digits}f}"
 
 
+def _rate(v: float | None) -> str:
+    """tokens/s: two decimals below 10 (accelerate offload runs at ~0.3), one above."""
+    return "—" if v is None else (f"{v:.2f}" if v < 10 else f"{v:,.1f}")
+
+
 def _ratio(ours: float | None, peer: float | None) -> str:
     if ours is None or peer is None or peer == 0:
         return "—"
@@ -383,7 +388,7 @@ def render_table(rows: list[Row]) -> str:
                 _ratio(ours.decode_tok_s, r.decode_tok_s), _ratio(ours.prefill_tok_s, r.prefill_tok_s),
                 _ratio(ours.peak_mib, r.peak_mib)]
             out.append(f"| {label} | {r.engine} | {setup} | {_f(r.ttft_ms)} | {_f(r.prefill_tok_s, 0)} | "
-                       f"{_f(r.decode_tok_s)} | {peak} | {' | '.join(ratios)} |")
+                       f"{_rate(r.decode_tok_s)} | {peak} | {' | '.join(ratios)} |")
     return "\n".join(out)
 
 
@@ -397,10 +402,10 @@ def render_headline(rows: list[Row]) -> str:
         label = sc.label(max(r.gen_len for r in group))
         peers = [r for r in group if r.engine != OURS and r.ok and r.decode_tok_s and not r.over_cap]
         best = max(peers, key=lambda r: r.decode_tok_s or 0) if peers else None
-        o_dec = _f(ours.decode_tok_s) if ours else "not measured"
+        o_dec = _rate(ours.decode_tok_s) if ours else "not measured"
         o_pk = _f(ours.peak_mib, 0) if ours else "—"
         b_name = _cell(f"{best.engine} {best.setup}".strip()) if best else "none fits"
-        out.append(f"| {label} | {o_dec} | {o_pk} | {b_name} | {_f(best.decode_tok_s) if best else '—'} | "
+        out.append(f"| {label} | {o_dec} | {o_pk} | {b_name} | {_rate(best.decode_tok_s) if best else '—'} | "
                    f"{_f(best.peak_mib, 0) if best else '—'} | "
                    f"{_ratio(ours.decode_tok_s if ours else None, best.decode_tok_s if best else None)} |")
     return "\n".join(out)
@@ -425,6 +430,39 @@ def render_header(env: dict[str, str], rows: list[Row], commit: str | None) -> s
     return "\n".join(lines)
 
 
+def write_plot(rows: list[Row], path: str, env: dict[str, str]) -> None:
+    """Decode tokens/s of each successful run, one panel per scenario, log scale (0.3 to ~1000 tok/s);
+    each bar labelled with its peak MiB. Needs matplotlib (only this option does)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scenarios = sorted({r.scenario for r in rows if r.ok and r.decode_tok_s},
+                       key=lambda s: (s.cap_mib == 0, s.shape != "13b", s.shape, s.batch))
+    if not scenarios:
+        raise ValueError("nothing to plot: no run with a decode figure")
+    fig, axes = plt.subplots(len(scenarios), 1, figsize=(8, 1.2 + 0.45 * len(rows)), squeeze=False)
+    for ax, sc in zip(axes[:, 0], scenarios):
+        group = sorted((r for r in rows if r.scenario == sc and r.ok and r.decode_tok_s),
+                       key=lambda r: (r.engine != OURS, r.engine, r.step))
+        names = [f"{r.engine}: {r.setup.split(' (')[0][:38]}" for r in group]
+        vals = [r.decode_tok_s for r in group]
+        colors = ["tab:green" if r.engine == OURS else ("tab:red" if r.over_cap else "tab:gray") for r in group]
+        ax.barh(names, vals, color=colors)
+        for i, r in enumerate(group):
+            ax.text(vals[i], i, f" {_rate(vals[i])} tok/s, {_f(r.peak_mib, 0)} MiB", va="center", fontsize=7)
+        ax.set_xscale("log")
+        ax.set_xlim(min(vals) / 2, max(vals) * 8)  # room for the labels right of the bars
+        ax.invert_yaxis()
+        ax.set_title(sc.label(max(r.gen_len for r in group)), fontsize=9)
+        ax.tick_params(axis="y", labelsize=7)
+    axes[-1, 0].set_xlabel(f"decode tokens/s (log), {env.get('gpu', 'GPU')}; red: peak over the cap")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def show(a: argparse.Namespace) -> int:
     rows, env = load_rows(a.dirs)
     if not rows:
@@ -433,6 +471,13 @@ def show(a: argparse.Namespace) -> int:
     print(render_header(env, rows, a.commit))
     print()
     print(render_headline(rows) if a.headline else render_table(rows))
+    if a.plot:
+        try:
+            write_plot(rows, a.plot, env)
+        except ImportError:
+            print("table.py: --plot needs matplotlib (pip install matplotlib); the table above is complete", file=sys.stderr)
+            return 1
+        print(f"wrote {a.plot}", file=sys.stderr)
     return 0
 
 
@@ -445,6 +490,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("dirs", nargs="+", help="peers/ folders written by side_by_side.sh (part 1, part 2, ...)")
     s.add_argument("--headline", action="store_true", help="one line per scenario: ours vs the best peer within the cap")
     s.add_argument("--commit", default=None, help="commit to name in the header (the device copy has no .git)")
+    s.add_argument("--plot", default=None, metavar="FILE.png", help="bar chart of decode tok/s (needs matplotlib)")
     if not argv or argv[0] not in ("record", "show", "-h", "--help"):
         argv = ["show", *argv]
     a = ap.parse_args(argv)
@@ -453,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return show(a)
-    except (FileNotFoundError, json.JSONDecodeError) as e:
+    except (FileNotFoundError, json.JSONDecodeError, ValueError) as e:
         print(f"table.py: {e}", file=sys.stderr)
         return 2
 
