@@ -220,6 +220,22 @@ def test_hf_peers_arguments():
         hf.parse_args(["offload", "--shape", "13b", "--json", "x.json"])  # offload needs a cap
     with pytest.raises(SystemExit):
         hf.parse_args(["nf4", "--shape", "13b", "--gen-len", "0", "--json", "x.json"])
+    with pytest.raises(SystemExit):
+        hf.parse_args(["nf4", "--shape", "7b", "--device", "cpu", "--json", "x.json"])  # cpu: fp16 dry run only
+
+
+def test_hf_peers_fp16_dry_run_on_cpu(tmp_path: Path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    hf = _load("hf_peers")
+    out = tmp_path / "hf.json"
+    assert hf.main(["fp16", "--shape", "tiny", "--device", "cpu", "--batch", "2", "--prompt-len", "8", "--gen-len", "4",
+                    "--json", str(out)]) == 0
+    d = json.loads(out.read_text())
+    assert d["status"] == "ok" and d["generated"] == 4 and d["decode_steps_timed"] == 3
+    assert d["prefill_tok_s"] > 0 and d["decode_tok_s"] > 0
+    rows = table.parse_hf(str(out), 2)
+    assert rows["status"] == "ok" and rows["decode_tok_s"] == d["decode_tok_s"]
 
 
 FAKE_SMI = """#!/usr/bin/env bash

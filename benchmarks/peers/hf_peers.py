@@ -35,6 +35,12 @@ SHAPES: dict[str, tuple[int, int, int, int]] = {  # hidden, layers, heads, ffn (
     "tiny": (256, 2, 4, 512),
 }
 METHODS = ("offload", "nf4", "fp16")
+DEVICE = "cuda"  # --device cpu (fp16 only) is a dry run of the timing code on a machine without a GPU
+
+
+def _sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -46,6 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--gen-len", type=int, default=128)
     ap.add_argument("--json", required=True, metavar="FILE")
+    ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: a dry run, fp16 only")
     a = ap.parse_args(argv)
     for name in ("batch", "prompt_len", "gen_len"):
         if getattr(a, name) < 1:
@@ -54,6 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ap.error(f"--cap-mib must be >= 0, got {a.cap_mib}")
     if a.method == "offload" and a.cap_mib == 0:
         ap.error("offload needs --cap-mib (the GPU share accelerate may fill)")
+    if a.device == "cpu" and (a.method != "fp16" or a.cap_mib):
+        ap.error("--device cpu is a dry run of the fp16 method without a cap")
     return a
 
 
@@ -64,7 +73,7 @@ def llama_config(shape: str):
     return LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                        num_key_value_heads=heads, intermediate_size=ffn, vocab_size=32000,
                        max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False,
-                       bos_token_id=1, eos_token_id=2, pad_token_id=0, torch_dtype=torch.float16)
+                       bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
 
 class RandomFill:
@@ -79,7 +88,8 @@ class RandomFill:
         key = str(t.device)
         if key not in self.pools:
             g = torch.Generator(device=t.device).manual_seed(1)
-            self.pools[key] = (torch.randn(1 << 26, generator=g, device=t.device) * 0.02).to(t.dtype)
+            n = min(1 << 26, 2 * t.numel())  # 64 Mi values, fewer for a tiny model
+            self.pools[key] = (torch.randn(n, generator=g, device=t.device) * 0.02).to(t.dtype)
         pool, flat = self.pools[key], t.view(-1)
         step = pool.numel() // 2
         for i in range(0, flat.numel(), step):
@@ -160,8 +170,8 @@ def build_nf4(shape: str, fill: RandomFill, info: dict[str, Any]) -> nn.Module:
 
 def build_fp16(shape: str, fill: RandomFill) -> nn.Module:
     model = meta_model(shape)
-    materialize(model, "cuda", fill)
-    buffers_to(model, "cuda")
+    materialize(model, DEVICE, fill)
+    buffers_to(model, DEVICE)
     return model
 
 
@@ -173,18 +183,18 @@ def timed_generate(model: nn.Module, batch: int, prompt_len: int, gen_len: int, 
 
     class Stamp(StoppingCriteria):
         def __call__(self, input_ids, scores, **kw):
-            torch.cuda.synchronize()
+            _sync()
             stamps.append(time.perf_counter())
             return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, 32000, (batch, prompt_len), generator=g).to("cuda")  # [batch, prompt_len]
-    torch.cuda.synchronize()
+    ids = torch.randint(3, 32000, (batch, prompt_len), generator=g).to(DEVICE)  # [batch, prompt_len]
+    _sync()
     t0 = time.perf_counter()
     with torch.inference_mode():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=gen_len, min_new_tokens=gen_len,
                              do_sample=False, num_beams=1, pad_token_id=0, stopping_criteria=StoppingCriteriaList([Stamp()]))
-    torch.cuda.synchronize()
+    _sync()
     ttft = stamps[0] - t0
     steps = len(stamps) - 1
     decode_s = stamps[-1] - stamps[0]
@@ -204,9 +214,12 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
 
     from vramwise.bench.gpu_memory import NvmlMonitor
 
+    global DEVICE
+    DEVICE = a.device
+    cuda = DEVICE == "cuda"
     res: dict[str, Any] = {
         "format": "hf-peers", "method": a.method, "shape": a.shape, "cap_mib": a.cap_mib or None, "batch": a.batch,
-        "prompt_len": a.prompt_len, "gen_len": a.gen_len, "device": torch.cuda.get_device_name(0),
+        "prompt_len": a.prompt_len, "gen_len": a.gen_len, "device": torch.cuda.get_device_name(0) if cuda else "cpu",
         "torch": torch.__version__, "transformers": transformers.__version__, "accelerate": accelerate.__version__,
     }
     mon = NvmlMonitor().start()
@@ -228,11 +241,13 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     res["load_s"] = round(time.perf_counter() - t, 1)
     fill.pools.clear()
     gc.collect()
-    torch.cuda.empty_cache()
+    if cuda:
+        torch.cuda.empty_cache()
     try:
         # warm-up: one short generation (CUDA/cuBLAS initialisation, accelerate hooks' first moves)
         timed_generate(model, 1, 16, 2, seed=1)
-        torch.cuda.reset_peak_memory_stats()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
         res.update(timed_generate(model, a.batch, a.prompt_len, a.gen_len, seed=2))
         res["status"] = "ok"
     except torch.OutOfMemoryError as e:
@@ -241,10 +256,10 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def finish(res: dict[str, Any], mon) -> dict[str, Any]:
-    torch.cuda.synchronize()
+    _sync()
     res["nvml_peak_mib"] = round(mon.stop() / 2**20) if mon.available else None
     res["nvml_per_process"] = mon.per_process
-    res["torch_max_allocated_mib"] = round(torch.cuda.max_memory_allocated() / 2**20)
+    res["torch_max_allocated_mib"] = round(torch.cuda.max_memory_allocated() / 2**20) if DEVICE == "cuda" else None
     return res
 
 
