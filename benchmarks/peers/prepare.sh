@@ -25,10 +25,10 @@ src=$tmp/llama_cpp_python-$LLAMA_CPP_PYTHON/vendor/llama.cpp
 # unconditionally, so the folders stay; only bulky assets go), the one vocabulary GGUF make_gguf.py copies.
 (
   cd "$src"
-  rm -rf .github docs media benches tests examples pocs app ci skills conversion scripts grammars licenses \
+  rm -rf .github docs media benches tests examples pocs app ci skills conversion scripts grammars \
          requirements tools/ui tools/mtmd/test-*.mp4 gguf-py/tests
-  for b in ggml/src/ggml-*/; do
-    case $(basename "$b") in ggml-cpu|ggml-cuda|ggml-blas) ;; *) rm -rf "$b" ;; esac
+  for b in ggml/src/ggml-*/; do  # other backends (licenses/ and the small ggml-rpc stay)
+    case $(basename "$b") in ggml-cpu|ggml-cuda|ggml-blas|ggml-rpc) ;; *) rm -rf "$b" ;; esac
   done
   find models -mindepth 1 -maxdepth 1 ! -name ggml-vocab-llama-spm.gguf ! -name CMakeLists.txt -exec rm -rf {} +
 )

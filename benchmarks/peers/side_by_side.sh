@@ -52,6 +52,7 @@ sync_out() { cp -r "$R/." "$OUT/peers/" 2>/dev/null; }
 done_() { [ -e "$W/done/$1" ]; }
 mark() { touch "$W/done/$1"; }
 wanted() { [ -z "${STEPS:-}" ] || [[ ",$STEPS," == *",$1,"* ]]; }
+lim() { local l=$(( $(left) - 5 )); [ $l -gt "$1" ] && l=$1; [ $l -lt 10 ] && l=10; echo $l; }  # min(N, time left)
 cap_text() { if [ $(( CAP_MIB % 1024 )) -eq 0 ]; then echo "$(( CAP_MIB / 1024 ))GiB"; else echo "${CAP_MIB}MiB"; fi; }
 
 # ---------- device-wide NVML peak (memory.used, MiB, CUDA contexts included) around one process ----------
@@ -184,8 +185,8 @@ peak_ok() { [ "$RC" -eq 0 ] && [ -n "$PEAK" ] && [ "$PEAK" -ge 100 ]; }  # a run
 # probe function KIND NGL -> prints the peak (99999 = failed), cached per machine in $W/probe_KIND_NGL
 probe() {
   local f=$W/probe_$1_$2; [ -s "$f" ] && { cat "$f"; return; }
-  if [ "$1" = b1 ]; then lb "probe_b1_ngl$2" 13b 60 -ngl "$2" -p 512 -n 16 -r 1  # same 768-cell KV as -n 128
-  else lbb "probe_b16_ngl$2" 90 -ctk q8_0 -ctv q8_0 -c 6144 -ngl "$2" -npp 376 -ntg 8 -npl 16; fi  # fills all 6144 cells
+  if [ "$1" = b1 ]; then lb "probe_b1_ngl$2" 13b "$(lim 60)" -ngl "$2" -p 512 -n 16 -r 1  # same 768-cell KV as -n 128
+  else lbb "probe_b16_ngl$2" "$(lim 90)" -ctk q8_0 -ctv q8_0 -c 6144 -ngl "$2" -npp 376 -ntg 8 -npl 16; fi  # fills all 6144 cells
   if peak_ok; then echo "$PEAK" > "$f"; else echo 99999 > "$f"; fi
   cat "$f"
 }
@@ -215,10 +216,10 @@ llama_step() {
   gguf_ready "$shape" || { skip "$s" "no GGUF"; return 1; }
   case $s in
     llama_ref_7b_b1|llama_ref_13b_b1)
-      lb "$s" "$shape" 90 -ngl 99 -p 512 -n 128 -r 3
+      lb "$s" "$shape" "$(lim 90)" -ngl 99 -p 512 -n 128 -r 3
       record "$s" "Q4_0, all layers on GPU, flash attn" "$s.out" ;;
     llama_ref_13b_b16)
-      lbb "$s" 90 -c 6144 -ngl 99 -npp 256 -ntg 128 -npl 16
+      lbb "$s" "$(lim 90)" -c 6144 -ngl 99 -npp 256 -ntg 128 -npl 16
       record "$s" "Q4_0, all on GPU, f16 KV, flash attn" "$s.out" ;;
     llama_cap_13b_b1|llama_cap_13b_b16)
       if [ $s = llama_cap_13b_b1 ]; then read -r n pk pk1 <<< "$(search_ngl b1 30 186)"
@@ -241,7 +242,7 @@ llama_step() {
     llama_fit_13b_b1)
       # llama.cpp's own fitter (what llama-server/llama-cli --fit do): keep free - cap MiB unused
       free=$(nvidia-smi -i 0 --query-gpu=memory.free --format=csv,noheader,nounits | head -1)
-      lb "$s" 13b 90 -fitt $(( free - CAP_MIB )) -fitc 640 -p 512 -n 128 -r 2
+      lb "$s" 13b "$(lim 90)" -fitt $(( free - CAP_MIB )) -fitc 640 -p 512 -n 128 -r 2
       record "$s" "Q4_0, llama.cpp's own fitter (-fitt free-cap), flash attn" "$s.out" ;;
   esac
   return 0
@@ -271,32 +272,32 @@ py_setup() {
 
 # one Python step (ours, accelerate offload, bitsandbytes); returns 0 when it ran (its record written)
 py_step() {
-  local s=$1 need=60 lim e f shape cap b p g setup
+  local s=$1 need=60 limit e f shape cap b p g setup
   scenario "$s" > /dev/null || { log "unknown step $s"; return 1; }
   read -r e f shape cap b p g <<< "$(scenario "$s")"
   case $s in ours_cap_*|hf_offload_*) need=90 ;; esac
   if [ "$(left)" -lt $need ]; then skip "$s" "time"; return 1; fi
-  lim=$(( $(left) - 5 )); [ $lim -gt 200 ] && lim=200
+  limit=$(lim 200)
   local common=(--batch "$b" --prompt-len "$p" --gen-len "$g" --json "$R/$s.json")
   case $s in
     ours_*)
       local capflag=(); setup="int4"
       [ "$cap" -gt 0 ] && { capflag=(--gpu-memory "$(cap_text)"); setup="$setup, --gpu-memory $(cap_text)"; }
       # shellcheck disable=SC2086
-      measure "$s" "$lim" env PYTHONPATH="$REPO/src" python3 -m vramwise.cli bench --random-weights "llama-2-$shape" \
-        --quantization int4 "${capflag[@]}" --no-progress "${common[@]}" ${OURS_ARGS:-}
+      measure "$s" "$limit" env PYTHONPATH="$REPO/src" python3 -m vramwise.cli bench --random-weights "llama-2-$shape" \
+        --quantization int4 ${capflag[@]+"${capflag[@]}"} --no-progress "${common[@]}" ${OURS_ARGS:-}
       record "$s" "$setup${OURS_ARGS:+ $OURS_ARGS}" "$s.json" ;;
     hf_offload_*)
-      measure "$s" "$lim" env PYTHONPATH="$REPO/src" python3 "$HERE/hf_peers.py" offload --shape "$shape" \
+      measure "$s" "$limit" env PYTHONPATH="$REPO/src" python3 "$HERE/hf_peers.py" offload --shape "$shape" \
         --cap-mib "$cap" "${common[@]}"
       record "$s" "fp16, accelerate device_map with max_memory $(cap_text), rest on CPU; $g tokens timed" "$s.json" ;;
     bnb_*)
       setup="NF4 (double quant), fp16 compute"; [ "$cap" -gt 0 ] && setup="$setup, torch memory fraction $(cap_text)"
-      measure "$s" "$lim" env PYTHONPATH="$REPO/src:$PEER/pylib" python3 "$HERE/hf_peers.py" nf4 --shape "$shape" \
+      measure "$s" "$limit" env PYTHONPATH="$REPO/src:$PEER/pylib" python3 "$HERE/hf_peers.py" nf4 --shape "$shape" \
         --cap-mib "$cap" "${common[@]}"
       record "$s" "$setup" "$s.json" ;;
     hf_fp16_*)
-      measure "$s" "$lim" env PYTHONPATH="$REPO/src" python3 "$HERE/hf_peers.py" fp16 --shape "$shape" "${common[@]}"
+      measure "$s" "$limit" env PYTHONPATH="$REPO/src" python3 "$HERE/hf_peers.py" fp16 --shape "$shape" "${common[@]}"
       record "$s" "fp16, all on GPU" "$s.json" ;;
   esac
   return 0

@@ -61,10 +61,10 @@ def _step(text: str) -> str:
 
 
 def _float_or_none(text: str) -> float | None:
-    text = text.strip()
-    if text in ("", "-", "None"):
+    try:  # the poller may have seen nothing, or nvidia-smi may print "[N/A]": no figure, not an error
+        return float(text)
+    except ValueError:
         return None
-    return float(text)
 
 
 def add_record_parser(sub: argparse._SubParsersAction) -> None:
