@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from vramwise.argtypes import positive_int, positive_int_list
@@ -29,7 +30,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=positive_int_list, default=[1, 8, 32], help="batch sizes, e.g. 1,8,32 (default)")
     p.add_argument("--prompt-len", type=positive_int, default=512)
     p.add_argument("--gen-len", type=positive_int, default=128)
-    p.add_argument("--json", default=None, metavar="FILE", help="write the full report as JSON")
+    p.add_argument("--json", default=None, metavar="FILE|DIR/",
+                   help="write the full report as JSON; a directory (existing, or ending in /) gets a name that "
+                        "states the scenario, e.g. DIR/bench-llama-2-13b-int4-6GiB-b1-p512-g128.json, where "
+                        "benchmarks/peers/table.py finds it")
     p.add_argument("--plot", default=None, metavar="FILE.png", help="write tokens/s and memory vs batch")
     p.add_argument("--no-progress", action="store_true")
     add_engine_args(p)
@@ -41,6 +45,26 @@ def register(sub: argparse._SubParsersAction) -> None:
         return
     # `serve` at the top level is the server; vramwise.cli.main routes `bench serve ...` to `bench-serve`.
     add_serve_parser(sub, name="bench-serve", prog="vramwise bench serve")
+
+
+def bench_settings(args: argparse.Namespace) -> dict:
+    """The settings that define the measured scenario, stored in the report (JSON-safe values)."""
+    keys = ("model", "random_weights", "quantization", "gpu_memory", "offload", "kv_cache_memory", "num_kv_blocks",
+            "max_num_seqs", "max_num_batched_tokens", "max_model_len", "dtype", "device")
+    return {k: getattr(args, k, None) for k in keys}
+
+
+def json_path(target: str, settings: dict, batch: list[int], prompt_len: int, gen_len: int) -> str:
+    """--json FILE as given; --json DIR/ (or an existing directory) gets the scenario's default name."""
+    from vramwise.bench.offline import default_json_name
+
+    if target.endswith(("/", os.sep)) or os.path.isdir(target):
+        os.makedirs(target, exist_ok=True)
+        return os.path.join(target, default_json_name(settings, batch, prompt_len, gen_len))
+    parent = os.path.dirname(target)
+    if parent and not os.path.isdir(parent):
+        raise ValueError(f"--json {target}: directory {parent!r} does not exist")
+    return target
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -61,18 +85,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
     longest = args.prompt_len + args.gen_len
     if longest > args.max_model_len:
         args.max_model_len = longest  # the benchmark's own lengths decide the context it needs
+    settings = bench_settings(args)
+    # resolve the JSON path before the (long) run, so that a bad path fails at once
+    out_json = json_path(args.json, settings, args.batch, args.prompt_len, args.gen_len) if args.json else None
     cfg = make_engine_config(args, show_progress=not args.no_progress)
     name = args.model or "SmolLM2-135M-Instruct (bundled)"
     if args.random_weights:
         name = f"{args.random_weights} (random weights)"
     report = run_offline_bench(
-        lambda: LLMEngine(cfg), args.batch, args.prompt_len, args.gen_len, name, progress=not args.no_progress
+        lambda: LLMEngine(cfg), args.batch, args.prompt_len, args.gen_len, name, progress=not args.no_progress,
+        settings=settings,
     )
     print(format_table(report))
-    if args.json:
-        with open(args.json, "w") as f:
+    if out_json:
+        with open(out_json, "w") as f:
             json.dump(report.to_dict(), f, indent=2)
-        print(f"wrote {args.json}", file=sys.stderr)
+        print(f"wrote {out_json}", file=sys.stderr)
     if args.plot:
         write_plot(report, args.plot)
         print(f"wrote {args.plot}", file=sys.stderr)

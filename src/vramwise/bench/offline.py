@@ -61,6 +61,9 @@ class BenchReport:
     torch_max_allocated_mib: float | None
     torch_max_reserved_mib: float | None
     results: list[BatchResult] = field(default_factory=list)
+    # the command's own settings (shape, quantization, GPU cap, ...), so that a report read later, e.g. by
+    # benchmarks/peers/table.py, can tell which scenario it measured
+    settings: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -119,6 +122,7 @@ def run_offline_bench(
     gen_len: int,
     model_name: str,
     progress: bool = True,
+    settings: dict[str, Any] | None = None,
 ) -> BenchReport:
     """engine_factory() builds the engine (timed, with the NVML monitor already running)."""
     mon = NvmlMonitor().start()
@@ -174,7 +178,31 @@ def run_offline_bench(
         torch_max_allocated_mib=_mib(torch.cuda.max_memory_allocated()) if cuda else None,
         torch_max_reserved_mib=_mib(torch.cuda.max_memory_reserved()) if cuda else None,
         results=results,
+        settings=dict(settings or {}),
     )
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in ".-" else "-" for c in text).strip("-") or "model"
+
+
+def default_json_name(settings: dict[str, Any], batch_sizes: list[int], prompt_len: int, gen_len: int) -> str:
+    """File name for `--json DIR/`: the scenario in the name, e.g.
+    bench-llama-2-13b-int4-6GiB-b1-p512-g128.json (benchmarks/peers/table.py reads any such report)."""
+    model = settings.get("random_weights") or Path(str(settings.get("model") or "bundled")).name
+    cap = settings.get("gpu_memory")
+    if isinstance(cap, (int, float)) and cap > 0:  # bytes
+        cap = f"{cap / 2**30:g}GiB" if cap % 2**30 == 0 else f"{cap / 2**20:g}MiB"
+    parts = [
+        "bench",
+        _slug(str(model)),
+        _slug(str(settings.get("quantization") or "default")),
+        _slug(str(cap)) if cap else "uncapped",
+        "b" + "-".join(str(b) for b in batch_sizes),
+        f"p{prompt_len}",
+        f"g{gen_len}",
+    ]
+    return "-".join(parts) + ".json"
 
 
 def format_table(report: BenchReport) -> str:
