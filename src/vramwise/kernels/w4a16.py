@@ -457,6 +457,31 @@ if HAS_TRITON:
     add.f32 $0, flo, fhi;
     }""")
 
+    # Sum of the 8 fp16 values in 4 pair words ($1..$4), exact conversions, fp32 adds -> $0.
+    _X8_SUM_F16_ASM = tl.constexpr("""{
+    .reg .f16 l0, h0, l1, h1, l2, h2, l3, h3;
+    .reg .f32 fa, fb, fc, fd, fe, ff, fg, fh;
+    mov.b32 {l0, h0}, $1;
+    mov.b32 {l1, h1}, $2;
+    mov.b32 {l2, h2}, $3;
+    mov.b32 {l3, h3}, $4;
+    cvt.f32.f16 fa, l0;
+    cvt.f32.f16 fb, h0;
+    cvt.f32.f16 fc, l1;
+    cvt.f32.f16 fd, h1;
+    cvt.f32.f16 fe, l2;
+    cvt.f32.f16 ff, h2;
+    cvt.f32.f16 fg, l3;
+    cvt.f32.f16 fh, h3;
+    add.f32 fa, fa, fb;
+    add.f32 fc, fc, fd;
+    add.f32 fe, fe, ff;
+    add.f32 fg, fg, fh;
+    add.f32 fa, fa, fc;
+    add.f32 fe, fe, fg;
+    add.f32 $0, fa, fe;
+    }""")
+
     @triton.jit
     def _half_lo_f32(w, IS_BF16: tl.constexpr):
         # Low 16-bit half of uint32 words, read as fp16/bf16 -> fp32 (exact).
@@ -513,15 +538,22 @@ if HAS_TRITON:
             w1 = tl.load(xk + 1, mask=r_mask, other=0).to(tl.uint32, bitcast=True)   # (x2, x3)
             w2 = tl.load(xk + 2, mask=r_mask, other=0).to(tl.uint32, bitcast=True)   # (x4, x5)
             w3 = tl.load(xk + 3, mask=r_mask, other=0).to(tl.uint32, bitcast=True)   # (x6, x7)
-            x0 = _half_lo_f32(w0, X_BF16)
-            x1 = _half_hi_f32(w0, X_BF16)
-            x2 = _half_lo_f32(w1, X_BF16)
-            x3 = _half_hi_f32(w1, X_BF16)
-            x4 = _half_lo_f32(w2, X_BF16)
-            x5 = _half_hi_f32(w2, X_BF16)
-            x6 = _half_lo_f32(w3, X_BF16)
-            x7 = _half_hi_f32(w3, X_BF16)
-            xs = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))                  # (BKW,) fp32
+            if USE_ASM and not X_BF16:
+                xs = tl.inline_asm_elementwise(
+                    asm=_X8_SUM_F16_ASM, constraints="=f,r,r,r,r",
+                    args=[w0.to(tl.int32, bitcast=True), w1.to(tl.int32, bitcast=True),
+                          w2.to(tl.int32, bitcast=True), w3.to(tl.int32, bitcast=True)],
+                    dtype=tl.float32, is_pure=True, pack=1)                            # (BKW,) fp32
+            else:
+                x0 = _half_lo_f32(w0, X_BF16)
+                x1 = _half_hi_f32(w0, X_BF16)
+                x2 = _half_lo_f32(w1, X_BF16)
+                x3 = _half_hi_f32(w1, X_BF16)
+                x4 = _half_lo_f32(w2, X_BF16)
+                x5 = _half_hi_f32(w2, X_BF16)
+                x6 = _half_lo_f32(w3, X_BF16)
+                x7 = _half_hi_f32(w3, X_BF16)
+                xs = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))              # (BKW,) fp32
             if USE_ASM:
                 p04 = ((w0 & 0xFFFF) | (w2 << 16)).to(tl.int32, bitcast=True)       # (x0 | x4 << 16)
                 p15 = ((w0 >> 16) | (w2 & 0xFFFF0000)).to(tl.int32, bitcast=True)  # (x1 | x5 << 16)
@@ -572,11 +604,12 @@ if HAS_TRITON:
         x_ptr, qw_ptr, s_ptr, m_ptr, b_ptr, y_ptr,
         M, N, K, stride_xm, stride_ym,
         G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, SWAP_AB: tl.constexpr,
+        GROUP_M: tl.constexpr, SPLIT_K, SWAP_AB: tl.constexpr,
         HAS_BIAS: tl.constexpr, USE_ATOMIC: tl.constexpr, DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ):
         # grid = (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), SPLIT_K). Like _w4_gemm_kernel, but the (BLOCK_K/8,
-        # BLOCK_N) words of a tile are loaded once (not once per code) and unpacked in registers.
+        # BLOCK_N) words of a tile are loaded once (not once per code) and unpacked in registers. SPLIT_K is a
+        # runtime argument (one compile serves every split of a shape family).
         pid = tl.program_id(0)
         pid_k = tl.program_id(1)
         num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -906,15 +939,14 @@ def _candidates(m: int, n: int, k: int, group_size: int, dtype: torch.dtype, dev
         out: list[Config] = [_default_gemv_config(m, n, k, g, device)]
         if half:
             # Bytes per program: BLOCK_N/8 slabs x BLOCK_K/2 bytes. More channels per program share the x work.
-            for bn, bk, warps in ((8, 2048 if n < 8192 else 1024, 4), (16, 1024, 4), (32, 512, 4),
-                                  (16, 2048, 8), (32, 1024, 8)):
+            for bn, bk, warps in ((8, 2048 if n < 8192 else 1024, 4), (16, 1024, 4), (32, 512, 4), (16, 2048, 8)):
                 out.append(GemvConfig(bn, max(bk, g), warps, None, 2))
             if dtype == torch.bfloat16:  # pair-word loads with fp32 math (no bf16x2 rounding)
                 out.append(GemvConfig(16, max(1024, g), 4, False, 2))
         return list(dict.fromkeys(out))
     if m <= SKINNY_MAX_M:
         out = [_default_skinny_config(m, n, k, g, device)]
-        for bn, bk, warps, stages, swap in ((32, 64, 4, 3, False), (64, 128, 4, 3, False), (64, 64, 4, 4, True)):
+        for bn, bk, warps, stages, swap in ((32, 64, 4, 3, False), (64, 64, 4, 4, True)):
             bk = min(bk, g)
             split = _choose_split_k(triton.cdiv(n, bn), k // bk, device, per_sm=8)
             out.append(GemmConfig(16, bn, bk, 1, split, warps, stages, 2, swap))
@@ -924,18 +956,38 @@ def _candidates(m: int, n: int, k: int, group_size: int, dtype: torch.dtype, dev
     if m < DEQUANT_MIN_M:
         out = list(_gemm_candidates(m, n, k, g, device)[:2])
         for bm, bn, bk, warps, stages, swap in ((64, 128, 64, 4, 4, False), (128, 128, 64, 8, 3, False),
-                                                (64, 128, 64, 4, 4, True), (128, 256, 64, 8, 3, False)):
+                                                (64, 128, 64, 4, 4, True)):
             bk = min(bk, g)
             split = _choose_split_k(triton.cdiv(m, bm) * triton.cdiv(n, bn), k // bk, device)
             out.append(GemmConfig(bm, bn, bk, 8, split, warps, stages, 2, swap))
         out.append(DequantConfig(2))
         return list(dict.fromkeys(out))
     out = [DequantConfig(1), DequantConfig(2)]
-    for bm, bn, bk, warps, stages, swap in ((128, 128, 64, 8, 3, False), (128, 256, 64, 8, 3, False),
-                                            (256, 128, 64, 8, 3, False), (128, 128, 128, 8, 3, False),
-                                            (128, 128, 64, 8, 3, True), (64, 256, 64, 8, 3, True)):
-        out.append(GemmConfig(bm, bn, min(bk, g), 8, 1, warps, stages, 2, swap))
+    # Large tiles: fewer re-dequantizations of each weight (once per BLOCK_M rows of x). With M = 512 the
+    # 5120-wide layers give only 80-160 tiles for 132 SMs, so each tile shape also comes with the split-K
+    # that fills the last wave best.
+    for bm, bn, bk, warps, stages, swap in ((256, 128, 64, 8, 3, False), (128, 256, 64, 8, 3, False),
+                                            (128, 128, 64, 8, 3, False), (128, 128, 64, 8, 3, True)):
+        bk = min(bk, g)
+        programs = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+        for split in dict.fromkeys((1, _wave_split(programs, k // bk, device))):
+            out.append(GemmConfig(bm, bn, bk, 8, split, warps, stages, 2, swap))
     return list(dict.fromkeys(out))
+
+
+def _wave_split(programs: int, k_tiles: int, device: torch.device, max_split: int = 4) -> int:
+    """Split-K in 1..max_split that best fills whole waves of one program per SM (ties: the smaller split),
+    keeping >= 8 K-tiles per split."""
+    sms = sm_count(device)
+    best = (0.0, 1)
+    for s in range(1, max_split + 1):
+        if s > 1 and k_tiles // s < 8:
+            break
+        total = programs * s
+        eff = total / (math.ceil(total / sms) * sms)
+        if eff > best[0] + 0.05:
+            best = (eff, s)
+    return best[1]
 
 
 def _tuned_gemm_config(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
