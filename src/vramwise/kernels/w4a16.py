@@ -500,44 +500,64 @@ if HAS_TRITON:
         xw_ptr, qw_ptr, s_ptr, m_ptr, b_ptr, y_ptr,
         N, K, stride_xwm, stride_ym,
         G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr, X_BF16: tl.constexpr,
+        HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr, X_BF16: tl.constexpr, EVEN: tl.constexpr,
     ):
-        # As _w4_gemv_kernel, but x (fp16/bf16) is read as int32 pair words: xw[m, 4r + j] holds
-        # (x[8r + 2j], x[8r + 2j + 1]); 4 loads per packed row instead of 8, and the f16x2/bf16x2 operands of
-        # the inline PTX are two bit operations per pair. grid = (M, cdiv(N, BLOCK_N)).
+        # As _w4_gemv_kernel, with the per-word overhead cut (the loop is issue-bound, not memory-bound):
+        #  * x (fp16/bf16) is read as int32 pair words: xw[m, 4r + j] = (x[8r + 2j], x[8r + 2j + 1]); 4 loads
+        #    per packed row instead of 8, and the f16x2/bf16x2 operands are two bit operations per pair;
+        #  * 32-bit offsets with contiguity hints (128-bit weight loads), pointers advanced per tile;
+        #  * EVEN (N % BLOCK_N == 0 and (K/8) % (BLOCK_K/8) == 0): no masks; the prefetch after the last tile
+        #    re-reads that tile instead of masking.
+        # grid = (M, cdiv(N, BLOCK_N)).
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         BKW: tl.constexpr = BLOCK_K // 8
         RPG: tl.constexpr = G // 8
         K8 = K // 8
 
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)        # (BN,)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)                          # (BN,)
         n_mask = offs_n < N
-        col = (offs_n // 8).to(tl.int64) * K + offs_n % 8        # (BN,) word offset of (k=0, n)
-        offs_r = tl.arange(0, BKW)                               # (BKW,)
-        x_row = xw_ptr + pid_m.to(tl.int64) * stride_xwm
+        col = (offs_n // 8) * K + offs_n % 8                                       # (BN,) word of (k=0, n)
+        col = tl.max_contiguous(tl.multiple_of(col, 8), 8)
+        offs_r = tl.arange(0, BKW)                                                 # (BKW,)
+        q_ptrs = qw_ptr + (offs_r * 8)[:, None] + col[None, :]                     # (BKW, BN)
+        s_ptrs = s_ptr + (offs_r // RPG * N)[:, None] + offs_n[None, :]            # (BKW, BN) into (K/G, N)
+        m_ptrs = m_ptr + (offs_r // RPG * N)[:, None] + offs_n[None, :]
+        x_ptrs = xw_ptr + pid_m * stride_xwm + offs_r * 4                          # (BKW,) pair words of row r
         num_tiles = tl.cdiv(K8, BKW)
+        QSTEP: tl.constexpr = BKW * 8                                              # words per tile row-block
+        SSTEP = (BKW // RPG) * N                                                   # scale rows per tile
 
         shape: tl.constexpr = (BKW, BLOCK_N)
         acc = tl.zeros(shape, dtype=tl.float32)
-        p_next = tl.load(qw_ptr + offs_r[:, None] * 8 + col[None, :],
-                         mask=(offs_r < K8)[:, None] & n_mask[None, :], other=0)
+        if EVEN:
+            p_next = tl.load(q_ptrs)
+        else:
+            p_next = tl.load(q_ptrs, mask=(offs_r < K8)[:, None] & n_mask[None, :], other=0)
         for t in range(0, num_tiles):
-            rows = t * BKW + offs_r
-            r_mask = rows < K8
-            mask2 = r_mask[:, None] & n_mask[None, :]
-            p = p_next                                           # (BKW, BN) int32
-            nxt = rows + BKW
-            p_next = tl.load(qw_ptr + nxt[:, None] * 8 + col[None, :],
-                             mask=(nxt < K8)[:, None] & n_mask[None, :], other=0)
-            sm_off = (rows // RPG)[:, None] * N + offs_n[None, :]
-            sc = tl.load(s_ptr + sm_off, mask=mask2, other=0.0).to(tl.float32)
-            mn = tl.load(m_ptr + sm_off, mask=mask2, other=0.0).to(tl.float32)
-            xk = x_row + rows * 4                                # (BKW,) ptr to the 4 pair words of row r
-            w0 = tl.load(xk + 0, mask=r_mask, other=0).to(tl.uint32, bitcast=True)   # (x0, x1)
-            w1 = tl.load(xk + 1, mask=r_mask, other=0).to(tl.uint32, bitcast=True)   # (x2, x3)
-            w2 = tl.load(xk + 2, mask=r_mask, other=0).to(tl.uint32, bitcast=True)   # (x4, x5)
-            w3 = tl.load(xk + 3, mask=r_mask, other=0).to(tl.uint32, bitcast=True)   # (x6, x7)
+            p = p_next                                                             # (BKW, BN) int32
+            if EVEN:
+                p_next = tl.load(q_ptrs + tl.minimum(t + 1, num_tiles - 1) * QSTEP)  # prefetch the next tile
+                sc = tl.load(s_ptrs + t * SSTEP).to(tl.float32)
+                mn = tl.load(m_ptrs + t * SSTEP).to(tl.float32)
+                xk = x_ptrs + t * (BKW * 4)
+                w0 = tl.load(xk + 0).to(tl.uint32, bitcast=True)                   # (x0, x1)
+                w1 = tl.load(xk + 1).to(tl.uint32, bitcast=True)                   # (x2, x3)
+                w2 = tl.load(xk + 2).to(tl.uint32, bitcast=True)                   # (x4, x5)
+                w3 = tl.load(xk + 3).to(tl.uint32, bitcast=True)                   # (x6, x7)
+            else:
+                rows = t * BKW + offs_r
+                r_mask = rows < K8
+                mask2 = r_mask[:, None] & n_mask[None, :]
+                nxt = rows + BKW
+                p_next = tl.load(q_ptrs + (t + 1) * QSTEP, mask=(nxt < K8)[:, None] & n_mask[None, :], other=0)
+                sc = tl.load(s_ptrs + t * SSTEP, mask=mask2, other=0.0).to(tl.float32)
+                mn = tl.load(m_ptrs + t * SSTEP, mask=mask2, other=0.0).to(tl.float32)
+                xk = x_ptrs + t * (BKW * 4)
+                w0 = tl.load(xk + 0, mask=r_mask, other=0).to(tl.uint32, bitcast=True)
+                w1 = tl.load(xk + 1, mask=r_mask, other=0).to(tl.uint32, bitcast=True)
+                w2 = tl.load(xk + 2, mask=r_mask, other=0).to(tl.uint32, bitcast=True)
+                w3 = tl.load(xk + 3, mask=r_mask, other=0).to(tl.uint32, bitcast=True)
             if USE_ASM and not X_BF16:
                 xs = tl.inline_asm_elementwise(
                     asm=_X8_SUM_F16_ASM, constraints="=f,r,r,r,r",
@@ -584,7 +604,7 @@ if HAS_TRITON:
         y = tl.sum(acc, axis=0)
         if HAS_BIAS:
             y += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        tl.store(y_ptr + pid_m.to(tl.int64) * stride_ym + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_mask)
+        tl.store(y_ptr + pid_m * stride_ym + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_mask)
 
     @triton.jit
     def _unpack_words(p, BKW: tl.constexpr, BN: tl.constexpr, K_AXIS0: tl.constexpr):
@@ -606,6 +626,7 @@ if HAS_TRITON:
         G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         GROUP_M: tl.constexpr, SPLIT_K, SWAP_AB: tl.constexpr,
         HAS_BIAS: tl.constexpr, USE_ATOMIC: tl.constexpr, DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        DQ_F16: tl.constexpr,
     ):
         # grid = (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), SPLIT_K). Like _w4_gemm_kernel, but the (BLOCK_K/8,
         # BLOCK_N) words of a tile are loaded once (not once per code) and unpacked in registers. SPLIT_K is a
@@ -649,16 +670,27 @@ if HAS_TRITON:
             a = tl.load(x_ptrs + t * BLOCK_K, mask=m_mask[:, None], other=0.0)          # (BM, BK)
             p = tl.load(q_ptrs + t * (BKW * 8), mask=q_mask, other=0)                   # words, once each
             g = (t * BLOCK_K) // G
-            sc = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)  # (BN,)
-            mn = tl.load(m_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
             if SWAP_AB:
+                sc = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)  # (BN,)
+                mn = tl.load(m_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
                 q = _unpack_words(p, BKW, BLOCK_N, False)                                  # (BN, BK)
                 w = ((q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0) * sc[:, None] + mn[:, None]
                 if DOT_F32:
                     acc = tl.dot(w, tl.trans(a.to(tl.float32)), acc, input_precision=DOT_PRECISION)
                 else:
                     acc = tl.dot(w.to(x_ptr.dtype.element_ty), tl.trans(a), acc, input_precision=DOT_PRECISION)
+            elif DQ_F16:
+                # fp16 activations: (q | 0x6400) is the fp16 1024 + q; subtract and fma in fp16 (LLVM packs
+                # these into HADD2/HFMA2 pairs: ~8 instructions per element and tile in the SASS vs ~10 in fp32)
+                q = _unpack_words(p, BKW, BLOCK_N, True)                                   # (BK, BN)
+                h = (q | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+                sch = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0)              # (BN,) fp16
+                mnh = tl.load(m_ptr + g * N + offs_n, mask=n_mask, other=0.0)
+                w = (h - 1024.0) * sch[None, :] + mnh[None, :]
+                acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
             else:
+                sc = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)  # (BN,)
+                mn = tl.load(m_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
                 q = _unpack_words(p, BKW, BLOCK_N, True)                                   # (BK, BN)
                 w = ((q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0) * sc[None, :] + mn[None, :]
                 if DOT_F32:
@@ -747,7 +779,8 @@ def _launch_gemv(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
             xw, qweight, scales, mins, bias if bias is not None else scales, y,
             n, k, xw.stride(0), y.stride(0),
             G=group_size, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, HAS_BIAS=bias is not None, USE_ASM=use_asm,
-            X_BF16=x2.dtype == torch.bfloat16, num_warps=cfg.num_warps, num_stages=1,
+            X_BF16=x2.dtype == torch.bfloat16, EVEN=n % cfg.block_n == 0 and (k // 8) % (cfg.block_k // 8) == 0,
+            num_warps=cfg.num_warps, num_stages=1,
         )
         return y
     asm_ok = x2.dtype == torch.float16 and on_gpu
@@ -782,7 +815,8 @@ def _launch_gemm(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
                   DOT_PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     args = (x2, qweight, scales, mins, bias if bias is not None else scales, y, m, n, k, x2.stride(0), y.stride(0))
     if cfg.version == 2:
-        _w4_gemm2_kernel[grid](*args, SWAP_AB=cfg.swap_ab, **common)
+        # fp16 dequant math only for fp16 x (bf16 would round the fp16 scales to 8 bits first)
+        _w4_gemm2_kernel[grid](*args, SWAP_AB=cfg.swap_ab, DQ_F16=x2.dtype == torch.float16, **common)
     else:
         _w4_gemm_kernel[grid](*args, **common)
     return y.to(x2.dtype) if use_atomic else y
@@ -938,15 +972,18 @@ def _candidates(m: int, n: int, k: int, group_size: int, dtype: torch.dtype, dev
     if m <= GEMV_MAX_M:
         out: list[Config] = [_default_gemv_config(m, n, k, g, device)]
         if half:
-            # Bytes per program: BLOCK_N/8 slabs x BLOCK_K/2 bytes. More channels per program share the x work.
-            for bn, bk, warps in ((8, 2048 if n < 8192 else 1024, 4), (16, 1024, 4), (32, 512, 4), (16, 2048, 8)):
+            # SASS of the loop (ptxas for sm_90, 13B shapes' divisibility): v1 fp16 32.5 instructions per weight
+            # word, bf16 45; v2 fp16 24.5 (32 x 1024) .. 27.8 (8 x 1024), bf16 28.7 (16 x 1024). More channels
+            # per program share the x work but give fewer programs (N / BLOCK_N) for the SMs.
+            for bn, bk, warps in ((8, 2048 if n < 8192 else 1024, 4), (16, 1024, 4), (32, 1024, 4), (16, 2048, 4),
+                                  (32, 512, 4)):
                 out.append(GemvConfig(bn, max(bk, g), warps, None, 2))
-            if dtype == torch.bfloat16:  # pair-word loads with fp32 math (no bf16x2 rounding)
+            if dtype == torch.bfloat16:  # pair-word loads with fp32 math (no bf16x2 rounding): 44 per word
                 out.append(GemvConfig(16, max(1024, g), 4, False, 2))
         return list(dict.fromkeys(out))
     if m <= SKINNY_MAX_M:
         out = [_default_skinny_config(m, n, k, g, device)]
-        for bn, bk, warps, stages, swap in ((32, 64, 4, 3, False), (64, 64, 4, 4, True)):
+        for bn, bk, warps, stages, swap in ((32, 64, 4, 3, False), (64, 64, 4, 4, False)):
             bk = min(bk, g)
             split = _choose_split_k(triton.cdiv(n, bn), k // bk, device, per_sm=8)
             out.append(GemmConfig(16, bn, bk, 1, split, warps, stages, 2, swap))
@@ -955,19 +992,21 @@ def _candidates(m: int, n: int, k: int, group_size: int, dtype: torch.dtype, dev
         return list(dict.fromkeys(out))
     if m < DEQUANT_MIN_M:
         out = list(_gemm_candidates(m, n, k, g, device)[:2])
-        for bm, bn, bk, warps, stages, swap in ((64, 128, 64, 4, 4, False), (128, 128, 64, 8, 3, False),
-                                                (64, 128, 64, 4, 4, True)):
+        for bm, bn, bk, warps, stages, swap in ((64, 128, 64, 4, 4, False), (128, 128, 64, 8, 3, False)):
             bk = min(bk, g)
             split = _choose_split_k(triton.cdiv(m, bm) * triton.cdiv(n, bn), k // bk, device)
             out.append(GemmConfig(bm, bn, bk, 8, split, warps, stages, 2, swap))
         out.append(DequantConfig(2))
         return list(dict.fromkeys(out))
     out = [DequantConfig(1), DequantConfig(2)]
-    # Large tiles: fewer re-dequantizations of each weight (once per BLOCK_M rows of x). With M = 512 the
-    # 5120-wide layers give only 80-160 tiles for 132 SMs, so each tile shape also comes with the split-K
-    # that fills the last wave best.
+    # Large tiles: each weight is dequantized once per BLOCK_M rows of x, and the dequant is what limits a
+    # fused GEMM. SASS for sm_90 (8 warps): ~10 instructions per weight element per tile; per K-step of 64 a
+    # 256 x 128 tile issues ~650 scheduler cycles of dequant next to ~1000 of wgmma, a 128 x 128 tile ~630 next
+    # to ~500 (ALU-bound). swap_ab compiles to per-element scale loads (17/element) and is left out. With
+    # M = 512 the 5120-wide layers give only 80-160 tiles for 132 SMs, so each tile shape also comes with the
+    # split-K that fills the last wave best.
     for bm, bn, bk, warps, stages, swap in ((256, 128, 64, 8, 3, False), (128, 256, 64, 8, 3, False),
-                                            (128, 128, 64, 8, 3, False), (128, 128, 64, 8, 3, True)):
+                                            (256, 128, 128, 8, 2, False), (128, 128, 64, 8, 3, False)):
         bk = min(bk, g)
         programs = triton.cdiv(m, bm) * triton.cdiv(n, bn)
         for split in dict.fromkeys((1, _wave_split(programs, k // bk, device))):
