@@ -608,14 +608,26 @@ if HAS_TRITON:
 
     @triton.jit
     def _unpack_words(p, BKW: tl.constexpr, BN: tl.constexpr, K_AXIS0: tl.constexpr):
-        # Packed words -> codes, each word loaded once: the 8 nibbles are split along a new axis by a
-        # broadcast shift and folded into K (k = 8 * row + i) by a reshape.
+        # Packed words -> codes, each word loaded once, k = 8 * row + i for nibble i.
         #   K_AXIS0: p (BKW, BN) -> (8 * BKW, BN);  else p (BN, BKW) -> (BN, 8 * BKW)
-        shifts = tl.arange(0, 8) * 4
         if K_AXIS0:
-            q = (p[:, None, :] >> shifts[None, :, None]) & 0xF            # (BKW, 8, BN)
-            return tl.reshape(q, (BKW * 8, BN))
+            # The 8 nibbles are stacked with tl.join, which keeps them in the thread that holds the word (and
+            # its neighbours along N from the vectorized load); joins build [r, n, c, b, a] = q_{4a + 2b + c},
+            # permuted to (r, a, b, c, n) and merged into K. In the sm_90 SASS the tile then reaches shared
+            # memory for the dot with 128-bit stores (a broadcast shift over a new axis got a layout with one
+            # N column per thread, i.e. a 16-bit store per element).
+            q0 = p & 0xF
+            q1 = (p >> 4) & 0xF
+            q2 = (p >> 8) & 0xF
+            q3 = (p >> 12) & 0xF
+            q4 = (p >> 16) & 0xF
+            q5 = (p >> 20) & 0xF
+            q6 = (p >> 24) & 0xF
+            q7 = (p >> 28) & 0xF
+            j = tl.join(tl.join(tl.join(q0, q1), tl.join(q2, q3)), tl.join(tl.join(q4, q5), tl.join(q6, q7)))
+            return tl.reshape(tl.permute(j, (0, 4, 3, 2, 1)), (BKW * 8, BN))
         else:
+            shifts = tl.arange(0, 8) * 4
             q = (p[:, :, None] >> shifts[None, None, :]) & 0xF            # (BN, BKW, 8)
             return tl.reshape(q, (BN, BKW * 8))
 
