@@ -5,26 +5,43 @@ Weight layout (vramwise.quant.formats, docs/quant-format.md), N = out_features, 
     scales, mins fp16 (K // G, N):     w[n, k] = q[n, k] * scales[k // G, n] + mins[k // G, n]
 The word holding (k, n) sits at flat offset (n // 8) * K + (k // 8) * 8 + n % 8.
 
-Kernels (all fuse the dequantization, so weights are read from memory once, as int4):
+Kernels (all fuse the dequantization, so weights are read from memory once, as int4). Version 1 kernels are
+the defaults measured on the H100 before first-use tuning existed; version 2 were written against the sm_90
+SASS of their loops (instruction counts from ptxas here, no GPU), and the choice between them is timed.
 
-* ``_w4_gemv_kernel`` -- decode, one row of x per program row (M <= GEMV_MAX_M). Memory-bound. A program
-  owns BLOCK_N (= 8) output channels, i.e. one contiguous (K/8, 8) slab, and streams it in (BLOCK_K/8, 8)
+* ``_w4_gemv_kernel`` (v1) -- decode, one row of x per program row (M <= GEMV_MAX_M). A program owns
+  BLOCK_N (= 8) output channels, i.e. one contiguous (K/8, 8) slab, and streams it in (BLOCK_K/8, 8)
   word tiles, prefetching the next tile while it computes on the current one. Products are accumulated
   elementwise in registers and reduced over K once at the end (no shuffles in the loop). Scale and min
   are applied per word: sum_i w_i x_i = scale * sum_i q_i x_i + min * sum_i x_i.
   Two inner paths:
     - fp16 activations on CUDA: inline PTX turns a word into four f16x2 pairs with the 0x6400 magic number
-      (LOP3 + HSUB2) and does the 8 products with HFMA2 (fp16 products, fp32 across words); ~2.3
-      instructions per weight instead of ~5 -- the difference between ALU-bound and memory-bound here.
+      (LOP3 + HSUB2) and does the 8 products with HFMA2 (fp16 products, fp32 across words).
     - everything else (bf16/fp32, Triton's CPU interpreter): fp32 math. A code is placed in the top
       mantissa bits of 1.0 (f = 1 + q/16, exact, one shift + one LOP3 + bitcast, no int->float convert),
       so sum_i q_i x_i = 16 * (sum_i f_i x_i - sum_i x_i).
-* ``_w4_gemm_kernel`` -- skinny batches and mid-size prefill: tl.dot on dequantized (BLOCK_K, BLOCK_N)
-  tiles in the activation dtype, fp32 accumulation, optional split-K (fp32 atomics, then cast).
-  BLOCK_K divides the group size, so each K-tile needs one scale and one min per output channel.
-* ``_w4_dequant_kernel`` + torch.matmul -- long prefills (M >= DEQUANT_MIN_M): dequantize the weight in
-  column chunks into a bounded workspace and let cuBLAS run at full tensor-core rate; the one-off dequant
-  pass is cheap next to an M-row GEMM, and a Triton dequant-in-the-loop GEMM loses to it there.
+  The loop is issue-bound (v1 fp16: 32.5 SASS instructions per weight word; bf16: 45), which is why it
+  reached only 0.63 of the copy bandwidth.
+* ``_w4_gemv2_kernel`` (v2, fp16/bf16) -- same structure with less work per word: x read as int32 pair words
+  (4 loads per packed row, f16x2 operands in two bit operations), one shift per word in the fp16 PTX (odd
+  codes fixed in place by an exact fma), a bf16x2 PTX path, the x row sum in PTX, 32-bit offsets with
+  contiguity hints (128-bit weight loads) and no masks on even shapes: 24.5-27.8 instructions per word (fp16),
+  28.7 (bf16), depending on BLOCK_N x BLOCK_K.
+* ``_w4_gemm_kernel`` (v1) -- skinny batches and mid-size prefill: tl.dot on dequantized (BLOCK_K, BLOCK_N)
+  tiles in the activation dtype, fp32 accumulation, optional split-K (fp32 atomics, then cast). Each word
+  is addressed once per code it holds. BLOCK_K divides the group size (one scale/min per channel per tile).
+* ``_w4_gemm2_kernel`` (v2) -- the same GEMM loading each (BLOCK_K/8, BLOCK_N) word tile once; the nibbles
+  are unpacked with tl.join so they stay in the thread that loaded the word (128-bit stores of the tile to
+  shared memory for wgmma), fp16 dequant math for fp16 x (HADD2/HFMA2 pairs): 7.4-8.1 instructions per
+  element and tile for 128x128 / 256x128 tiles; large tiles and wave-filling split-K for prefill.
+* ``_w4_dequant_kernel`` (v1) / ``_w4_dequant2_kernel`` (v2, word loaded once) + torch.matmul -- long
+  prefills: dequantize W in column chunks into a bounded workspace and let cuBLAS run. Writing W in fp16
+  costs ~47 us for 13824 x 5120, so this cannot reach 1.3x an fp16 matmul; it stays a timed candidate.
+
+Choice (``choose_config``): on CUDA with AUTOTUNE, a short candidate list per (M bucket, N, K, G, dtype),
+the fixed default first, each timed once at first use (CUDA events, median, a cold L2 for M <= 64) and checked
+against the default's output; the fastest correct one is cached. During CUDA-graph capture an untuned
+shape gets the fixed default. AUTOTUNE = False (and the interpreter) use the fixed defaults.
 
 ``w4a16_reference`` is the torch path (CPU and fallback) and the test oracle: it dequantizes to x.dtype in
 row chunks (bounded temporary memory, nothing cached) and calls torch.matmul.
@@ -992,6 +1009,10 @@ def _candidates(m: int, n: int, k: int, group_size: int, dtype: torch.dtype, dev
                 out.append(GemvConfig(bn, max(bk, g), warps, None, 2))
             if dtype == torch.bfloat16:  # pair-word loads with fp32 math (no bf16x2 rounding): 44 per word
                 out.append(GemvConfig(16, max(1024, g), 4, False, 2))
+        if m > 1:  # a few rows: the 16-row tl.dot tile (each weight read once, not once per row from L2)
+            bk = min(64, g)
+            out.append(GemmConfig(16, 32, bk, 1, _choose_split_k(triton.cdiv(n, 32), k // bk, device, per_sm=8),
+                                  4, 3, 2, False))
         return list(dict.fromkeys(out))
     if m <= SKINNY_MAX_M:
         out = [_default_skinny_config(m, n, k, g, device)]
@@ -1004,32 +1025,39 @@ def _candidates(m: int, n: int, k: int, group_size: int, dtype: torch.dtype, dev
         return list(dict.fromkeys(out))
     if m < DEQUANT_MIN_M:
         out = list(_gemm_candidates(m, n, k, g, device)[:2])
-        for bm, bn, bk, warps, stages, swap in ((64, 128, 64, 4, 4, False), (128, 128, 64, 8, 3, False)):
+        for bm, bn, bk, warps, stages, per_sm in ((64, 128, 64, 4, 4, 3), (128, 128, 64, 8, 3, 2)):
             bk = min(bk, g)
-            split = _choose_split_k(triton.cdiv(m, bm) * triton.cdiv(n, bn), k // bk, device)
-            out.append(GemmConfig(bm, bn, bk, 8, split, warps, stages, 2, swap))
+            programs = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+            for split in dict.fromkeys((_choose_split_k(programs, k // bk, device),
+                                        _wave_split(programs, k // bk, device, per_sm=per_sm))):
+                out.append(GemmConfig(bm, bn, bk, 8, split, warps, stages, 2, False))
         out.append(DequantConfig(2))
         return list(dict.fromkeys(out))
     out = [DequantConfig(1), DequantConfig(2)]
-    # Large tiles: each weight is dequantized once per BLOCK_M rows of x, and the dequant is what limits a
-    # fused GEMM. SASS for sm_90 (8 warps): ~10 instructions per weight element per tile; per K-step of 64 a
-    # 256 x 128 tile issues ~650 scheduler cycles of dequant next to ~1000 of wgmma, a 128 x 128 tile ~630 next
-    # to ~500 (ALU-bound). swap_ab compiles to per-element scale loads (17/element) and is left out. With
-    # M = 512 the 5120-wide layers give only 80-160 tiles for 132 SMs, so each tile shape also comes with the
-    # split-K that fills the last wave best.
-    for bm, bn, bk, warps, stages, swap in ((256, 128, 64, 8, 3, False), (128, 256, 64, 8, 3, False),
-                                            (256, 128, 128, 8, 2, False), (128, 128, 64, 8, 3, False)):
+    # Each weight is dequantized once per BLOCK_M rows of x, and Triton waits for each K-step's wgmma before
+    # dequantizing the next tile (the operand comes from registers: one shared buffer), so per CTA the
+    # dequant and the MMA do not overlap. sm_90 SASS per K-step of 64 (fp16, join unpack, fp16 math):
+    #   128 x 128, 8 warps: 238 instructions/thread (~480 issue cycles) next to ~510 of wgmma; 120 registers
+    #       and 75 KB (3 stages) or 96 KB (4 stages) of shared memory: two CTAs per SM overlap each other;
+    #   256 x 128, 8 warps: 258 (~520 cycles) next to ~1020 of wgmma, one CTA per SM (215 registers);
+    #   128 x 256: 386 (~770) next to ~1020, one CTA per SM.
+    # With M = 512 the 5120-wide layers give few tiles for 132 SMs, so each shape also comes with the
+    # split-K that fills the last wave best (CTAs per SM counted).
+    # (Every entry with a distinct tile or split 1 vs > 1 is a compile, ~2 s, at first use.)
+    for bm, bn, bk, warps, stages, per_sm, try_split in ((128, 128, 64, 8, 3, 2, True), (256, 128, 64, 8, 3, 1, True),
+                                                         (128, 256, 64, 8, 3, 1, False)):
         bk = min(bk, g)
         programs = triton.cdiv(m, bm) * triton.cdiv(n, bn)
-        for split in dict.fromkeys((1, _wave_split(programs, k // bk, device))):
-            out.append(GemmConfig(bm, bn, bk, 8, split, warps, stages, 2, swap))
+        splits = (1, _wave_split(programs, k // bk, device, per_sm=per_sm)) if try_split else (1,)
+        for split in dict.fromkeys(splits):
+            out.append(GemmConfig(bm, bn, bk, 8, split, warps, stages, 2, False))
     return list(dict.fromkeys(out))
 
 
-def _wave_split(programs: int, k_tiles: int, device: torch.device, max_split: int = 4) -> int:
-    """Split-K in 1..max_split that best fills whole waves of one program per SM (ties: the smaller split),
-    keeping >= 8 K-tiles per split."""
-    sms = sm_count(device)
+def _wave_split(programs: int, k_tiles: int, device: torch.device, max_split: int = 4, per_sm: int = 1) -> int:
+    """Split-K in 1..max_split that best fills whole waves of per_sm programs per SM (ties, within 5 %: the
+    smaller split), keeping >= 8 K-tiles per split."""
+    sms = sm_count(device) * per_sm
     best = (0.0, 1)
     for s in range(1, max_split + 1):
         if s > 1 and k_tiles // s < 8:
