@@ -25,8 +25,8 @@ SASS of their loops (instruction counts from ptxas here, no GPU), and the choice
 * ``_w4_gemv2_kernel`` (v2, fp16/bf16) -- same structure with less work per word: x read as int32 pair words
   (4 loads per packed row, f16x2 operands in two bit operations), one shift per word in the fp16 PTX (odd
   codes fixed in place by an exact fma), a bf16x2 PTX path, the x row sum in PTX, 32-bit offsets with
-  contiguity hints (128-bit weight loads) and no masks on even shapes: 24.5-27.8 instructions per word (fp16),
-  28.7 (bf16), depending on BLOCK_N x BLOCK_K.
+  contiguity hints (128-bit weight loads) and no masks on even shapes: 23.5-26.6 instructions per word (fp16),
+  25.5-27.7 (bf16), depending on BLOCK_N x BLOCK_K.
 * ``_w4_gemm_kernel`` (v1) -- skinny batches and mid-size prefill: tl.dot on dequantized (BLOCK_K, BLOCK_N)
   tiles in the activation dtype, fp32 accumulation, optional split-K (fp32 atomics, then cast). Each word
   is addressed once per code it holds. BLOCK_K divides the group size (one scale/min per channel per tile).
@@ -608,7 +608,8 @@ if HAS_TRITON:
                         args=[p, tl.broadcast_to(p04[:, None], shape), tl.broadcast_to(p15[:, None], shape),
                               tl.broadcast_to(p26[:, None], shape), tl.broadcast_to(p37[:, None], shape)],
                         dtype=tl.float32, is_pure=True, pack=1)
-                acc += sc * d + mn * xs[:, None]
+                acc += sc * d          # two fma per word (a sum of both products costs a third op)
+                acc += mn * xs[:, None]
             else:
                 pu = p.to(tl.uint32, bitcast=True)
                 d = _nibble_one_plus(pu, 0) * x0[:, None] + _nibble_one_plus(pu, 1) * x1[:, None]
@@ -931,7 +932,7 @@ _TUNE_TOL = {torch.float16: 4e-3, torch.bfloat16: 1.5e-2, torch.float32: 1e-4}
 
 
 def _time_config(fn, reps: int = 5, flush: torch.Tensor | None = None) -> float:
-    """Median ms of fn() over reps, CUDA events around each call; flush (a buffer >= 2x L2) is zeroed before
+    """Median ms of fn() over reps, CUDA events around each call; flush (a buffer > L2) is zeroed before
     each call so memory-bound kernels are timed reading weights from DRAM, as in a model's forward pass."""
     fn()  # compile + warm up
     torch.cuda.synchronize()
@@ -954,7 +955,7 @@ def _flush_buffer(device: torch.device) -> torch.Tensor:
     buf = _FLUSH.get(idx)
     if buf is None:
         l2 = getattr(torch.cuda.get_device_properties(idx), "L2_cache_size", 50 << 20) or (50 << 20)
-        buf = _FLUSH[idx] = torch.empty(2 * l2, dtype=torch.uint8, device=device)
+        buf = _FLUSH[idx] = torch.empty(l2 + l2 // 4, dtype=torch.uint8, device=device)
     return buf
 
 
@@ -1002,7 +1003,7 @@ def _candidates(m: int, n: int, k: int, group_size: int, dtype: torch.dtype, dev
         out: list[Config] = [_default_gemv_config(m, n, k, g, device)]
         if half:
             # SASS of the loop (ptxas for sm_90, 13B shapes' divisibility): v1 fp16 32.5 instructions per weight
-            # word, bf16 45; v2 fp16 24.5 (32 x 1024) .. 27.8 (8 x 1024), bf16 28.7 (16 x 1024). More channels
+            # word, bf16 45; v2 fp16 23.5 (32 x 1024) .. 26.6 (8 x 1024), bf16 25.5-27.7. More channels
             # per program share the x work but give fewer programs (N / BLOCK_N) for the SMs.
             for bn, bk, warps in ((8, 2048 if n < 8192 else 1024, 4), (16, 1024, 4), (32, 1024, 4), (16, 2048, 4),
                                   (32, 512, 4)):
@@ -1129,6 +1130,7 @@ def choose_config(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     reps = 10 if m <= 64 else 5
     idx, log = _pick_fastest(cands, lambda c: _run_config(x2, qweight, scales, mins, group_size, None, c),
                              lambda fn: _time_config(fn, reps, flush), _TUNE_TOL[x2.dtype])
+    _FLUSH.clear()  # the allocator may reuse it; the tensor is not kept alive between tunings
     _CHOICES[key] = cands[idx]
     _TUNE_LOG[key] = log
     return cands[idx]
