@@ -168,8 +168,9 @@ def _interp_cases() -> list[dict]:
     # version 2 kernels. GEMV v2 (pair-word x loads; fp32 math under the interpreter): 1, 2 and 4 slabs per
     # program, N tail (88 = 11 slabs), several x rows, bias, K-tile over several groups and the K tail tile.
     for dt in ("float16", "bfloat16"):
+        # (K/8) % (BLOCK_K/8): 0 (loop only), 16 (loop + masked tail), K/8 (no full tile: the tail alone)
         for m, n, k, g, bn, bk, bias in ((1, 64, 256, 32, 8, 64, False), (2, 88, 256, 64, 16, 128, True),
-                                         (3, 88, 384, 32, 32, 256, True)):
+                                         (3, 88, 384, 32, 32, 256, True), (1, 64, 256, 64, 16, 512, False)):
             cases.append(dict(bits=4, m=m, n=n, k=k, g=g, dtype=dt, bias=bias, cfg=["gemv2", bn, bk]))
     # GEMM v2 (each word loaded once, reshape-unpack): plain and swap-AB, split-K, M and N tails, BK = G
     for dt in ("float32", "float16", "bfloat16"):
@@ -306,9 +307,9 @@ _SM90_COMPILE = textwrap.dedent(
     for dt in ("fp16", "bf16"):
         sig = dict(xw_ptr="*i32", qw_ptr="*i32", s_ptr="*fp16", m_ptr="*fp16", b_ptr="*fp16", y_ptr="*" + dt, **ints,
                    stride_xwm="i32", stride_ym="i32", G="constexpr", BLOCK_N="constexpr", BLOCK_K="constexpr",
-                   HAS_BIAS="constexpr", USE_ASM="constexpr", X_BF16="constexpr", EVEN="constexpr")
+                   HAS_BIAS="constexpr", USE_ASM="constexpr", X_BF16="constexpr", EVEN_N="constexpr")
         out["gemv2_" + dt] = build_or_mismatch(W._w4_gemv2_kernel, sig, dict(G=128, BLOCK_N=16, BLOCK_K=1024, HAS_BIAS=False,
-                                   USE_ASM=True, X_BF16=dt == "bf16", EVEN=True), 4, 1)
+                                   USE_ASM=True, X_BF16=dt == "bf16", EVEN_N=True), 4, 1)
     sig = dict(x_ptr="*fp16", qw_ptr="*i32", s_ptr="*fp16", m_ptr="*fp16", b_ptr="*fp16", y_ptr="*fp16", M="i32",
                **ints, stride_xm="i32", stride_ym="i32", G="constexpr", BLOCK_M="constexpr", BLOCK_N="constexpr",
                BLOCK_K="constexpr", GROUP_M="constexpr", SPLIT_K="i32", SWAP_AB="constexpr", HAS_BIAS="constexpr",

@@ -513,18 +513,69 @@ if HAS_TRITON:
         return (w >> 16).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
 
     @triton.jit
+    def _gemv2_tile(acc, p, sc, mn, w0, w1, w2, w3, BKW: tl.constexpr, BLOCK_N: tl.constexpr,
+                    USE_ASM: tl.constexpr, X_BF16: tl.constexpr):
+        # acc (BKW, BN) += per-word sums of one tile: p (BKW, BN) words, sc/mn (BKW, BN) fp32, w0..w3 (BKW,)
+        # uint32 x pair words of each packed row.
+        shape: tl.constexpr = (BKW, BLOCK_N)
+        if USE_ASM and not X_BF16:
+            xs = tl.inline_asm_elementwise(
+                asm=_X8_SUM_F16_ASM, constraints="=f,r,r,r,r",
+                args=[w0.to(tl.int32, bitcast=True), w1.to(tl.int32, bitcast=True),
+                      w2.to(tl.int32, bitcast=True), w3.to(tl.int32, bitcast=True)],
+                dtype=tl.float32, is_pure=True, pack=1)                                # (BKW,) fp32
+        else:
+            x0 = _half_lo_f32(w0, X_BF16)
+            x1 = _half_hi_f32(w0, X_BF16)
+            x2 = _half_lo_f32(w1, X_BF16)
+            x3 = _half_hi_f32(w1, X_BF16)
+            x4 = _half_lo_f32(w2, X_BF16)
+            x5 = _half_hi_f32(w2, X_BF16)
+            x6 = _half_lo_f32(w3, X_BF16)
+            x7 = _half_hi_f32(w3, X_BF16)
+            xs = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))                  # (BKW,) fp32
+        if USE_ASM:
+            p04 = ((w0 & 0xFFFF) | (w2 << 16)).to(tl.int32, bitcast=True)           # (x0 | x4 << 16)
+            p15 = ((w0 >> 16) | (w2 & 0xFFFF0000)).to(tl.int32, bitcast=True)      # (x1 | x5 << 16)
+            p26 = ((w1 & 0xFFFF) | (w3 << 16)).to(tl.int32, bitcast=True)
+            p37 = ((w1 >> 16) | (w3 & 0xFFFF0000)).to(tl.int32, bitcast=True)
+            if X_BF16:
+                d = tl.inline_asm_elementwise(
+                    asm=_W4_DOT8_BF16_ASM, constraints="=f,r,r,r,r,r",
+                    args=[p, tl.broadcast_to(p04[:, None], shape), tl.broadcast_to(p15[:, None], shape),
+                          tl.broadcast_to(p26[:, None], shape), tl.broadcast_to(p37[:, None], shape)],
+                    dtype=tl.float32, is_pure=True, pack=1)
+            else:
+                d = tl.inline_asm_elementwise(
+                    asm=_W4_DOT8_F16_ASM_V2, constraints="=f,r,r,r,r,r",
+                    args=[p, tl.broadcast_to(p04[:, None], shape), tl.broadcast_to(p15[:, None], shape),
+                          tl.broadcast_to(p26[:, None], shape), tl.broadcast_to(p37[:, None], shape)],
+                    dtype=tl.float32, is_pure=True, pack=1)
+            acc += sc * d          # two fma per word (a sum of both products costs a third op)
+            acc += mn * xs[:, None]
+        else:
+            pu = p.to(tl.uint32, bitcast=True)
+            d = _nibble_one_plus(pu, 0) * x0[:, None] + _nibble_one_plus(pu, 1) * x1[:, None]
+            d += _nibble_one_plus(pu, 2) * x2[:, None] + _nibble_one_plus(pu, 3) * x3[:, None]
+            d += _nibble_one_plus(pu, 4) * x4[:, None] + _nibble_one_plus(pu, 5) * x5[:, None]
+            d += _nibble_one_plus(pu, 6) * x6[:, None] + _nibble_one_plus(pu, 7) * x7[:, None]
+            sc16 = 16.0 * sc                                     # sum_i q_i x_i = 16 * (d - xs)
+            acc += sc16 * d + (mn - sc16) * xs[:, None]
+        return acc
+
+    @triton.jit
     def _w4_gemv2_kernel(
         xw_ptr, qw_ptr, s_ptr, m_ptr, b_ptr, y_ptr,
         N, K, stride_xwm, stride_ym,
         G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr, X_BF16: tl.constexpr, EVEN: tl.constexpr,
+        HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr, X_BF16: tl.constexpr, EVEN_N: tl.constexpr,
     ):
         # As _w4_gemv_kernel, with the per-word overhead cut (the loop is issue-bound, not memory-bound):
         #  * x (fp16/bf16) is read as int32 pair words: xw[m, 4r + j] = (x[8r + 2j], x[8r + 2j + 1]); 4 loads
         #    per packed row instead of 8, and the f16x2/bf16x2 operands are two bit operations per pair;
-        #  * 32-bit offsets with contiguity hints (128-bit weight loads), pointers advanced per tile;
-        #  * EVEN (N % BLOCK_N == 0 and (K/8) % (BLOCK_K/8) == 0): no masks; the prefetch after the last tile
-        #    re-reads that tile instead of masking.
+        #  * 32-bit offsets with contiguity hints (128-bit weight loads), no masks in the loop: it runs over the
+        #    whole tiles (the prefetch after the last one re-reads it), a masked step does the K tail, and
+        #    EVEN_N (N % BLOCK_N == 0) drops the channel mask.
         # grid = (M, cdiv(N, BLOCK_N)).
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
@@ -541,83 +592,44 @@ if HAS_TRITON:
         s_ptrs = s_ptr + (offs_r // RPG * N)[:, None] + offs_n[None, :]            # (BKW, BN) into (K/G, N)
         m_ptrs = m_ptr + (offs_r // RPG * N)[:, None] + offs_n[None, :]
         x_ptrs = xw_ptr + pid_m * stride_xwm + offs_r * 4                          # (BKW,) pair words of row r
-        num_tiles = tl.cdiv(K8, BKW)
-        QSTEP: tl.constexpr = BKW * 8                                              # words per tile row-block
-        SSTEP = (BKW // RPG) * N                                                   # scale rows per tile
+        num_full = K8 // BKW
+        QSTEP: tl.constexpr = BKW * 8                                              # words per tile
+        SSTEP = (BKW // RPG) * N                                                   # scale elements per tile
+        XSTEP: tl.constexpr = BKW * 4                                              # x pair words per tile
 
-        shape: tl.constexpr = (BKW, BLOCK_N)
-        acc = tl.zeros(shape, dtype=tl.float32)
-        if EVEN:
-            p_next = tl.load(q_ptrs)
-        else:
-            p_next = tl.load(q_ptrs, mask=(offs_r < K8)[:, None] & n_mask[None, :], other=0)
-        for t in range(0, num_tiles):
-            p = p_next                                                             # (BKW, BN) int32
-            if EVEN:
-                p_next = tl.load(q_ptrs + tl.minimum(t + 1, num_tiles - 1) * QSTEP)  # prefetch the next tile
+        acc = tl.zeros((BKW, BLOCK_N), dtype=tl.float32)
+        full_mask = (offs_r < K8)[:, None]
+        if not EVEN_N:
+            full_mask = full_mask & n_mask[None, :]
+        p_next = tl.load(q_ptrs, mask=full_mask, other=0)                          # tile 0 (masked once)
+        for t in range(0, num_full):
+            p = p_next
+            p_next = tl.load(q_ptrs + tl.minimum(t + 1, num_full - 1) * QSTEP)     # prefetch (unmasked)
+            if EVEN_N:
                 sc = tl.load(s_ptrs + t * SSTEP).to(tl.float32)
                 mn = tl.load(m_ptrs + t * SSTEP).to(tl.float32)
-                xk = x_ptrs + t * (BKW * 4)
-                w0 = tl.load(xk + 0).to(tl.uint32, bitcast=True)                   # (x0, x1)
-                w1 = tl.load(xk + 1).to(tl.uint32, bitcast=True)                   # (x2, x3)
-                w2 = tl.load(xk + 2).to(tl.uint32, bitcast=True)                   # (x4, x5)
-                w3 = tl.load(xk + 3).to(tl.uint32, bitcast=True)                   # (x6, x7)
             else:
-                rows = t * BKW + offs_r
-                r_mask = rows < K8
-                mask2 = r_mask[:, None] & n_mask[None, :]
-                nxt = rows + BKW
-                p_next = tl.load(q_ptrs + (t + 1) * QSTEP, mask=(nxt < K8)[:, None] & n_mask[None, :], other=0)
-                sc = tl.load(s_ptrs + t * SSTEP, mask=mask2, other=0.0).to(tl.float32)
-                mn = tl.load(m_ptrs + t * SSTEP, mask=mask2, other=0.0).to(tl.float32)
-                xk = x_ptrs + t * (BKW * 4)
-                w0 = tl.load(xk + 0, mask=r_mask, other=0).to(tl.uint32, bitcast=True)
-                w1 = tl.load(xk + 1, mask=r_mask, other=0).to(tl.uint32, bitcast=True)
-                w2 = tl.load(xk + 2, mask=r_mask, other=0).to(tl.uint32, bitcast=True)
-                w3 = tl.load(xk + 3, mask=r_mask, other=0).to(tl.uint32, bitcast=True)
-            if USE_ASM and not X_BF16:
-                xs = tl.inline_asm_elementwise(
-                    asm=_X8_SUM_F16_ASM, constraints="=f,r,r,r,r",
-                    args=[w0.to(tl.int32, bitcast=True), w1.to(tl.int32, bitcast=True),
-                          w2.to(tl.int32, bitcast=True), w3.to(tl.int32, bitcast=True)],
-                    dtype=tl.float32, is_pure=True, pack=1)                            # (BKW,) fp32
-            else:
-                x0 = _half_lo_f32(w0, X_BF16)
-                x1 = _half_hi_f32(w0, X_BF16)
-                x2 = _half_lo_f32(w1, X_BF16)
-                x3 = _half_hi_f32(w1, X_BF16)
-                x4 = _half_lo_f32(w2, X_BF16)
-                x5 = _half_hi_f32(w2, X_BF16)
-                x6 = _half_lo_f32(w3, X_BF16)
-                x7 = _half_hi_f32(w3, X_BF16)
-                xs = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))              # (BKW,) fp32
-            if USE_ASM:
-                p04 = ((w0 & 0xFFFF) | (w2 << 16)).to(tl.int32, bitcast=True)       # (x0 | x4 << 16)
-                p15 = ((w0 >> 16) | (w2 & 0xFFFF0000)).to(tl.int32, bitcast=True)  # (x1 | x5 << 16)
-                p26 = ((w1 & 0xFFFF) | (w3 << 16)).to(tl.int32, bitcast=True)
-                p37 = ((w1 >> 16) | (w3 & 0xFFFF0000)).to(tl.int32, bitcast=True)
-                if X_BF16:
-                    d = tl.inline_asm_elementwise(
-                        asm=_W4_DOT8_BF16_ASM, constraints="=f,r,r,r,r,r",
-                        args=[p, tl.broadcast_to(p04[:, None], shape), tl.broadcast_to(p15[:, None], shape),
-                              tl.broadcast_to(p26[:, None], shape), tl.broadcast_to(p37[:, None], shape)],
-                        dtype=tl.float32, is_pure=True, pack=1)
-                else:
-                    d = tl.inline_asm_elementwise(
-                        asm=_W4_DOT8_F16_ASM_V2, constraints="=f,r,r,r,r,r",
-                        args=[p, tl.broadcast_to(p04[:, None], shape), tl.broadcast_to(p15[:, None], shape),
-                              tl.broadcast_to(p26[:, None], shape), tl.broadcast_to(p37[:, None], shape)],
-                        dtype=tl.float32, is_pure=True, pack=1)
-                acc += sc * d          # two fma per word (a sum of both products costs a third op)
-                acc += mn * xs[:, None]
-            else:
-                pu = p.to(tl.uint32, bitcast=True)
-                d = _nibble_one_plus(pu, 0) * x0[:, None] + _nibble_one_plus(pu, 1) * x1[:, None]
-                d += _nibble_one_plus(pu, 2) * x2[:, None] + _nibble_one_plus(pu, 3) * x3[:, None]
-                d += _nibble_one_plus(pu, 4) * x4[:, None] + _nibble_one_plus(pu, 5) * x5[:, None]
-                d += _nibble_one_plus(pu, 6) * x6[:, None] + _nibble_one_plus(pu, 7) * x7[:, None]
-                sc16 = 16.0 * sc                                 # sum_i q_i x_i = 16 * (d - xs)
-                acc += sc16 * d + (mn - sc16) * xs[:, None]
+                sc = tl.load(s_ptrs + t * SSTEP, mask=n_mask[None, :], other=0.0).to(tl.float32)
+                mn = tl.load(m_ptrs + t * SSTEP, mask=n_mask[None, :], other=0.0).to(tl.float32)
+            xk = x_ptrs + t * XSTEP
+            w0 = tl.load(xk + 0).to(tl.uint32, bitcast=True)                       # (x0, x1)
+            w1 = tl.load(xk + 1).to(tl.uint32, bitcast=True)                       # (x2, x3)
+            w2 = tl.load(xk + 2).to(tl.uint32, bitcast=True)                       # (x4, x5)
+            w3 = tl.load(xk + 3).to(tl.uint32, bitcast=True)                       # (x6, x7)
+            acc = _gemv2_tile(acc, p, sc, mn, w0, w1, w2, w3, BKW, BLOCK_N, USE_ASM, X_BF16)
+        if num_full * BKW < K8:                                                    # K tail: one masked tile
+            rows = num_full * BKW + offs_r
+            r_mask = rows < K8
+            mask2 = r_mask[:, None] & n_mask[None, :]
+            p = tl.load(q_ptrs + num_full * QSTEP, mask=mask2, other=0)
+            sc = tl.load(s_ptrs + num_full * SSTEP, mask=mask2, other=0.0).to(tl.float32)
+            mn = tl.load(m_ptrs + num_full * SSTEP, mask=mask2, other=0.0).to(tl.float32)
+            xk = x_ptrs + num_full * XSTEP
+            w0 = tl.load(xk + 0, mask=r_mask, other=0).to(tl.uint32, bitcast=True)
+            w1 = tl.load(xk + 1, mask=r_mask, other=0).to(tl.uint32, bitcast=True)
+            w2 = tl.load(xk + 2, mask=r_mask, other=0).to(tl.uint32, bitcast=True)
+            w3 = tl.load(xk + 3, mask=r_mask, other=0).to(tl.uint32, bitcast=True)
+            acc = _gemv2_tile(acc, p, sc, mn, w0, w1, w2, w3, BKW, BLOCK_N, USE_ASM, X_BF16)
 
         y = tl.sum(acc, axis=0)
         if HAS_BIAS:
@@ -809,7 +821,7 @@ def _launch_gemv(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
             xw, qweight, scales, mins, bias if bias is not None else scales, y,
             n, k, xw.stride(0), y.stride(0),
             G=group_size, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, HAS_BIAS=bias is not None, USE_ASM=use_asm,
-            X_BF16=x2.dtype == torch.bfloat16, EVEN=n % cfg.block_n == 0 and (k // 8) % (cfg.block_k // 8) == 0,
+            X_BF16=x2.dtype == torch.bfloat16, EVEN_N=n % cfg.block_n == 0,
             num_warps=cfg.num_warps, num_stages=1,
         )
         return y
