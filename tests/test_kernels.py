@@ -461,8 +461,11 @@ def test_w4a16_gpu_every_candidate(layers_13b, shape, m, dtype):
 
 @pytest.mark.gpu
 @gpu
-def test_w4a16_gpu_tuning_caches_and_graph_capture_uses_default():
+def test_w4a16_gpu_tuning_caches_and_graph_capture_uses_default(monkeypatch):
     from vramwise.kernels import w4a16
+
+    monkeypatch.setattr(w4a16, "AUTOTUNE", True)
+    monkeypatch.setattr(w4a16, "MIN_TUNE_WEIGHTS", 0)
 
     pw = quantize_rtn(torch.randn(1024, 2048, device="cuda") * 0.02, QuantSpec.int4(128))
     x = torch.randn(2, 2048, device="cuda", dtype=torch.float16)

@@ -50,6 +50,7 @@ row chunks (bounded temporary memory, nothing cached) and calls torch.matmul.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -929,7 +930,11 @@ def _run_config(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, m
 
 #: Time candidate configs at first use per (M bucket, N, K, G, dtype, device) on CUDA. False: the fixed
 #: defaults (v1 kernels, dequantize + cuBLAS for long prefills), i.e. the behaviour before tuning.
-AUTOTUNE = True
+#: VRAMWISE_KERNEL_AUTOTUNE=0 in the environment turns it off.
+AUTOTUNE = os.environ.get("VRAMWISE_KERNEL_AUTOTUNE", "1") != "0"
+#: Layers with fewer weights (N * K) keep the fixed default: they are launch-bound, and tuning each of a small
+#: model's shapes would cost compile time (~2 s per candidate on first use) for nothing.
+MIN_TUNE_WEIGHTS = 1 << 22
 
 # Mid-size prefill config of the fixed defaults, timed once per key among _gemm_candidates (v1 kernel).
 _TUNED: dict[tuple, GemmConfig] = {}
@@ -1124,12 +1129,13 @@ def _tune_key(x2: torch.Tensor, n: int, group_size: int) -> tuple:
 
 def choose_config(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
                   group_size: int) -> Config:
-    """The config w4a16_matmul uses for this x (M, K): with AUTOTUNE on CUDA, the fastest correct candidate,
-    timed at first use per (M bucket, N, K, G, dtype, device) and cached; during CUDA-graph capture an untuned
-    key gets the fixed default (uncached). Otherwise the fixed default."""
-    if not AUTOTUNE or use_fixed_config(x2.device):
-        return _default_choice(x2, qweight, scales, mins, group_size)
+    """The config w4a16_matmul uses for this x (M, K): with AUTOTUNE on CUDA and at least MIN_TUNE_WEIGHTS
+    weights, the fastest correct candidate, timed at first use per (M bucket, N, K, G, dtype, device) and
+    cached; during CUDA-graph capture an untuned key gets the fixed default (uncached). Otherwise the fixed
+    default."""
     n = qweight.shape[0] * INT4_TILE_N
+    if not AUTOTUNE or use_fixed_config(x2.device) or n * x2.shape[1] < MIN_TUNE_WEIGHTS:
+        return _default_choice(x2, qweight, scales, mins, group_size)
     key = _tune_key(x2, n, group_size)
     cfg = _CHOICES.get(key)
     if cfg is not None:
