@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtypes", default="float16,bfloat16", help="activation dtypes, comma-separated")
     ap.add_argument("--ms", default="1,4,16,64,512", help="batch rows M, comma-separated")
     ap.add_argument("--out", type=Path, default=None, help="also write the raw numbers as JSON")
-    ap.add_argument("--budget-s", type=float, default=165.0,
+    ap.add_argument("--budget-s", type=float, default=150.0,
                     help="start no new case after this many seconds (tables cover what ran)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():

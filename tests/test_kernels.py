@@ -112,8 +112,17 @@ def test_pick_fastest_skips_failing_and_wrong_candidates():
 @pytest.mark.parametrize("m", [1, 3, 4, 8, 16, 17, 64, 255, 256, 512, 4096])
 def test_candidates_are_valid_and_start_with_the_default(m, g):
     pytest.importorskip("triton")
-    from vramwise.kernels.w4a16 import DequantConfig, GemmConfig, GemvConfig, _candidates, _default_gemv_config, \
-        _default_skinny_config, DEQUANT_MIN_M, GEMV_MAX_M, SKINNY_MAX_M
+    from vramwise.kernels.w4a16 import (
+        DEQUANT_MIN_M,
+        GEMV_MAX_M,
+        SKINNY_MAX_M,
+        DequantConfig,
+        GemmConfig,
+        GemvConfig,
+        _candidates,
+        _default_gemv_config,
+        _default_skinny_config,
+    )
 
     dev = torch.device("cpu")
     for n, k in ((5120, 5120), (13824, 5120), (5120, 13824)):
