@@ -605,7 +605,11 @@ if HAS_TRITON:
         p_next = tl.load(q_ptrs, mask=full_mask, other=0)                          # tile 0 (masked once)
         for t in range(0, num_full):
             p = p_next
-            p_next = tl.load(q_ptrs + tl.minimum(t + 1, num_full - 1) * QSTEP)     # prefetch (unmasked)
+            nxt = q_ptrs + tl.minimum(t + 1, num_full - 1) * QSTEP                 # prefetch the next tile
+            if EVEN_N:
+                p_next = tl.load(nxt)
+            else:
+                p_next = tl.load(nxt, mask=n_mask[None, :], other=0)
             if EVEN_N:
                 sc = tl.load(s_ptrs + t * SSTEP).to(tl.float32)
                 mn = tl.load(m_ptrs + t * SSTEP).to(tl.float32)
