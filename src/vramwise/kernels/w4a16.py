@@ -5,26 +5,43 @@ Weight layout (vramwise.quant.formats, docs/quant-format.md), N = out_features, 
     scales, mins fp16 (K // G, N):     w[n, k] = q[n, k] * scales[k // G, n] + mins[k // G, n]
 The word holding (k, n) sits at flat offset (n // 8) * K + (k // 8) * 8 + n % 8.
 
-Kernels (all fuse the dequantization, so weights are read from memory once, as int4):
+Kernels (all fuse the dequantization, so weights are read from memory once, as int4). Version 1 kernels are
+the defaults measured on the H100 before first-use tuning existed; version 2 were written against the sm_90
+SASS of their loops (instruction counts from ptxas here, no GPU), and the choice between them is timed.
 
-* ``_w4_gemv_kernel`` -- decode, one row of x per program row (M <= GEMV_MAX_M). Memory-bound. A program
-  owns BLOCK_N (= 8) output channels, i.e. one contiguous (K/8, 8) slab, and streams it in (BLOCK_K/8, 8)
+* ``_w4_gemv_kernel`` (v1) -- decode, one row of x per program row (M <= GEMV_MAX_M). A program owns
+  BLOCK_N (= 8) output channels, i.e. one contiguous (K/8, 8) slab, and streams it in (BLOCK_K/8, 8)
   word tiles, prefetching the next tile while it computes on the current one. Products are accumulated
   elementwise in registers and reduced over K once at the end (no shuffles in the loop). Scale and min
   are applied per word: sum_i w_i x_i = scale * sum_i q_i x_i + min * sum_i x_i.
   Two inner paths:
     - fp16 activations on CUDA: inline PTX turns a word into four f16x2 pairs with the 0x6400 magic number
-      (LOP3 + HSUB2) and does the 8 products with HFMA2 (fp16 products, fp32 across words); ~2.3
-      instructions per weight instead of ~5 -- the difference between ALU-bound and memory-bound here.
+      (LOP3 + HSUB2) and does the 8 products with HFMA2 (fp16 products, fp32 across words).
     - everything else (bf16/fp32, Triton's CPU interpreter): fp32 math. A code is placed in the top
       mantissa bits of 1.0 (f = 1 + q/16, exact, one shift + one LOP3 + bitcast, no int->float convert),
       so sum_i q_i x_i = 16 * (sum_i f_i x_i - sum_i x_i).
-* ``_w4_gemm_kernel`` -- skinny batches and mid-size prefill: tl.dot on dequantized (BLOCK_K, BLOCK_N)
-  tiles in the activation dtype, fp32 accumulation, optional split-K (fp32 atomics, then cast).
-  BLOCK_K divides the group size, so each K-tile needs one scale and one min per output channel.
-* ``_w4_dequant_kernel`` + torch.matmul -- long prefills (M >= DEQUANT_MIN_M): dequantize the weight in
-  column chunks into a bounded workspace and let cuBLAS run at full tensor-core rate; the one-off dequant
-  pass is cheap next to an M-row GEMM, and a Triton dequant-in-the-loop GEMM loses to it there.
+  The loop is issue-bound (v1 fp16: 32.5 SASS instructions per weight word; bf16: 45), which is why it
+  reached only 0.63 of the copy bandwidth.
+* ``_w4_gemv2_kernel`` (v2, fp16/bf16) -- same structure with less work per word: x read as int32 pair words
+  (4 loads per packed row, f16x2 operands in two bit operations), one shift per word in the fp16 PTX (odd
+  codes fixed in place by an exact fma), a bf16x2 PTX path, the x row sum in PTX, 32-bit offsets with
+  contiguity hints (128-bit weight loads) and no masks on even shapes: 23.5-26.6 instructions per word (fp16),
+  25.5-27.7 (bf16), depending on BLOCK_N x BLOCK_K.
+* ``_w4_gemm_kernel`` (v1) -- skinny batches and mid-size prefill: tl.dot on dequantized (BLOCK_K, BLOCK_N)
+  tiles in the activation dtype, fp32 accumulation, optional split-K (fp32 atomics, then cast). Each word
+  is addressed once per code it holds. BLOCK_K divides the group size (one scale/min per channel per tile).
+* ``_w4_gemm2_kernel`` (v2) -- the same GEMM loading each (BLOCK_K/8, BLOCK_N) word tile once; the nibbles
+  are unpacked with tl.join so they stay in the thread that loaded the word (128-bit stores of the tile to
+  shared memory for wgmma), fp16 dequant math for fp16 x (HADD2/HFMA2 pairs): 7.4-8.1 instructions per
+  element and tile for 128x128 / 256x128 tiles; large tiles and wave-filling split-K for prefill.
+* ``_w4_dequant_kernel`` (v1) / ``_w4_dequant2_kernel`` (v2, word loaded once) + torch.matmul -- long
+  prefills: dequantize W in column chunks into a bounded workspace and let cuBLAS run. Writing W in fp16
+  costs ~47 us for 13824 x 5120, so this cannot reach 1.3x an fp16 matmul; it stays a timed candidate.
+
+Choice (``choose_config``): on CUDA with AUTOTUNE, a short candidate list per (M bucket, N, K, G, dtype),
+the fixed default first, each timed once at first use (CUDA events, median, a cold L2 for M <= 64) and checked
+against the default's output; the fastest correct one is cached. During CUDA-graph capture an untuned
+shape gets the fixed default. AUTOTUNE = False (and the interpreter) use the fixed defaults.
 
 ``w4a16_reference`` is the torch path (CPU and fallback) and the test oracle: it dequantizes to x.dtype in
 row chunks (bounded temporary memory, nothing cached) and calls torch.matmul.
@@ -33,6 +50,7 @@ row chunks (bounded temporary memory, nothing cached) and calls torch.matmul.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -44,7 +62,8 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-__all__ = ["w4a16_reference", "w4a16_matmul", "w4a16_dequantize", "GemvConfig", "GemmConfig",
+__all__ = ["w4a16_reference", "w4a16_matmul", "w4a16_dequantize", "GemvConfig", "GemmConfig", "DequantConfig",
+           "choose_config", "AUTOTUNE",
            "GEMV_MAX_M", "SKINNY_MAX_M", "DEQUANT_MIN_M"]
 
 #: M (rows of x) up to which the GEMV kernel runs (one program row per x row; the weight is re-read from
@@ -112,16 +131,21 @@ def w4a16_reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
 @dataclass(frozen=True)
 class GemvConfig:
     """Decode kernel tiling. block_n is a multiple of 8 (one slab); block_k a multiple of the group size.
-    use_asm: None = the fp16 inline-PTX path where possible (fp16 x on CUDA, not interpreting)."""
+    use_asm: None = the inline-PTX path where possible (on CUDA, not interpreting; version 1: fp16 only,
+    version 2: fp16 and bf16). version 1 = ``_w4_gemv_kernel``, 2 = ``_w4_gemv2_kernel``."""
     block_n: int = 8
     block_k: int = 1024
     num_warps: int = 4
     use_asm: bool | None = None
+    version: int = 1
 
 
 @dataclass(frozen=True)
 class GemmConfig:
-    """tl.dot kernel tiling. block_k must divide the group size; block_n a multiple of 8."""
+    """tl.dot kernel tiling. block_k must divide the group size; block_n a multiple of 8.
+    version 1 = ``_w4_gemm_kernel`` (each word addressed once per code), 2 = ``_w4_gemm2_kernel`` (each word
+    loaded once per tile, block_k a multiple of 8); swap_ab (version 2 only) computes y^T = W x^T so the
+    dequantized tile is the dot's first operand (registers) and x^T the second."""
     block_m: int = 64
     block_n: int = 64
     block_k: int = 32
@@ -129,6 +153,15 @@ class GemmConfig:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 2
+    version: int = 1
+    swap_ab: bool = False
+
+
+@dataclass(frozen=True)
+class DequantConfig:
+    """Long-prefill path: dequantize W into a (K, N) workspace, then torch.matmul (cuBLAS).
+    version 1 = ``_w4_dequant_kernel`` (word addressed per code), 2 = ``_w4_dequant2_kernel`` (once per tile)."""
+    version: int = 1
 
 
 def _choose_split_k(programs: int, k_tiles: int, device: torch.device, min_tiles_per_split: int = 4,
@@ -379,6 +412,381 @@ if HAS_TRITON:
         tl.store(w_ptr + offs_k.to(tl.int64)[:, None] * n_count + offs_j[None, :], w.to(w_ptr.dtype.element_ty),
                  mask=mask)
 
+    # ---- version 2 kernels ---------------------------------------------------------------------------------
+
+    # Like _W4_DOT8_F16_ASM with one shift per word instead of three: the odd codes are taken in place
+    # ((w & 0x00F000F0) | 0x6400 is 1024 + 16q) and fixed by one exact fma (v/16 - 64 = q).
+    # $1: the word; $2..$5: activation pairs (x_j | x_{j+4} << 16), j = 0..3; $0 (f32): sum_i q_i x_i.
+    _W4_DOT8_F16_ASM_V2 = tl.constexpr("""{
+    .reg .b32 a0, a1, a2, a3, t, acc, c, k16, k64;
+    .reg .f16 lo, hi;
+    .reg .f32 flo, fhi;
+    mov.b32 c, 0x64006400;
+    mov.b32 k16, 0x2C002C00;
+    mov.b32 k64, 0xD400D400;
+    lop3.b32 a0, $1, 0x000F000F, c, 0xEA;
+    lop3.b32 a1, $1, 0x00F000F0, c, 0xEA;
+    shr.u32 t, $1, 8;
+    lop3.b32 a2, t, 0x000F000F, c, 0xEA;
+    lop3.b32 a3, t, 0x00F000F0, c, 0xEA;
+    sub.f16x2 a0, a0, c;
+    fma.rn.f16x2 a1, a1, k16, k64;
+    sub.f16x2 a2, a2, c;
+    fma.rn.f16x2 a3, a3, k16, k64;
+    mul.rn.f16x2 acc, a0, $2;
+    fma.rn.f16x2 acc, a1, $3, acc;
+    fma.rn.f16x2 acc, a2, $4, acc;
+    fma.rn.f16x2 acc, a3, $5, acc;
+    mov.b32 {lo, hi}, acc;
+    cvt.f32.f16 flo, lo;
+    cvt.f32.f16 fhi, hi;
+    add.f32 $0, flo, fhi;
+    }""")
+
+    # bf16 version: (w & 0x000F000F) | 0x43004300 is the bf16x2 pair (128 + q_j, 128 + q_{j+4}) (7-bit
+    # mantissa: no room for the in-place trick, so three shifts); fma(v, 1, -128) = q exactly. Products are
+    # summed in bf16 (4 per lane), then the two lanes in fp32 (bf16 -> f32 is a 16-bit shift).
+    _W4_DOT8_BF16_ASM = tl.constexpr("""{
+    .reg .b32 a0, a1, a2, a3, t, acc, c, one, n128, z;
+    .reg .f32 flo, fhi;
+    mov.b32 c, 0x43004300;
+    mov.b32 one, 0x3F803F80;
+    mov.b32 n128, 0xC300C300;
+    mov.b32 z, 0x80008000;
+    lop3.b32 a0, $1, 0x000F000F, c, 0xEA;
+    shr.u32 t, $1, 4;
+    lop3.b32 a1, t, 0x000F000F, c, 0xEA;
+    shr.u32 t, $1, 8;
+    lop3.b32 a2, t, 0x000F000F, c, 0xEA;
+    shr.u32 t, $1, 12;
+    lop3.b32 a3, t, 0x000F000F, c, 0xEA;
+    fma.rn.bf16x2 a0, a0, one, n128;
+    fma.rn.bf16x2 a1, a1, one, n128;
+    fma.rn.bf16x2 a2, a2, one, n128;
+    fma.rn.bf16x2 a3, a3, one, n128;
+    fma.rn.bf16x2 acc, a0, $2, z;
+    fma.rn.bf16x2 acc, a1, $3, acc;
+    fma.rn.bf16x2 acc, a2, $4, acc;
+    fma.rn.bf16x2 acc, a3, $5, acc;
+    shl.b32 t, acc, 16;
+    mov.b32 flo, t;
+    and.b32 t, acc, 0xFFFF0000;
+    mov.b32 fhi, t;
+    add.f32 $0, flo, fhi;
+    }""")
+
+    # Sum of the 8 fp16 values in 4 pair words ($1..$4), exact conversions, fp32 adds -> $0.
+    _X8_SUM_F16_ASM = tl.constexpr("""{
+    .reg .f16 l0, h0, l1, h1, l2, h2, l3, h3;
+    .reg .f32 fa, fb, fc, fd, fe, ff, fg, fh;
+    mov.b32 {l0, h0}, $1;
+    mov.b32 {l1, h1}, $2;
+    mov.b32 {l2, h2}, $3;
+    mov.b32 {l3, h3}, $4;
+    cvt.f32.f16 fa, l0;
+    cvt.f32.f16 fb, h0;
+    cvt.f32.f16 fc, l1;
+    cvt.f32.f16 fd, h1;
+    cvt.f32.f16 fe, l2;
+    cvt.f32.f16 ff, h2;
+    cvt.f32.f16 fg, l3;
+    cvt.f32.f16 fh, h3;
+    add.f32 fa, fa, fb;
+    add.f32 fc, fc, fd;
+    add.f32 fe, fe, ff;
+    add.f32 fg, fg, fh;
+    add.f32 fa, fa, fc;
+    add.f32 fe, fe, fg;
+    add.f32 $0, fa, fe;
+    }""")
+
+    @triton.jit
+    def _half_lo_f32(w, IS_BF16: tl.constexpr):
+        # Low 16-bit half of uint32 words, read as fp16/bf16 -> fp32 (exact).
+        if IS_BF16:
+            return (w << 16).to(tl.float32, bitcast=True)
+        return (w & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+
+    @triton.jit
+    def _half_hi_f32(w, IS_BF16: tl.constexpr):
+        if IS_BF16:
+            return (w & 0xFFFF0000).to(tl.float32, bitcast=True)
+        return (w >> 16).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+
+    @triton.jit
+    def _gemv2_tile(acc, p, sc, mn, w0, w1, w2, w3, BKW: tl.constexpr, BLOCK_N: tl.constexpr,
+                    USE_ASM: tl.constexpr, X_BF16: tl.constexpr):
+        # acc (BKW, BN) += per-word sums of one tile: p (BKW, BN) words, sc/mn (BKW, BN) fp32, w0..w3 (BKW,)
+        # uint32 x pair words of each packed row.
+        shape: tl.constexpr = (BKW, BLOCK_N)
+        if USE_ASM and not X_BF16:
+            xs = tl.inline_asm_elementwise(
+                asm=_X8_SUM_F16_ASM, constraints="=f,r,r,r,r",
+                args=[w0.to(tl.int32, bitcast=True), w1.to(tl.int32, bitcast=True),
+                      w2.to(tl.int32, bitcast=True), w3.to(tl.int32, bitcast=True)],
+                dtype=tl.float32, is_pure=True, pack=1)                                # (BKW,) fp32
+        else:
+            x0 = _half_lo_f32(w0, X_BF16)
+            x1 = _half_hi_f32(w0, X_BF16)
+            x2 = _half_lo_f32(w1, X_BF16)
+            x3 = _half_hi_f32(w1, X_BF16)
+            x4 = _half_lo_f32(w2, X_BF16)
+            x5 = _half_hi_f32(w2, X_BF16)
+            x6 = _half_lo_f32(w3, X_BF16)
+            x7 = _half_hi_f32(w3, X_BF16)
+            xs = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))                  # (BKW,) fp32
+        if USE_ASM:
+            p04 = ((w0 & 0xFFFF) | (w2 << 16)).to(tl.int32, bitcast=True)           # (x0 | x4 << 16)
+            p15 = ((w0 >> 16) | (w2 & 0xFFFF0000)).to(tl.int32, bitcast=True)      # (x1 | x5 << 16)
+            p26 = ((w1 & 0xFFFF) | (w3 << 16)).to(tl.int32, bitcast=True)
+            p37 = ((w1 >> 16) | (w3 & 0xFFFF0000)).to(tl.int32, bitcast=True)
+            if X_BF16:
+                d = tl.inline_asm_elementwise(
+                    asm=_W4_DOT8_BF16_ASM, constraints="=f,r,r,r,r,r",
+                    args=[p, tl.broadcast_to(p04[:, None], shape), tl.broadcast_to(p15[:, None], shape),
+                          tl.broadcast_to(p26[:, None], shape), tl.broadcast_to(p37[:, None], shape)],
+                    dtype=tl.float32, is_pure=True, pack=1)
+            else:
+                d = tl.inline_asm_elementwise(
+                    asm=_W4_DOT8_F16_ASM_V2, constraints="=f,r,r,r,r,r",
+                    args=[p, tl.broadcast_to(p04[:, None], shape), tl.broadcast_to(p15[:, None], shape),
+                          tl.broadcast_to(p26[:, None], shape), tl.broadcast_to(p37[:, None], shape)],
+                    dtype=tl.float32, is_pure=True, pack=1)
+            acc += sc * d          # two fma per word (a sum of both products costs a third op)
+            acc += mn * xs[:, None]
+        else:
+            pu = p.to(tl.uint32, bitcast=True)
+            d = _nibble_one_plus(pu, 0) * x0[:, None] + _nibble_one_plus(pu, 1) * x1[:, None]
+            d += _nibble_one_plus(pu, 2) * x2[:, None] + _nibble_one_plus(pu, 3) * x3[:, None]
+            d += _nibble_one_plus(pu, 4) * x4[:, None] + _nibble_one_plus(pu, 5) * x5[:, None]
+            d += _nibble_one_plus(pu, 6) * x6[:, None] + _nibble_one_plus(pu, 7) * x7[:, None]
+            sc16 = 16.0 * sc                                     # sum_i q_i x_i = 16 * (d - xs)
+            acc += sc16 * d + (mn - sc16) * xs[:, None]
+        return acc
+
+    @triton.jit
+    def _w4_gemv2_kernel(
+        xw_ptr, qw_ptr, s_ptr, m_ptr, b_ptr, y_ptr,
+        N, K, stride_xwm, stride_ym,
+        G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr, X_BF16: tl.constexpr, EVEN_N: tl.constexpr,
+    ):
+        # As _w4_gemv_kernel, with the per-word overhead cut (the loop is issue-bound, not memory-bound):
+        #  * x (fp16/bf16) is read as int32 pair words: xw[m, 4r + j] = (x[8r + 2j], x[8r + 2j + 1]); 4 loads
+        #    per packed row instead of 8, and the f16x2/bf16x2 operands are two bit operations per pair;
+        #  * 32-bit offsets with contiguity hints (128-bit weight loads), no masks in the loop: it runs over the
+        #    whole tiles (the prefetch after the last one re-reads it), a masked step does the K tail, and
+        #    EVEN_N (N % BLOCK_N == 0) drops the channel mask.
+        # grid = (M, cdiv(N, BLOCK_N)).
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        BKW: tl.constexpr = BLOCK_K // 8
+        RPG: tl.constexpr = G // 8
+        K8 = K // 8
+
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)                          # (BN,)
+        n_mask = offs_n < N
+        col = (offs_n // 8) * K + offs_n % 8                                       # (BN,) word of (k=0, n)
+        col = tl.max_contiguous(tl.multiple_of(col, 8), 8)
+        offs_r = tl.arange(0, BKW)                                                 # (BKW,)
+        q_ptrs = qw_ptr + (offs_r * 8)[:, None] + col[None, :]                     # (BKW, BN)
+        s_ptrs = s_ptr + (offs_r // RPG * N)[:, None] + offs_n[None, :]            # (BKW, BN) into (K/G, N)
+        m_ptrs = m_ptr + (offs_r // RPG * N)[:, None] + offs_n[None, :]
+        x_ptrs = xw_ptr + pid_m * stride_xwm + offs_r * 4                          # (BKW,) pair words of row r
+        num_full = K8 // BKW
+        QSTEP: tl.constexpr = BKW * 8                                              # words per tile
+        SSTEP = (BKW // RPG) * N                                                   # scale elements per tile
+        XSTEP: tl.constexpr = BKW * 4                                              # x pair words per tile
+
+        acc = tl.zeros((BKW, BLOCK_N), dtype=tl.float32)
+        full_mask = (offs_r < K8)[:, None]
+        if not EVEN_N:
+            full_mask = full_mask & n_mask[None, :]
+        p_next = tl.load(q_ptrs, mask=full_mask, other=0)                          # tile 0 (masked once)
+        for t in range(0, num_full):
+            p = p_next
+            nxt = q_ptrs + tl.minimum(t + 1, num_full - 1) * QSTEP                 # prefetch the next tile
+            if EVEN_N:
+                p_next = tl.load(nxt)
+            else:
+                p_next = tl.load(nxt, mask=n_mask[None, :], other=0)
+            if EVEN_N:
+                sc = tl.load(s_ptrs + t * SSTEP).to(tl.float32)
+                mn = tl.load(m_ptrs + t * SSTEP).to(tl.float32)
+            else:
+                sc = tl.load(s_ptrs + t * SSTEP, mask=n_mask[None, :], other=0.0).to(tl.float32)
+                mn = tl.load(m_ptrs + t * SSTEP, mask=n_mask[None, :], other=0.0).to(tl.float32)
+            xk = x_ptrs + t * XSTEP
+            w0 = tl.load(xk + 0).to(tl.uint32, bitcast=True)                       # (x0, x1)
+            w1 = tl.load(xk + 1).to(tl.uint32, bitcast=True)                       # (x2, x3)
+            w2 = tl.load(xk + 2).to(tl.uint32, bitcast=True)                       # (x4, x5)
+            w3 = tl.load(xk + 3).to(tl.uint32, bitcast=True)                       # (x6, x7)
+            acc = _gemv2_tile(acc, p, sc, mn, w0, w1, w2, w3, BKW, BLOCK_N, USE_ASM, X_BF16)
+        if num_full * BKW < K8:                                                    # K tail: one masked tile
+            rows = num_full * BKW + offs_r
+            r_mask = rows < K8
+            mask2 = r_mask[:, None] & n_mask[None, :]
+            p = tl.load(q_ptrs + num_full * QSTEP, mask=mask2, other=0)
+            sc = tl.load(s_ptrs + num_full * SSTEP, mask=mask2, other=0.0).to(tl.float32)
+            mn = tl.load(m_ptrs + num_full * SSTEP, mask=mask2, other=0.0).to(tl.float32)
+            xk = x_ptrs + num_full * XSTEP
+            w0 = tl.load(xk + 0, mask=r_mask, other=0).to(tl.uint32, bitcast=True)
+            w1 = tl.load(xk + 1, mask=r_mask, other=0).to(tl.uint32, bitcast=True)
+            w2 = tl.load(xk + 2, mask=r_mask, other=0).to(tl.uint32, bitcast=True)
+            w3 = tl.load(xk + 3, mask=r_mask, other=0).to(tl.uint32, bitcast=True)
+            acc = _gemv2_tile(acc, p, sc, mn, w0, w1, w2, w3, BKW, BLOCK_N, USE_ASM, X_BF16)
+
+        y = tl.sum(acc, axis=0)
+        if HAS_BIAS:
+            y += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + pid_m * stride_ym + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_mask)
+
+    @triton.jit
+    def _unpack_words(p, BKW: tl.constexpr, BN: tl.constexpr, K_AXIS0: tl.constexpr):
+        # Packed words -> codes, each word loaded once, k = 8 * row + i for nibble i.
+        #   K_AXIS0: p (BKW, BN) -> (8 * BKW, BN);  else p (BN, BKW) -> (BN, 8 * BKW)
+        if K_AXIS0:
+            # The 8 nibbles are stacked with tl.join, which keeps them in the thread that holds the word (and
+            # its neighbours along N from the vectorized load); joins build [r, n, c, b, a] = q_{4a + 2b + c},
+            # permuted to (r, a, b, c, n) and merged into K. In the sm_90 SASS the tile then reaches shared
+            # memory for the dot with 128-bit stores (a broadcast shift over a new axis got a layout with one
+            # N column per thread, i.e. a 16-bit store per element).
+            q0 = p & 0xF
+            q1 = (p >> 4) & 0xF
+            q2 = (p >> 8) & 0xF
+            q3 = (p >> 12) & 0xF
+            q4 = (p >> 16) & 0xF
+            q5 = (p >> 20) & 0xF
+            q6 = (p >> 24) & 0xF
+            q7 = (p >> 28) & 0xF
+            j = tl.join(tl.join(tl.join(q0, q1), tl.join(q2, q3)), tl.join(tl.join(q4, q5), tl.join(q6, q7)))
+            return tl.reshape(tl.permute(j, (0, 4, 3, 2, 1)), (BKW * 8, BN))
+        else:
+            shifts = tl.arange(0, 8) * 4
+            q = (p[:, :, None] >> shifts[None, None, :]) & 0xF            # (BN, BKW, 8)
+            return tl.reshape(q, (BN, BKW * 8))
+
+    @triton.jit
+    def _w4_gemm2_kernel(
+        x_ptr, qw_ptr, s_ptr, m_ptr, b_ptr, y_ptr,
+        M, N, K, stride_xm, stride_ym,
+        G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr, SPLIT_K, SWAP_AB: tl.constexpr,
+        HAS_BIAS: tl.constexpr, USE_ATOMIC: tl.constexpr, DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        DQ_F16: tl.constexpr,
+    ):
+        # grid = (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), SPLIT_K). Like _w4_gemm_kernel, but the (BLOCK_K/8,
+        # BLOCK_N) words of a tile are loaded once (not once per code) and unpacked in registers. SPLIT_K is a
+        # runtime argument (one compile serves every split of a shape family).
+        pid = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        num_pid_m = tl.cdiv(M, BLOCK_M)
+        num_pid_n = tl.cdiv(N, BLOCK_N)
+        num_pid_in_group = GROUP_M * num_pid_n
+        group_id = pid // num_pid_in_group
+        first_pid_m = group_id * GROUP_M
+        group_rows = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+        pid_m = first_pid_m + (pid % num_pid_in_group) % group_rows
+        pid_n = (pid % num_pid_in_group) // group_rows
+
+        BKW: tl.constexpr = BLOCK_K // 8
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_mask = offs_m < M
+        n_mask = offs_n < N
+        offs_k = tl.arange(0, BLOCK_K)
+        offs_r = tl.arange(0, BKW)
+        col = (offs_n // 8).to(tl.int64) * K + offs_n % 8                                # (BN,)
+        x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :]      # (BM, BK)
+        if SWAP_AB:
+            q_ptrs = qw_ptr + col[:, None] + (offs_r * 8)[None, :]                       # (BN, BKW)
+            q_mask = n_mask[:, None]
+        else:
+            q_ptrs = qw_ptr + (offs_r * 8)[:, None] + col[None, :]                       # (BKW, BN)
+            q_mask = n_mask[None, :]
+        num_tiles = K // BLOCK_K  # K % G == 0 and G % BLOCK_K == 0
+        tiles_per_split = tl.cdiv(num_tiles, SPLIT_K)
+        t_start = pid_k * tiles_per_split
+        t_end = tl.minimum(t_start + tiles_per_split, num_tiles)
+
+        if SWAP_AB:
+            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)                         # y^T tile
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for t in range(t_start, t_end):
+            a = tl.load(x_ptrs + t * BLOCK_K, mask=m_mask[:, None], other=0.0)          # (BM, BK)
+            p = tl.load(q_ptrs + t * (BKW * 8), mask=q_mask, other=0)                   # words, once each
+            g = (t * BLOCK_K) // G
+            if SWAP_AB:
+                sc = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)  # (BN,)
+                mn = tl.load(m_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+                q = _unpack_words(p, BKW, BLOCK_N, False)                                  # (BN, BK)
+                w = ((q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0) * sc[:, None] + mn[:, None]
+                if DOT_F32:
+                    acc = tl.dot(w, tl.trans(a.to(tl.float32)), acc, input_precision=DOT_PRECISION)
+                else:
+                    acc = tl.dot(w.to(x_ptr.dtype.element_ty), tl.trans(a), acc, input_precision=DOT_PRECISION)
+            elif DQ_F16:
+                # fp16 activations: (q | 0x6400) is the fp16 1024 + q; subtract and fma in fp16 (LLVM packs
+                # these into HADD2/HFMA2 pairs: ~8 instructions per element and tile in the SASS vs ~10 in fp32)
+                q = _unpack_words(p, BKW, BLOCK_N, True)                                   # (BK, BN)
+                h = (q | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+                sch = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0)              # (BN,) fp16
+                mnh = tl.load(m_ptr + g * N + offs_n, mask=n_mask, other=0.0)
+                w = (h - 1024.0) * sch[None, :] + mnh[None, :]
+                acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
+            else:
+                sc = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)  # (BN,)
+                mn = tl.load(m_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+                q = _unpack_words(p, BKW, BLOCK_N, True)                                   # (BK, BN)
+                w = ((q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0) * sc[None, :] + mn[None, :]
+                if DOT_F32:
+                    acc = tl.dot(a.to(tl.float32), w, acc, input_precision=DOT_PRECISION)
+                else:
+                    acc = tl.dot(a, w.to(x_ptr.dtype.element_ty), acc, input_precision=DOT_PRECISION)
+
+        if SWAP_AB:
+            if HAS_BIAS:
+                b = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+                acc += tl.where(pid_k == 0, b, 0.0)[:, None]
+            y_ptrs = y_ptr + offs_m.to(tl.int64)[None, :] * stride_ym + offs_n[:, None]  # (BN, BM)
+            mask = n_mask[:, None] & m_mask[None, :]
+        else:
+            if HAS_BIAS:
+                b = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+                acc += tl.where(pid_k == 0, b, 0.0)[None, :]
+            y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
+            mask = m_mask[:, None] & n_mask[None, :]
+        if USE_ATOMIC:
+            tl.atomic_add(y_ptrs, acc, mask=mask)
+        else:
+            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _w4_dequant2_kernel(
+        qw_ptr, s_ptr, m_ptr, w_ptr, N, K, n0, n_count,
+        G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        # As _w4_dequant_kernel (w[k, j] = dequant(k, n0 + j), (K, n_count) row-major), each word loaded once.
+        # BLOCK_K divides G, so a tile has one scale and one min per column.
+        pid_k = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        BKW: tl.constexpr = BLOCK_K // 8
+        offs_r = pid_k * BKW + tl.arange(0, BKW)
+        offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        offs_j = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_n = n0 + offs_j
+        j_mask = offs_j < n_count
+        col = (offs_n // 8).to(tl.int64) * K + offs_n % 8
+        p = tl.load(qw_ptr + (offs_r * 8)[:, None] + col[None, :], mask=j_mask[None, :], other=0)  # (BKW, BN)
+        q = _unpack_words(p, BKW, BLOCK_N, True)                                                  # (BK, BN)
+        g = (pid_k * BLOCK_K) // G
+        sc = tl.load(s_ptr + g * N + offs_n, mask=j_mask, other=0.0).to(tl.float32)
+        mn = tl.load(m_ptr + g * N + offs_n, mask=j_mask, other=0.0).to(tl.float32)
+        w = ((q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0) * sc[None, :] + mn[None, :]
+        tl.store(w_ptr + offs_k.to(tl.int64)[:, None] * n_count + offs_j[None, :], w.to(w_ptr.dtype.element_ty),
+                 mask=j_mask[None, :])
+
 
 # ------------------------------------------------------------------------------------------------------------
 # Launchers
@@ -401,10 +809,29 @@ def _launch_gemv(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
     if cfg.block_k % group_size or cfg.block_n % INT4_TILE_N:
         raise ValueError(f"GEMV block_k={cfg.block_k} must be a multiple of group_size={group_size} and "
                          f"block_n={cfg.block_n} a multiple of {INT4_TILE_N}")
-    asm_ok = x2.dtype == torch.float16 and x2.is_cuda and not interpreting()
-    use_asm = asm_ok if cfg.use_asm is None else (cfg.use_asm and asm_ok)
+    if cfg.version not in (1, 2):
+        raise ValueError(f"GEMV version must be 1 or 2, got {cfg.version}")
     y = torch.empty(m, n, device=x2.device, dtype=x2.dtype)
     grid = (m, triton.cdiv(n, cfg.block_n))
+    on_gpu = x2.is_cuda and not interpreting()
+    if cfg.version == 2:
+        if x2.dtype not in (torch.float16, torch.bfloat16):
+            raise ValueError(f"GEMV version 2 needs float16 or bfloat16 activations, got {x2.dtype}")
+        use_asm = on_gpu if cfg.use_asm is None else (cfg.use_asm and on_gpu)
+        try:
+            xw = x2.view(torch.int32)           # (M, K/2): pair words (x[2j], x[2j+1])
+        except RuntimeError:                    # odd row stride or offset: not viewable as 32-bit words
+            xw = x2.contiguous().view(torch.int32)
+        _w4_gemv2_kernel[grid](
+            xw, qweight, scales, mins, bias if bias is not None else scales, y,
+            n, k, xw.stride(0), y.stride(0),
+            G=group_size, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, HAS_BIAS=bias is not None, USE_ASM=use_asm,
+            X_BF16=x2.dtype == torch.bfloat16, EVEN_N=n % cfg.block_n == 0,
+            num_warps=cfg.num_warps, num_stages=1,
+        )
+        return y
+    asm_ok = x2.dtype == torch.float16 and on_gpu
+    use_asm = asm_ok if cfg.use_asm is None else (cfg.use_asm and asm_ok)
     _w4_gemv_kernel[grid](
         x2, qweight, scales, mins, bias if bias is not None else scales, y,
         n, k, x2.stride(0), y.stride(0),
@@ -420,29 +847,47 @@ def _launch_gemm(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
     n = qweight.shape[0] * INT4_TILE_N
     if group_size % cfg.block_k:
         raise ValueError(f"GEMM block_k={cfg.block_k} must divide group_size={group_size}")
+    if cfg.version not in (1, 2) or (cfg.swap_ab and cfg.version != 2):
+        raise ValueError(f"GEMM version must be 1 or 2 (swap_ab needs 2), got {cfg.version}, swap_ab={cfg.swap_ab}")
+    if cfg.version == 2 and cfg.block_k % 8:
+        raise ValueError(f"GEMM version 2 needs block_k a multiple of 8, got {cfg.block_k}")
     dot_f32, precision = _dot_flags(x2)
     use_atomic = cfg.split_k > 1
     # split-K partial sums meet in an fp32 buffer (atomics), cast to x.dtype afterwards
     y = (torch.zeros if use_atomic else torch.empty)(m, n, device=x2.device,
                                                      dtype=torch.float32 if use_atomic else x2.dtype)
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), cfg.split_k)
-    _w4_gemm_kernel[grid](
-        x2, qweight, scales, mins, bias if bias is not None else scales, y, m, n, k, x2.stride(0), y.stride(0),
-        G=group_size, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        SPLIT_K=cfg.split_k, HAS_BIAS=bias is not None, USE_ATOMIC=use_atomic, DOT_F32=dot_f32,
-        DOT_PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    common = dict(G=group_size, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+                  SPLIT_K=cfg.split_k, HAS_BIAS=bias is not None, USE_ATOMIC=use_atomic, DOT_F32=dot_f32,
+                  DOT_PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    args = (x2, qweight, scales, mins, bias if bias is not None else scales, y, m, n, k, x2.stride(0), y.stride(0))
+    if cfg.version == 2:
+        # fp16 dequant math only for fp16 x (bf16 would round the fp16 scales to 8 bits first)
+        _w4_gemm2_kernel[grid](*args, SWAP_AB=cfg.swap_ab, DQ_F16=x2.dtype == torch.float16, **common)
+    else:
+        _w4_gemm_kernel[grid](*args, **common)
     return y.to(x2.dtype) if use_atomic else y
 
 
 def w4a16_dequantize(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_size: int,
-                     dtype: torch.dtype, n0: int = 0, n_count: int | None = None) -> torch.Tensor:
+                     dtype: torch.dtype, n0: int = 0, n_count: int | None = None, version: int = 1) -> torch.Tensor:
     """Dequantize output channels [n0, n0 + n_count) into a (K, n_count) tensor of `dtype` with the Triton
-    kernel (W transposed, the orientation torch.matmul(x, w) wants)."""
+    kernel (W transposed, the orientation torch.matmul(x, w) wants). version 2 loads each word once."""
     k = qweight.shape[1] * 8
     n = qweight.shape[0] * INT4_TILE_N
     n_count = n - n0 if n_count is None else n_count
     w = torch.empty(k, n_count, device=qweight.device, dtype=dtype)
-    bk, bn = (64, 64) if use_fixed_config(qweight.device) else (64, 128)
+    fixed = use_fixed_config(qweight.device)
+    if version == 2:
+        bk = min(group_size, 32 if fixed else 64)
+        bn = 64 if fixed else 128
+        grid = (k // bk, triton.cdiv(n_count, bn))
+        _w4_dequant2_kernel[grid](qweight, scales, mins, w, n, k, n0, n_count, G=group_size, BLOCK_N=bn,
+                                  BLOCK_K=bk, num_warps=4)
+        return w
+    if version != 1:
+        raise ValueError(f"dequantize version must be 1 or 2, got {version}")
+    bk, bn = (64, 64) if fixed else (64, 128)
     grid = (triton.cdiv(k, bk), triton.cdiv(n_count, bn))
     _w4_dequant_kernel[grid](qweight, scales, mins, w, n, k, n0, n_count, G=group_size, BLOCK_N=bn, BLOCK_K=bk,
                              num_warps=4)
@@ -450,42 +895,205 @@ def w4a16_dequantize(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Te
 
 
 def _dequant_matmul(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
-                    group_size: int, bias: torch.Tensor | None) -> torch.Tensor:
+                    group_size: int, bias: torch.Tensor | None, version: int = 1) -> torch.Tensor:
     """Long prefill: dequantize W in column chunks (workspace <= DEQUANT_WORKSPACE_BYTES) and use cuBLAS."""
     m, k = x2.shape
     n = qweight.shape[0] * INT4_TILE_N
     chunk = max(INT4_TILE_N, DEQUANT_WORKSPACE_BYTES // (k * x2.element_size()) // 128 * 128)
     if chunk >= n:
-        w = w4a16_dequantize(qweight, scales, mins, group_size, x2.dtype)  # (K, N)
+        w = w4a16_dequantize(qweight, scales, mins, group_size, x2.dtype, version=version)  # (K, N)
         y = torch.matmul(x2, w)
     else:
         y = torch.empty(m, n, device=x2.device, dtype=x2.dtype)
         for n0 in range(0, n, chunk):
             nc = min(chunk, n - n0)
-            w = w4a16_dequantize(qweight, scales, mins, group_size, x2.dtype, n0, nc)  # (K, nc)
+            w = w4a16_dequantize(qweight, scales, mins, group_size, x2.dtype, n0, nc, version=version)  # (K, nc)
             y[:, n0:n0 + nc] = torch.matmul(x2, w)
     if bias is not None:
         y += bias.to(y.dtype)
     return y
 
 
-# Mid-size prefill config chosen by timing the candidates once per (M bucket, N, K, G, dtype, device).
+Config = GemvConfig | GemmConfig | DequantConfig
+
+
+def _run_config(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_size: int,
+                bias: torch.Tensor | None, cfg: Config) -> torch.Tensor:
+    if isinstance(cfg, GemvConfig):
+        return _launch_gemv(x2, qweight, scales, mins, group_size, bias, cfg)
+    if isinstance(cfg, GemmConfig):
+        return _launch_gemm(x2, qweight, scales, mins, group_size, bias, cfg)
+    if isinstance(cfg, DequantConfig):
+        return _dequant_matmul(x2, qweight, scales, mins, group_size, bias, cfg.version)
+    raise TypeError(f"config must be a GemvConfig, GemmConfig or DequantConfig, got {type(cfg).__name__}")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Choosing a kernel: fixed defaults (as measured before tuning existed) or candidates timed at first use
+# ------------------------------------------------------------------------------------------------------------
+
+#: Time candidate configs at first use per (M bucket, N, K, G, dtype, device) on CUDA. False: the fixed
+#: defaults (v1 kernels, dequantize + cuBLAS for long prefills), i.e. the behaviour before tuning.
+#: VRAMWISE_KERNEL_AUTOTUNE=0 in the environment turns it off.
+AUTOTUNE = os.environ.get("VRAMWISE_KERNEL_AUTOTUNE", "1") != "0"
+#: Layers with fewer weights (N * K) keep the fixed default: they are launch-bound, and tuning each of a small
+#: model's shapes would cost compile time (~2 s per candidate on first use) for nothing.
+MIN_TUNE_WEIGHTS = 1 << 22
+
+# Mid-size prefill config of the fixed defaults, timed once per key among _gemm_candidates (v1 kernel).
 _TUNED: dict[tuple, GemmConfig] = {}
+# AUTOTUNE choices: key -> config; _TUNE_LOG: key -> [(config, ms or None, note)] for the benchmark report.
+_CHOICES: dict[tuple, Config] = {}
+_TUNE_LOG: dict[tuple, list] = {}
+_FLUSH: dict[int, torch.Tensor] = {}
+
+# Largest relative difference from the first (default) candidate's output that a candidate may show and still
+# be chosen: guards against a config that compiles but computes wrongly on some toolchain.
+_TUNE_TOL = {torch.float16: 4e-3, torch.bfloat16: 1.5e-2, torch.float32: 1e-4}
 
 
-def _time_config(fn, reps: int = 5) -> float:
+def _time_config(fn, reps: int = 5, flush: torch.Tensor | None = None) -> float:
+    """Median ms of fn() over reps, CUDA events around each call; flush (a buffer > L2) is zeroed before
+    each call so memory-bound kernels are timed reading weights from DRAM, as in a model's forward pass."""
     fn()  # compile + warm up
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
+    torch.cuda.synchronize()
+    pairs = []
     for _ in range(reps):
+        if flush is not None:
+            flush.zero_()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
         fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / reps
+        end.record()
+        pairs.append((start, end))
+    torch.cuda.synchronize()
+    times = sorted(s.elapsed_time(e) for s, e in pairs)
+    return times[len(times) // 2]
+
+
+def _flush_buffer(device: torch.device) -> torch.Tensor:
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    buf = _FLUSH.get(idx)
+    if buf is None:
+        l2 = getattr(torch.cuda.get_device_properties(idx), "L2_cache_size", 50 << 20) or (50 << 20)
+        buf = _FLUSH[idx] = torch.empty(l2 + l2 // 4, dtype=torch.uint8, device=device)
+    return buf
+
+
+def _pick_fastest(cands: list, run, timer, tol: float) -> tuple[int, list]:
+    """Index of the fastest candidate whose output matches the first working candidate's within tol
+    (relative Frobenius norm) and is finite; candidates that raise (e.g. too much shared memory) are skipped.
+    run(cfg) -> output tensor; timer(fn) -> time. Returns (index, [(cfg, time or None, note)])."""
+    y0 = None
+    best, log = None, []
+    for i, cfg in enumerate(cands):
+        try:
+            y = run(cfg).float()
+            if not bool(torch.isfinite(y).all()):
+                log.append((cfg, None, "non-finite output"))
+                continue
+            if y0 is None:
+                y0 = y
+            else:
+                err = float((y - y0).norm() / y0.norm().clamp_min(1e-30))
+                if not err <= tol:
+                    log.append((cfg, None, f"rejected: differs from the default by {err:.1e}"))
+                    continue
+            t = timer(lambda c=cfg: run(c))
+        except Exception as e:  # noqa: BLE001 - a candidate that cannot run is simply not chosen
+            log.append((cfg, None, f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"))
+            continue
+        log.append((cfg, t, ""))
+        if best is None or t < best[0]:
+            best = (t, i)
+    if best is None:
+        raise RuntimeError("w4a16: no candidate kernel config could run: " + "; ".join(n for _, _, n in log))
+    return best[1], log
+
+
+def _m_bucket(m: int) -> int:
+    return min(triton.next_power_of_2(m), 4096)
+
+
+def _candidates(m: int, n: int, k: int, group_size: int, dtype: torch.dtype, device: torch.device) -> list[Config]:
+    """Configs timed at first use; the first is the fixed default (so the choice is never slower than it,
+    and it is the correctness yardstick). Small lists: every entry is a compile on first use."""
+    half = dtype in (torch.float16, torch.bfloat16)
+    g = group_size
+    if m <= GEMV_MAX_M:
+        out: list[Config] = [_default_gemv_config(m, n, k, g, device)]
+        if half:
+            # SASS of the loop (ptxas for sm_90, 13B shapes' divisibility): v1 fp16 32.5 instructions per weight
+            # word, bf16 45; v2 fp16 23.5 (32 x 1024) .. 26.6 (8 x 1024), bf16 25.5-27.7. More channels
+            # per program share the x work but give fewer programs (N / BLOCK_N) for the SMs.
+            for bn, bk, warps in ((8, 2048 if n < 8192 else 1024, 4), (16, 1024, 4), (32, 1024, 4), (16, 2048, 4),
+                                  (32, 512, 4)):
+                out.append(GemvConfig(bn, max(bk, g), warps, None, 2))
+            if dtype == torch.bfloat16:  # pair-word loads with fp32 math (no bf16x2 rounding): 44 per word
+                out.append(GemvConfig(16, max(1024, g), 4, False, 2))
+        if m > 1:  # a few rows: the 16-row tl.dot tile (each weight read once, not once per row from L2)
+            bk = min(64, g)
+            out.append(GemmConfig(16, 32, bk, 1, _choose_split_k(triton.cdiv(n, 32), k // bk, device, per_sm=8),
+                                  4, 3, 2, False))
+        return list(dict.fromkeys(out))
+    if m <= SKINNY_MAX_M:
+        out = [_default_skinny_config(m, n, k, g, device)]
+        for bn, bk, warps, stages, swap in ((32, 64, 4, 3, False), (64, 64, 4, 4, False)):
+            bk = min(bk, g)
+            split = _choose_split_k(triton.cdiv(n, bn), k // bk, device, per_sm=8)
+            out.append(GemmConfig(16, bn, bk, 1, split, warps, stages, 2, swap))
+        if half and m <= 8:
+            out.append(GemvConfig(16, max(1024, g), 4, None, 2))
+        return list(dict.fromkeys(out))
+    if m < DEQUANT_MIN_M:
+        out = list(_gemm_candidates(m, n, k, g, device)[:2])
+        for bm, bn, bk, warps, stages, per_sm in ((64, 128, 64, 4, 4, 3), (128, 128, 64, 8, 3, 2)):
+            bk = min(bk, g)
+            programs = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+            for split in dict.fromkeys((_choose_split_k(programs, k // bk, device),
+                                        _wave_split(programs, k // bk, device, per_sm=per_sm))):
+                out.append(GemmConfig(bm, bn, bk, 8, split, warps, stages, 2, False))
+        out.append(DequantConfig(2))
+        return list(dict.fromkeys(out))
+    out = [DequantConfig(1), DequantConfig(2)]
+    # Each weight is dequantized once per BLOCK_M rows of x, and Triton waits for each K-step's wgmma before
+    # dequantizing the next tile (the operand comes from registers: one shared buffer), so per CTA the
+    # dequant and the MMA do not overlap. sm_90 SASS per K-step of 64 (fp16, join unpack, fp16 math):
+    #   128 x 128, 8 warps: 238 instructions/thread (~480 issue cycles) next to ~510 of wgmma; 120 registers
+    #       and 75 KB (3 stages) or 96 KB (4 stages) of shared memory: two CTAs per SM overlap each other;
+    #   256 x 128, 8 warps: 258 (~520 cycles) next to ~1020 of wgmma, one CTA per SM (215 registers);
+    #   128 x 256: 386 (~770) next to ~1020, one CTA per SM.
+    # With M = 512 the 5120-wide layers give few tiles for 132 SMs, so each shape also comes with the
+    # split-K that fills the last wave best (CTAs per SM counted).
+    # (Every entry with a distinct tile or split 1 vs > 1 is a compile, ~2 s, at first use.)
+    for bm, bn, bk, warps, stages, per_sm, try_split in ((128, 128, 64, 8, 3, 2, True), (256, 128, 64, 8, 3, 1, True),
+                                                         (128, 256, 64, 8, 3, 1, False)):
+        bk = min(bk, g)
+        programs = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+        splits = (1, _wave_split(programs, k // bk, device, per_sm=per_sm)) if try_split else (1,)
+        for split in dict.fromkeys(splits):
+            out.append(GemmConfig(bm, bn, bk, 8, split, warps, stages, 2, False))
+    return list(dict.fromkeys(out))
+
+
+def _wave_split(programs: int, k_tiles: int, device: torch.device, max_split: int = 4, per_sm: int = 1) -> int:
+    """Split-K in 1..max_split that best fills whole waves of per_sm programs per SM (ties, within 5 %: the
+    smaller split), keeping >= 8 K-tiles per split."""
+    sms = sm_count(device) * per_sm
+    best = (0.0, 1)
+    for s in range(1, max_split + 1):
+        if s > 1 and k_tiles // s < 8:
+            break
+        total = programs * s
+        eff = total / (math.ceil(total / sms) * sms)
+        if eff > best[0] + 0.05:
+            best = (eff, s)
+    return best[1]
 
 
 def _tuned_gemm_config(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
                        group_size: int) -> GemmConfig:
+    """Fixed-default mid-size prefill config: the fastest of _gemm_candidates (v1 kernel), timed once."""
     m, k = x2.shape
     n = qweight.shape[0] * INT4_TILE_N
     key = (min(triton.next_power_of_2(m), DEQUANT_MIN_M), n, k, group_size, x2.dtype, x2.device)
@@ -502,16 +1110,65 @@ def _tuned_gemm_config(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
     return cfg
 
 
+def _default_choice(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
+                    group_size: int) -> Config:
+    """The fixed defaults (no first-use tuning beyond the mid-size v1 list)."""
+    m, k = x2.shape
+    n = qweight.shape[0] * INT4_TILE_N
+    device = x2.device
+    if m <= GEMV_MAX_M:
+        return _default_gemv_config(m, n, k, group_size, device)
+    if m <= SKINNY_MAX_M:
+        return _default_skinny_config(m, n, k, group_size, device)
+    if use_fixed_config(device):
+        return GemmConfig(block_m=32, block_n=32, block_k=min(group_size, 32), group_m=4, num_stages=1)
+    if m >= DEQUANT_MIN_M:
+        return DequantConfig(1)
+    return _tuned_gemm_config(x2, qweight, scales, mins, group_size)
+
+
+def _tune_key(x2: torch.Tensor, n: int, group_size: int) -> tuple:
+    return (_m_bucket(x2.shape[0]), n, x2.shape[1], group_size, x2.dtype, x2.device)
+
+
+def choose_config(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
+                  group_size: int) -> Config:
+    """The config w4a16_matmul uses for this x (M, K): with AUTOTUNE on CUDA and at least MIN_TUNE_WEIGHTS
+    weights, the fastest correct candidate, timed at first use per (M bucket, N, K, G, dtype, device) and
+    cached; during CUDA-graph capture an untuned key gets the fixed default (uncached). Otherwise the fixed
+    default."""
+    n = qweight.shape[0] * INT4_TILE_N
+    if not AUTOTUNE or use_fixed_config(x2.device) or n * x2.shape[1] < MIN_TUNE_WEIGHTS:
+        return _default_choice(x2, qweight, scales, mins, group_size)
+    key = _tune_key(x2, n, group_size)
+    cfg = _CHOICES.get(key)
+    if cfg is not None:
+        return cfg
+    if torch.cuda.is_current_stream_capturing():  # no timing inside a capture; the default times nothing there
+        return _default_choice(x2, qweight, scales, mins, group_size)
+    m, k = x2.shape
+    cands = _candidates(m, n, k, group_size, x2.dtype, x2.device)
+    flush = _flush_buffer(x2.device) if m <= 64 else None  # memory-bound sizes: time with a cold L2
+    reps = 10 if m <= 64 else 5
+    idx, log = _pick_fastest(cands, lambda c: _run_config(x2, qweight, scales, mins, group_size, None, c),
+                             lambda fn: _time_config(fn, reps, flush), _TUNE_TOL[x2.dtype])
+    _FLUSH.clear()  # the allocator may reuse it; the tensor is not kept alive between tunings
+    _CHOICES[key] = cands[idx]
+    _TUNE_LOG[key] = log
+    return cands[idx]
+
+
 def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_size: int,
                  bias: torch.Tensor | None = None, *, backend: str = "auto",
-                 config: GemvConfig | GemmConfig | None = None) -> torch.Tensor:
+                 config: Config | None = None) -> torch.Tensor:
     """y (..., N) = x (..., K) @ dequant(W).T (+ bias), in x.dtype.
 
     backend: "auto" -- Triton on CUDA tensors when Triton is installed, else the torch reference;
              "triton" -- force the kernels (CPU tensors need TRITON_INTERPRET=1); "torch" -- the reference.
-    config:  override the tiling (tests use it for small tiles and split-K): a GemvConfig selects the GEMV
-             kernel, a GemmConfig the tl.dot kernel. By default M <= GEMV_MAX_M -> GEMV; M <= SKINNY_MAX_M ->
-             tl.dot with 16-row tiles and split-K; M < DEQUANT_MIN_M -> tl.dot (timed once per shape on CUDA);
+    config:  override the choice: a GemvConfig selects a GEMV kernel, a GemmConfig a tl.dot kernel, a
+             DequantConfig dequantize + torch.matmul. By default (choose_config) on CUDA the fastest of a short
+             candidate list per shape, timed at first use (AUTOTUNE); else the fixed defaults: M <= GEMV_MAX_M
+             -> GEMV; M <= SKINNY_MAX_M -> tl.dot with 16-row tiles and split-K; M < DEQUANT_MIN_M -> tl.dot;
              larger M -> dequantize + torch.matmul.
     """
     if backend not in ("auto", "triton", "torch"):
@@ -530,21 +1187,6 @@ def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, m
     m = x2.shape[0]
     if m == 0:
         return x.new_empty(*x.shape[:-1], n)
-    device = x.device
-    if isinstance(config, GemvConfig) or (config is None and m <= GEMV_MAX_M):
-        y = _launch_gemv(x2, qweight, scales, mins, group_size, bias,
-                         config or _default_gemv_config(m, n, k, group_size, device))
-    elif isinstance(config, GemmConfig):
-        y = _launch_gemm(x2, qweight, scales, mins, group_size, bias, config)
-    elif m <= SKINNY_MAX_M:
-        y = _launch_gemm(x2, qweight, scales, mins, group_size, bias,
-                         _default_skinny_config(m, n, k, group_size, device))
-    elif use_fixed_config(device):
-        y = _launch_gemm(x2, qweight, scales, mins, group_size, bias,
-                         GemmConfig(block_m=32, block_n=32, block_k=min(group_size, 32), group_m=4, num_stages=1))
-    elif m >= DEQUANT_MIN_M:
-        y = _dequant_matmul(x2, qweight, scales, mins, group_size, bias)
-    else:
-        y = _launch_gemm(x2, qweight, scales, mins, group_size, bias,
-                         _tuned_gemm_config(x2, qweight, scales, mins, group_size))
+    cfg = config if config is not None else choose_config(x2, qweight, scales, mins, group_size)
+    y = _run_config(x2, qweight, scales, mins, group_size, bias, cfg)
     return y.reshape(*x.shape[:-1], n)
