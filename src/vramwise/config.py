@@ -196,3 +196,5 @@ class EngineConfig:
     # graph path's bookkeeping, testable on CPU), "off".
     enforce_eager: bool = False
     decode_graphs: str = "auto"
+    # One matmul for q/k/v and one for gate/up (models/fuse.py), applied after loading; False keeps them apart.
+    fuse_projections: bool = True

@@ -66,6 +66,10 @@ class LLMEngine:
         if isinstance(source, RandomWeightSource):  # draw the weights where they will live
             source.device, source.dtype = self.device, self.dtype
         self.model = load_model(source, self.device, self.dtype, config.quantization)
+        if config.fuse_projections:  # after loading/quantizing: checkpoints load into the unfused modules
+            from vramwise.models.fuse import fuse_projections
+
+            self.fuse_report = fuse_projections(self.model)
         self.offload = None  # OffloadDriver when layers are streamed or computed on the CPU
         if config.offload:
             from vramwise.memory.offload import OffloadConfig, setup_offload
