@@ -84,14 +84,49 @@ def test_enforce_eager_flag_reaches_the_engine_config():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("quantization", ["none", "int4"])
-def test_cuda_graphs_equal_eager(quantization):
+def test_cuda_graphs_equal_emulated_replay(quantization):
+    """The bundled model's shape with random weights: replayed graphs give the very tokens of the same padded
+    steps run eagerly (same kernels, same shapes: bit for bit), including int4 and non-ladder batches."""
     kw = dict(device="cuda", max_model_len=256, max_num_seqs=6, show_progress=False, quantization=quantization)
-    eager = LLM("random:smollm2-135m", enforce_eager=True, **kw)
+    emulated = LLM("random:smollm2-135m", decode_graphs="emulate", **kw)
     graphs = LLM("random:smollm2-135m", **kw)
     g = graphs.engine.runner.graphs
     assert g is not None and g.mode == "cuda" and set(g.graphs) == {1, 2, 4, 6}
     assert graphs.engine.runner.graph_pool_bytes > 0
     prompts = [[(17 * i + j) % 1000 + 3 for j in range(5 + 7 * i)] for i in range(5)]
-    assert _generate(graphs, prompts) == _generate(eager, prompts)
+    assert _generate(graphs, prompts) == _generate(emulated, prompts)
     assert g.num_replays > 0
-    torch.cuda.synchronize()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_cuda_graphs_equal_enforce_eager_on_the_bundled_model(dtype):
+    """Real weights (peaked logits), several batch sizes incl. non-ladder ones, sequences finishing mid-run."""
+    kw = dict(device="cuda", dtype=dtype, max_model_len=256, max_num_seqs=6, show_progress=False)
+    eager = LLM(enforce_eager=True, **kw)
+    graphs = LLM(**kw)
+    assert graphs.engine.runner.graphs is not None and eager.engine.runner.graphs is None
+    texts = ["The capital of France is", "List three colours:", "def fibonacci(n):", "Once upon a time,", "2 + 2 ="]
+    prompts = [graphs.tokenizer.encode(t) for t in texts]
+    for n in (1, 3, 5):
+        assert _generate(graphs, prompts[:n]) == _generate(eager, prompts[:n])
+    assert graphs.engine.runner.graphs.num_replays > 0
+
+
+@pytest.mark.gpu
+def test_fused_kernels_in_the_model_match_torch_references_on_cuda(monkeypatch):
+    """The model's Triton path (fused RMSNorm+residual, RoPE+KV write, SwiGLU) against the torch references
+    of the same ops on the same GPU: logits close, greedy tokens equal on the real bundled model."""
+    from vramwise.kernels import fused
+
+    kw = dict(device="cuda", dtype="float16", max_model_len=256, show_progress=False, enforce_eager=True)
+    llm = LLM(**kw)
+    ids = llm.tokenizer.encode("The boiling point of water is 100 degrees Celsius, and")
+    p = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    triton_logits = llm.engine.score(ids)
+    triton_tokens = llm.generate([ids], p)[0].outputs[0].token_ids
+    monkeypatch.setattr(fused, "_use_triton", lambda x: False)
+    torch_logits = llm.engine.score(ids)
+    torch_tokens = llm.generate([ids], p)[0].outputs[0].token_ids
+    torch.testing.assert_close(triton_logits, torch_logits, rtol=2e-2, atol=5e-2)
+    assert triton_tokens == torch_tokens
