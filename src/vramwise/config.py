@@ -193,7 +193,7 @@ class EngineConfig:
     # Decode fast path (engine/cuda_graphs.py): all-decode steps replay CUDA graphs captured for a ladder of
     # batch sizes. enforce_eager turns that off. decode_graphs: "auto" (graphs on CUDA, none on CPU),
     # "emulate" (pad to the ladder and run the padded batch eagerly through the same static buffers: the
-    # graph path's bookkeeping, testable on CPU), "off".
+    # graph path's bookkeeping, testable on CPU; on CUDA the eager twin of the captured steps), "off".
     enforce_eager: bool = False
     decode_graphs: str = "auto"
     # One matmul for q/k/v and one for gate/up (models/fuse.py), applied after loading; False keeps them apart.
