@@ -83,11 +83,13 @@ def test_enforce_eager_flag_reaches_the_engine_config():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("quantization", ["none", "int4"])
-def test_cuda_graphs_equal_emulated_replay(quantization):
+@pytest.mark.parametrize("quantization,dtype", [("none", "float32"), ("int4", "float16")])
+def test_cuda_graphs_equal_emulated_replay(quantization, dtype):
     """The bundled model's shape with random weights: replayed graphs give the very tokens of the same padded
-    steps run eagerly (same kernels, same shapes: bit for bit), including int4 and non-ladder batches."""
-    kw = dict(device="cuda", max_model_len=256, max_num_seqs=6, show_progress=False, quantization=quantization)
+    steps run eagerly (same kernels, same shapes), including int4 and non-ladder batches. Random weights give
+    flat logits, so the float case runs in fp32, where no near-tie can hide in rounding."""
+    kw = dict(device="cuda", dtype=dtype, max_model_len=256, max_num_seqs=6, show_progress=False,
+              quantization=quantization)
     emulated = LLM("random:smollm2-135m", decode_graphs="emulate", **kw)
     graphs = LLM("random:smollm2-135m", **kw)
     g = graphs.engine.runner.graphs
