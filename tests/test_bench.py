@@ -52,3 +52,36 @@ def test_bench_bad_arguments(argv, msg, capsys):
 def test_bench_unknown_shape_is_a_clear_error(capsys):
     assert main(["bench", "--random-weights", "llama-9000", "--no-progress"]) == 2
     assert "unknown shape 'llama-9000'" in capsys.readouterr().err
+
+
+def test_bench_int4_reports_weight_bandwidth_and_decode_path(tmp_path, capsys):
+    from fixtures import make_tiny_hf_model
+
+    model = make_tiny_hf_model(tmp_path / "m", "llama_tied")
+    js = tmp_path / "r.json"
+    argv = ["bench", model, "--quantization", "int4-g32", "--device", "cpu", "--batch", "1", "--prompt-len", "4",
+            "--gen-len", "3", "--enforce-eager", "--json", str(js), "--no-progress"]
+    assert main(argv) == 0
+    data = json.loads(js.read_text())
+    assert data["decode_path"] == "eager (--enforce-eager)"
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    h, v = cfg["hidden_size"], cfg["vocab_size"]
+    layer_weights = cfg["num_hidden_layers"] * (3 * h * h + 3 * h * cfg["intermediate_size"])  # q,o + k,v (half: GQA) + mlp
+    # int4 layers (~0.6 byte per weight with scales and mins) plus the tied fp32 embedding the logits read in full.
+    assert v * h * 4 + layer_weights // 2 < data["weight_bytes_per_step"] < v * h * 4 + layer_weights
+    r = data["results"][0]
+    assert r["weight_gb_s"] == pytest.approx(data["weight_bytes_per_step"] * r["decode_tok_s"] / 1e9, rel=0.01, abs=0.1)
+    assert "weights GB/s" in capsys.readouterr().out
+
+
+def test_decode_weight_bytes_skips_the_untied_embedding(tmp_path):
+    from fixtures import make_tiny_hf_model
+
+    from vramwise.bench.offline import decode_weight_bytes
+    from vramwise.llm import LLM
+
+    llm = LLM(make_tiny_hf_model(tmp_path / "m", "llama_gqa"), device="cpu", show_progress=False, enforce_eager=True)
+    model = llm.engine.model
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    embed = model.model.embed_tokens.weight
+    assert decode_weight_bytes(model) == params - embed.numel() * embed.element_size()

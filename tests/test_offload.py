@@ -362,9 +362,9 @@ def test_packed_quantized_buffers_stream_and_dequantize_on_cpu(deep_path, refere
     quantize(llm)
     driver = offload(llm, "s,s,c,s,c,r,s", 2)
     layers = llm.engine.model.model.layers
-    assert isinstance(layers[0].mlp.up_proj, PackedLinear) and layers[0].mlp.up_proj.qweight.dtype == torch.int32
-    assert type(layers[2].mlp.up_proj) is nn.Linear  # CPU layer: dequantized at apply time
-    assert isinstance(layers[5].mlp.up_proj, PackedLinear)
+    assert isinstance(layers[0].mlp.down_proj, PackedLinear) and layers[0].mlp.down_proj.qweight.dtype == torch.int32
+    assert type(layers[2].mlp.down_proj) is nn.Linear  # CPU layer: dequantized at apply time
+    assert isinstance(layers[5].mlp.down_proj, PackedLinear)
     assert greedy(llm) == want_tokens
     assert torch.equal(llm.engine.score(PROMPTS[2]), want_logits)
     assert driver.stats.loads > 0

@@ -455,7 +455,9 @@ def _logits(model_dir: str, quantization: str | None) -> tuple[torch.Tensor, tor
     from vramwise.config import EngineConfig
     from vramwise.engine.llm_engine import LLMEngine
 
-    eng = LLMEngine(EngineConfig(model=model_dir, device="cpu", show_progress=False, quantization=quantization))
+    # Unfused projections: these tests inspect the modules as loaded (models/fuse.py runs after loading).
+    eng = LLMEngine(EngineConfig(model=model_dir, device="cpu", show_progress=False, quantization=quantization,
+                                 fuse_projections=False))
     return eng.score(list(range(3, 40))), eng.model
 
 

@@ -29,6 +29,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quantization", default=None,
                    help="weights: auto (checkpoint's own; dequantized on CPU) | native (keep packed) | none | "
                         "int8 | int4 | int4-g32/g64/g128 (RTN at load) (default: auto)")
+    g.add_argument("--enforce-eager", action="store_true",
+                   help="run decode steps eagerly: no CUDA-graph capture (less startup time and GPU memory)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 256) -> None:
@@ -70,6 +72,7 @@ def make_engine_config(args: argparse.Namespace, show_progress: bool = True):
         show_progress=show_progress,
         offload=getattr(args, "offload", None),
         num_stream_buffers=getattr(args, "stream_buffers", 2),
+        enforce_eager=bool(getattr(args, "enforce_eager", False)),
         **extra,
     )
 

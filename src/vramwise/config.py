@@ -190,3 +190,11 @@ class EngineConfig:
     # "resident:20,streamed:20" or "r,s,c,..." (resident | streamed | cpu per decoder layer).
     offload: str | None = None
     num_stream_buffers: int = 2  # GPU slots in the streaming ring (prefetch depth is this minus one)
+    # Decode fast path (engine/cuda_graphs.py): all-decode steps replay CUDA graphs captured for a ladder of
+    # batch sizes. enforce_eager turns that off. decode_graphs: "auto" (graphs on CUDA, none on CPU),
+    # "emulate" (pad to the ladder and run the padded batch eagerly through the same static buffers: the
+    # graph path's bookkeeping, testable on CPU; on CUDA the eager twin of the captured steps), "off".
+    enforce_eager: bool = False
+    decode_graphs: str = "auto"
+    # One matmul for q/k/v and one for gate/up (models/fuse.py), applied after loading; False keeps them apart.
+    fuse_projections: bool = True

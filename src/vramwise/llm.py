@@ -20,7 +20,8 @@ class LLM:
 
     Extra keyword arguments: device, dtype, seed, max_model_len, max_num_seqs, max_num_batched_tokens,
     num_kv_blocks, kv_cache_memory (bytes), block_size, show_progress, quantization (see model_loader),
-    offload (layer placement, see memory/offload.py), num_stream_buffers; or a whole engine_config.
+    offload (layer placement, see memory/offload.py), num_stream_buffers, enforce_eager, decode_graphs, fuse_projections
+    (see EngineConfig); or a whole engine_config.
     """
 
     def __init__(
@@ -40,6 +41,9 @@ class LLM:
         quantization: str | None = None,
         offload: str | None = None,
         num_stream_buffers: int = 2,
+        enforce_eager: bool = False,
+        decode_graphs: str = "auto",
+        fuse_projections: bool = True,
         engine_config: EngineConfig | None = None,
     ) -> None:
         if engine_config is not None:  # a complete config (the CLI builds one); the keywords are then unused
@@ -59,6 +63,9 @@ class LLM:
             quantization=quantization,
             offload=offload,
             num_stream_buffers=num_stream_buffers,
+            enforce_eager=enforce_eager,
+            decode_graphs=decode_graphs,
+            fuse_projections=fuse_projections,
         )
         self.engine = LLMEngine(cfg)
         self._ids = itertools.count()

@@ -6,6 +6,9 @@ real and random-weight models alike.
   ttft          mean over requests of (first token time - submit time)
   prefill tok/s B * prompt_len / (time the last request got its first token - submit time)
   decode tok/s  B * (gen_len - 1) / (end - time the last request got its first token), aggregate
+  weights GB/s  bytes of weights one decode step reads (decode_weight_bytes) x decode steps per second
+                (decode tok/s / B); at batch 1 this is the achieved weight-read bandwidth, reported also as a
+                fraction of the device's measured device-to-device copy bandwidth (the practical ceiling)
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ class BatchResult:
     decode_tok_s_per_seq: float
     total_s: float
     throughput_tok_s: float  # generated tokens / total time
+    weight_gb_s: float | None = None  # weights read per decode step x decode steps per second
     nvml_peak_mib: float | None = None
     torch_max_allocated_mib: float | None = None
     torch_max_reserved_mib: float | None = None
@@ -64,6 +68,11 @@ class BenchReport:
     # the command's own settings (shape, quantization, GPU cap, ...), so that a report read later, e.g. by
     # benchmarks/peers/table.py, can tell which scenario it measured
     settings: dict[str, Any] = field(default_factory=dict)
+    decode_path: str = "eager"  # "cuda graphs (batch sizes ...)" or "eager (why)"
+    graph_pool_mib: float | None = None
+    weight_bytes_per_step: int | None = None
+    d2d_copy_gb_s: float | None = None  # measured device-to-device copy bandwidth (CUDA only)
+    weight_read_fraction_b1: float | None = None  # batch-1 weight GB/s / d2d_copy_gb_s
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -79,6 +88,51 @@ def git_commit() -> str:
 
 def _mib(b: int | float | None) -> float | None:
     return None if b is None or b < 0 else round(b / 2**20, 1)
+
+
+def decode_weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of weights one decode step reads: every parameter and buffer (packed weights, scales, norms) except
+    the rotary table and the input embedding, which a step reads B rows of; the embedding counts when it is
+    tied to the lm_head (the logits read all of it)."""
+    embed = model.model.embed_tokens.weight
+    tied = getattr(model.lm_head, "weight", None) is embed
+    total = 0
+    seen: set[int] = set()
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if id(t) in seen or name.endswith("cos_sin") or (t is embed and not tied):
+            continue
+        seen.add(id(t))
+        total += t.numel() * t.element_size()
+    return total
+
+
+def d2d_copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, reps: int = 10) -> float:
+    """Bytes/s of a device-to-device copy (read + write counted), best of `reps`."""
+    a = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    b.copy_(a)
+    best = float("inf")
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        b.copy_(a)
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) / 1000)
+    del a, b
+    torch.cuda.empty_cache()
+    return 2 * nbytes / best
+
+
+def decode_path(engine: LLMEngine) -> str:
+    graphs = getattr(engine.runner, "graphs", None)
+    if graphs is not None:
+        kind = "cuda graphs" if graphs.mode == "cuda" else "emulated graphs"
+        return f"{kind} (batch sizes {','.join(map(str, graphs.sizes))})"
+    why = getattr(engine, "graph_bypass_reason", None)
+    if getattr(engine.config, "enforce_eager", False):
+        why = "--enforce-eager"
+    return f"eager ({why})" if why else "eager"
 
 
 def run_batch(engine: LLMEngine, batch: int, prompt_len: int, gen_len: int, seed: int = 0) -> BatchResult:
@@ -112,6 +166,7 @@ def run_batch(engine: LLMEngine, batch: int, prompt_len: int, gen_len: int, seed
         decode_tok_s_per_seq=round(decode / batch, 2),
         total_s=round(end - t0, 3),
         throughput_tok_s=round(batch * gen_len / (end - t0), 2),
+        weight_gb_s=round(decode_weight_bytes(engine.model) * decode / batch / 1e9, 1),
     )
 
 
@@ -159,6 +214,8 @@ def run_offline_bench(
             results.append(r)
             bar.advance(task)
     mon.stop()
+    d2d = round(d2d_copy_bandwidth(engine.device) / 1e9, 1) if cuda else None
+    b1 = next((r for r in results if r.batch == 1), None)
     dev_name = torch.cuda.get_device_name(engine.device) if cuda else (platform.processor() or "cpu")
     return BenchReport(
         model=model_name,
@@ -179,6 +236,11 @@ def run_offline_bench(
         torch_max_reserved_mib=_mib(torch.cuda.max_memory_reserved()) if cuda else None,
         results=results,
         settings=dict(settings or {}),
+        decode_path=decode_path(engine),
+        graph_pool_mib=_mib(engine.runner.graph_pool_bytes) if cuda else None,
+        weight_bytes_per_step=decode_weight_bytes(engine.model),
+        d2d_copy_gb_s=d2d,
+        weight_read_fraction_b1=round(b1.weight_gb_s / d2d, 3) if d2d and b1 and b1.weight_gb_s else None,
     )
 
 
@@ -206,11 +268,13 @@ def default_json_name(settings: dict[str, Any], batch_sizes: list[int], prompt_l
 
 
 def format_table(report: BenchReport) -> str:
-    head = "| batch | TTFT ms | prefill tok/s | decode tok/s (agg) | per seq | throughput tok/s | NVML peak MiB | torch alloc MiB |"
-    sep = "|---:|---:|---:|---:|---:|---:|---:|---:|"
+    head = ("| batch | TTFT ms | prefill tok/s | decode tok/s (agg) | per seq | throughput tok/s | weights GB/s | "
+            "NVML peak MiB | torch alloc MiB |")
+    sep = "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     rows = [
         f"| {r.batch} | {r.ttft_ms:.1f} | {r.prefill_tok_s:.0f} | {r.decode_tok_s:.1f} | {r.decode_tok_s_per_seq:.1f} | "
-        f"{r.throughput_tok_s:.1f} | {r.nvml_peak_mib if r.nvml_peak_mib is not None else '-'} | "
+        f"{r.throughput_tok_s:.1f} | {r.weight_gb_s if r.weight_gb_s is not None else '-'} | "
+        f"{r.nvml_peak_mib if r.nvml_peak_mib is not None else '-'} | "
         f"{r.torch_max_allocated_mib if r.torch_max_allocated_mib is not None else '-'} |"
         for r in report.results
     ]
@@ -219,7 +283,17 @@ def format_table(report: BenchReport) -> str:
         f"prompt {report.results[0].prompt_len if report.results else '?'} + gen "
         f"{report.results[0].gen_len if report.results else '?'}, commit {report.commit}, {report.date}"
     )
-    return "\n".join([title, "", head, sep, *rows])
+    wb = report.weight_bytes_per_step
+    path = f"decode: {report.decode_path}"
+    if report.graph_pool_mib:
+        path += f", graph pool {report.graph_pool_mib} MiB"
+    if wb:
+        path += f"; weights read per decode step {wb / 1e9:.2f} GB"
+    if report.d2d_copy_gb_s:
+        path += f"; d2d copy {report.d2d_copy_gb_s} GB/s"
+    if report.weight_read_fraction_b1 is not None:
+        path += f"; batch-1 weight read = {report.weight_read_fraction_b1:.2f} of d2d"
+    return "\n".join([title, path, "", head, sep, *rows])
 
 
 def write_plot(report: BenchReport, path: str | Path) -> None:

@@ -66,6 +66,10 @@ class LLMEngine:
         if isinstance(source, RandomWeightSource):  # draw the weights where they will live
             source.device, source.dtype = self.device, self.dtype
         self.model = load_model(source, self.device, self.dtype, config.quantization)
+        if config.fuse_projections:  # after loading/quantizing: checkpoints load into the unfused modules
+            from vramwise.models.fuse import fuse_projections
+
+            self.fuse_report = fuse_projections(self.model)
         self.offload = None  # OffloadDriver when layers are streamed or computed on the CPU
         if config.offload:
             from vramwise.memory.offload import OffloadConfig, setup_offload
@@ -90,11 +94,39 @@ class LLMEngine:
         eos = frozenset(self.tokenizer.eos_token_ids if self.tokenizer else ()) | frozenset(self.model_config.eos_token_ids)
         self.scheduler = Scheduler(self.scheduler_config, self.block_manager, eos)
         kv_layers = self.offload.kv_layers(self.dtype) if self.offload else None  # CPU layers keep KV on the host
+        self.graph_mode, self.graph_bypass_reason = self._graph_mode()
+        if self.graph_bypass_reason:
+            log.info("decode steps run eagerly: %s", self.graph_bypass_reason)
         self.runner = ModelRunner(
-            self.model, self.model_config, self.device, self.dtype, num_blocks, block_size, config.seed, kv_layers
+            self.model, self.model_config, self.device, self.dtype, num_blocks, block_size, config.seed, kv_layers,
+            graphs=self.graph_mode, max_model_len=max_len, max_num_seqs=self.scheduler_config.max_num_seqs,
         )
         self._requests: dict[str, _RequestState] = {}
         self._seq_to_req: dict[int, _RequestState] = {}
+
+    def _graph_mode(self) -> tuple[str, str | None]:
+        """("cuda" | "emulate" | "off", why graphs are off when they could have been on)."""
+        cfg = self.config
+        if cfg.decode_graphs not in ("auto", "emulate", "off"):
+            raise ValueError(f"decode_graphs must be 'auto', 'emulate' or 'off', not {cfg.decode_graphs!r}")
+        if cfg.enforce_eager or cfg.decode_graphs == "off":
+            return "off", None
+        if self.offload is not None and self.offload.layers_with("cpu"):
+            return "off", "layers computed on the CPU cannot be part of a CUDA graph"
+        if cfg.decode_graphs == "emulate":
+            return "emulate", None
+        if self.device.type != "cuda":
+            return "off", None
+        if self.offload is not None:
+            # The streaming ring decides per call, on the host, which slot to fill and whether a copy is
+            # already in flight (its prefetch also crosses step boundaries); a graph would freeze one
+            # step's decisions. Streamed models keep eager decode steps.
+            return "off", f"layers are streamed ({self.placement_name}); CUDA graphs are bypassed for this model"
+        from vramwise.kernels.attention_backend import HAS_TRITON
+
+        if not HAS_TRITON:
+            return "off", "CUDA graphs need the Triton attention backend (triton is not installed)"
+        return "cuda", None
 
     def _default_num_blocks(self, block_size: int) -> int:
         per_block = KVCache.bytes_per_block(self.model_config, block_size, self.dtype)

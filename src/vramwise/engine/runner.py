@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import nn
 
 from vramwise.config import ModelConfig
+from vramwise.engine.cuda_graphs import DecodeGraphs
 from vramwise.engine.scheduler import SchedulerOutput
 from vramwise.kernels.attention_backend import select_attention_backend
 from vramwise.models.attention import AttentionMetadata
@@ -102,14 +104,26 @@ class ModelRunner:
         block_size: int,
         seed: int = 0,
         kv_layers: Sequence[tuple[torch.device, torch.dtype]] | None = None,
+        graphs: Literal["off", "cuda", "emulate"] = "off",
+        max_model_len: int | None = None,
+        max_num_seqs: int = 1,
     ) -> None:
         """kv_layers: (device, dtype) of each layer's KV pages (OffloadDriver.kv_layers); default: all on
-        `device` in `kv_dtype`."""
+        `device` in `kv_dtype`.
+
+        graphs: "cuda" captures the all-decode step for batch sizes up to max_num_seqs (engine/cuda_graphs.py),
+        "emulate" runs the same padded path eagerly (CPU tests), "off" runs every step eagerly. With graphs,
+        the KV pool gets one extra block past num_blocks (the padding rows' scratch), which the block
+        manager never hands out. max_model_len bounds the context (default: the model's maximum).
+        """
         self.model = model
         self.cfg = cfg
         self.device = device
         self.block_size = block_size
-        self.kv_cache = KVCache(cfg, num_blocks, block_size, kv_dtype, device, kv_layers)
+        if graphs not in ("off", "cuda", "emulate"):
+            raise ValueError(f"graphs must be 'off', 'cuda' or 'emulate', not {graphs!r}")
+        pool_blocks = num_blocks + (1 if graphs != "off" else 0)
+        self.kv_cache = KVCache(cfg, pool_blocks, block_size, kv_dtype, device, kv_layers)
         for i, attn in enumerate(model.attention_layers()):
             attn.kv_cache = self.kv_cache.layer(i)
             # The backend follows the layer's pages: a layer the offload driver computes on the CPU keeps
@@ -120,6 +134,20 @@ class ModelRunner:
         self._host_layers = any(d.type == "cpu" for d, _ in self.kv_cache.layer_placement) and device.type != "cpu"
         self.sampler = Sampler(seed)
         self._generators: dict[int, torch.Generator] = {}
+        self.graphs: DecodeGraphs | None = None
+        if graphs != "off":
+            if self._host_layers:
+                raise ValueError("decode graphs cannot include layers computed on the host; run them eagerly")
+            self.graphs = DecodeGraphs(
+                model, device, block_size, max_model_len or cfg.max_position_embeddings, max_num_seqs,
+                scratch_block=num_blocks, mode=graphs,
+            )
+            self.graphs.capture()  # after the KV pool: the graphs bake in its addresses
+
+    @property
+    def graph_pool_bytes(self) -> int:
+        """GPU memory held by the captured graphs' shared pool (0 without graphs)."""
+        return self.graphs.graph_pool_bytes if self.graphs is not None else 0
 
     def release(self, seq_id: int) -> None:
         self._generators.pop(seq_id, None)
@@ -182,15 +210,20 @@ class ModelRunner:
         result = RunnerOutput()
         if out.is_empty:
             return result
-        ids, positions, meta = self.prepare(out)
-        hidden = self.model(ids, positions, meta)  # (T, hidden)
+        if self.graphs is not None and self.graphs.eligible(out):
+            hidden = self.graphs.run(out)  # (B, hidden): one token per sequence
+            query_start_loc = list(range(len(out.scheduled) + 1))
+        else:
+            ids, positions, meta = self.prepare(out)
+            hidden = self.model(ids, positions, meta)  # (T, hidden)
+            query_start_loc = meta.query_start_loc
 
         # Rows whose logits we need: last row of each sampling sequence, all rows for prompt logprobs.
         rows: list[int] = []
         sample_rows: list[tuple[int, int]] = []  # (scheduled index, row into logits)
         plp_rows: list[tuple[int, int, int]] = []  # (scheduled index, first row into logits, count)
         for j, s in enumerate(out.scheduled):
-            start, end = meta.query_start_loc[j], meta.query_start_loc[j + 1]
+            start, end = query_start_loc[j], query_start_loc[j + 1]
             p = s.seq.sampling_params
             if p.prompt_logprobs is not None and s.start_pos < s.seq.num_prompt_tokens:
                 # rows start..end-1 predict tokens at positions start_pos+1 .. start_pos+n

@@ -6,7 +6,9 @@ Every backend has the signature of `paged_attention_torch`, plus an optional key
             block_tables (B, max_blocks), scale, *, context_lens_t=None) -> (T, Hq, D)
 
 context_lens_t is context_lens already on q's device as an int32 tensor (AttentionMetadata builds it
-once per step), so no layer pays a host-to-device copy for it; `prepared` is a per-step scratch dict
+once per step), so no layer pays a host-to-device copy for it; max_context_len, when given, bounds the
+context of an all-decode batch in place of max(context_lens) (a fixed bound keeps the decode kernel's grid
+the same on every CUDA-graph replay); `prepared` is a per-step scratch dict
 shared by all layers (the torch path keeps its index tensors there).
 
 - CUDA with Triton (`triton_attention`): an all-decode batch goes through the Triton paged-attention
@@ -56,6 +58,7 @@ class AttentionBackend(Protocol):
         *,
         context_lens_t: torch.Tensor | None = None,
         prepared: dict | None = None,
+        max_context_len: int | None = None,
     ) -> torch.Tensor: ...
 
 
@@ -70,6 +73,7 @@ def torch_attention(
     *,
     context_lens_t: torch.Tensor | None = None,
     prepared: dict | None = None,
+    max_context_len: int | None = None,
 ) -> torch.Tensor:
     """The pure-torch reference, with the backend signature (context_lens_t is not needed there)."""
     return paged_attention_torch(q, k_cache, v_cache, query_start_loc, context_lens, block_tables, scale, prepared)
@@ -139,6 +143,7 @@ def triton_attention(
     *,
     context_lens_t: torch.Tensor | None = None,
     prepared: dict | None = None,
+    max_context_len: int | None = None,
 ) -> torch.Tensor:
     """Triton decode kernel for all-decode batches, Triton varlen prefill kernel otherwise."""
     num_seqs = len(context_lens)
@@ -147,7 +152,8 @@ def triton_attention(
     if q.shape[0] == num_seqs:  # one token per sequence (each has at least one): all decode
         ctx_t = _context_lens_tensor(context_lens, context_lens_t, q.device)
         return paged_attention_decode(
-            q, k_cache, v_cache, block_tables[:num_seqs], ctx_t[:num_seqs], scale, max_context_len=max(context_lens)
+            q, k_cache, v_cache, block_tables[:num_seqs], ctx_t[:num_seqs], scale,
+            max_context_len=max_context_len or max(context_lens),
         )
     # A step with prefill work is dominated by it; decode rows ride along as one-token tiles, one launch.
     return paged_attention_prefill(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale)
@@ -164,6 +170,7 @@ def sdpa_prefill_attention(
     *,
     context_lens_t: torch.Tensor | None = None,
     prepared: dict | None = None,
+    max_context_len: int | None = None,
 ) -> torch.Tensor:
     """Triton decode kernel for one-token sequences, torch SDPA per prefill sequence. See the module doc."""
     num_seqs = len(context_lens)
@@ -175,7 +182,8 @@ def sdpa_prefill_attention(
         # the block tables and the context lengths line up row for row with no gather.
         ctx_t = _context_lens_tensor(context_lens, context_lens_t, q.device)
         return paged_attention_decode(
-            q, k_cache, v_cache, block_tables[:num_seqs], ctx_t[:num_seqs], scale, max_context_len=max(context_lens)
+            q, k_cache, v_cache, block_tables[:num_seqs], ctx_t[:num_seqs], scale,
+            max_context_len=max_context_len or max(context_lens),
         )
 
     out = torch.empty_like(q)

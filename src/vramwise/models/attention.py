@@ -8,7 +8,9 @@ import torch
 from torch import nn
 
 from vramwise.kernels.attention_backend import torch_attention
+from vramwise.kernels.fused import rope_and_write_kv
 from vramwise.kernels.paged_attention import write_kv
+from vramwise.models.layers import RotaryEmbedding
 
 
 @dataclass
@@ -23,7 +25,7 @@ class AttentionMetadata:
     query_start_loc: list[int]  # B + 1 offsets into the flat token axis
     context_lens: list[int]  # (B,) tokens cached after this step, per sequence
     context_lens_t: torch.Tensor | None = None  # same on device, for kernels
-    max_context_len: int = 0
+    max_context_len: int = 0  # bound on context_lens for the decode kernel's grid (0: max(context_lens))
     all_decode: bool = False  # every sequence has exactly one new token
     # Backend scratch shared by all layers of one step (index tensors built once, not per layer).
     prepared: dict = field(default_factory=dict)
@@ -44,13 +46,28 @@ class Attention(nn.Module):
         self.kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None  # (num_blocks, block_size, Hkv, D) x2
         self.backend = torch_attention  # the runner picks the device's backend (select_attention_backend)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        # q (T, Hq, D), k/v (T, Hkv, D) -> (T, Hq, D)
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        meta: AttentionMetadata,
+        positions: torch.Tensor | None = None,
+        rotary: RotaryEmbedding | None = None,
+    ) -> torch.Tensor:
+        """q (T, Hq, D), k/v (T, Hkv, D) -> (T, Hq, D). q, k, v may be views of a fused QKV output (head_dim
+        contiguous). With `rotary` (and positions (T,)), q and k are rotated in place and k, v written to the
+        pages in one fused kernel (kernels/fused.py rope_and_write_kv); without it they are written as given."""
         if self.kv_cache is None:
             raise RuntimeError("attention layer has no KV cache bound; the runner binds one before running")
         k_cache, v_cache = self.kv_cache
-        write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        if rotary is not None:
+            if positions is None:
+                raise ValueError("rotary attention needs the token positions")
+            rope_and_write_kv(q, k, v, positions, rotary.table(q.device), k_cache, v_cache, meta.slot_mapping)
+        else:
+            write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         return self.backend(
             q, k_cache, v_cache, meta.query_start_loc, meta.context_lens, meta.block_tables, self.scale,
-            context_lens_t=meta.context_lens_t, prepared=meta.prepared,
+            context_lens_t=meta.context_lens_t, prepared=meta.prepared, max_context_len=meta.max_context_len or None,
         )

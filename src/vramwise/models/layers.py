@@ -1,28 +1,36 @@
-"""Building blocks shared by decoder families: RMSNorm, rotary embedding, SwiGLU."""
+"""Building blocks shared by decoder families: RMSNorm, rotary embedding, SwiGLU.
+
+Each dispatches to the fused kernels of kernels/fused.py: Triton on CUDA, their torch references elsewhere.
+"""
 
 from __future__ import annotations
 
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from vramwise.config import RopeScaling
+from vramwise.kernels import fused
 
 
 class RMSNorm(nn.Module):
+    """RMSNorm, optionally fused with the residual add before it (one Triton kernel on CUDA).
+
+    forward(x) -> RMSNorm(x); forward(x, residual) -> (RMSNorm(x + residual), x + residual). Numerics of
+    transformers: normalise in fp32, cast back to the input dtype, then multiply by the weight.
+    """
+
     def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 as transformers does, then cast back before the weight multiply.
-        dtype = x.dtype
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(dtype)
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        out, new_residual = fused.rms_norm(x, self.weight, self.eps, residual)
+        return out if residual is None else (out, new_residual)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling) -> torch.Tensor:
@@ -63,11 +71,16 @@ class RotaryEmbedding(nn.Module):
         freqs = torch.outer(t, inv_freq)  # (P, D/2)
         self.cos_sin = torch.cat([freqs.cos(), freqs.sin()], dim=-1)
 
+    def table(self, device: torch.device) -> torch.Tensor:
+        """The (max_positions, head_dim) fp32 [cos | sin] table on `device` (built on first use there)."""
+        if self.cos_sin.numel() == 0 or self.cos_sin.device != device:
+            self.build_cache(device)
+        return self.cos_sin
+
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # positions (T,), q (T, Hq, D), k (T, Hkv, D)
-        if self.cos_sin.numel() == 0 or self.cos_sin.device != q.device:
-            self.build_cache(q.device)
-        cs = self.cos_sin.index_select(0, positions)  # (T, D)
+        """Unfused rotary (the attention layer uses the fused rotary + KV write; this stays the reference).
+        positions (T,), q (T, Hq, D), k (T, Hkv, D)."""
+        cs = self.table(q.device).index_select(0, positions)  # (T, D)
         half = self.head_dim // 2
         cos = cs[:, None, :half]
         sin = cs[:, None, half:]
@@ -82,4 +95,10 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 def silu_and_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    return F.silu(gate) * up
+    """SwiGLU silu(gate) * up on separate (..., I) tensors (one Triton kernel on CUDA)."""
+    return fused.silu_and_mul_split(gate, up)
+
+
+def silu_and_mul_merged(gate_up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU on a fused gate+up projection's output (..., 2I) = [gate | up] -> (..., I)."""
+    return fused.silu_and_mul(gate_up)

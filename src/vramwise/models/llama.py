@@ -14,7 +14,7 @@ from torch import nn
 
 from vramwise.config import ModelConfig
 from vramwise.models.attention import Attention, AttentionMetadata
-from vramwise.models.layers import RMSNorm, RotaryEmbedding, silu_and_mul
+from vramwise.models.layers import RMSNorm, RotaryEmbedding, silu_and_mul, silu_and_mul_merged
 
 
 class LlamaAttention(nn.Module):
@@ -23,7 +23,10 @@ class LlamaAttention(nn.Module):
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
         self.head_dim = cfg.head_dim
+        self.q_size, self.kv_size = cfg.q_size, cfg.kv_size
         h = cfg.hidden_size
+        # Set (and q/k/v_proj removed) by models/fuse.py after loading: one matmul for the three projections.
+        self.qkv_proj: nn.Module | None = None
         self.q_proj = nn.Linear(h, cfg.q_size, bias=cfg.attention_bias)
         self.k_proj = nn.Linear(h, cfg.kv_size, bias=cfg.attention_bias)
         self.v_proj = nn.Linear(h, cfg.kv_size, bias=cfg.attention_bias)
@@ -33,22 +36,28 @@ class LlamaAttention(nn.Module):
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         t = x.shape[0]
-        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)  # (T, Hq, D)
-        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)  # (T, Hkv, D)
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary(positions, q, k)
-        o = self.attn(q, k, v, meta)  # (T, Hq, D)
+        if self.qkv_proj is not None:  # (T, q_size + 2 kv_size) -> column views, no copies
+            q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(t, self.num_heads, self.head_dim)  # (T, Hq, D)
+        k = k.view(t, self.num_kv_heads, self.head_dim)  # (T, Hkv, D)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        o = self.attn(q, k, v, meta, positions, self.rotary)  # rotary + KV write + attention; (T, Hq, D)
         return self.o_proj(o.reshape(t, self.num_heads * self.head_dim))
 
 
 class LlamaMLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
+        self.gate_up_proj: nn.Module | None = None  # set (gate/up_proj removed) by models/fuse.py
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up_proj is not None:
+            return self.down_proj(silu_and_mul_merged(self.gate_up_proj(x)))  # (T, 2I) -> (T, I)
         return self.down_proj(silu_and_mul(self.gate_proj(x), self.up_proj(x)))
 
 
@@ -61,8 +70,11 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(cfg)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        x = x + self.self_attn(positions, self.input_layernorm(x), meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        # The residual add after attention is fused into the next norm: h, x = norm(h + x), h + x. The layer
+        # keeps its tensor-in, tensor-out contract (offload hooks and GPTQ run layers one at a time).
+        h = self.self_attn(positions, self.input_layernorm(x), meta)
+        h, x = self.post_attention_layernorm(h, x)
+        return x + self.mlp(h)
 
 
 class LlamaModel(nn.Module):

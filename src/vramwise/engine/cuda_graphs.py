@@ -1,0 +1,220 @@
+"""Decode fast path: the all-decode step captured as CUDA graphs for a ladder of batch sizes.
+
+When weights are resident, a decode step is bound by reading them once; at batch 1 the hundreds of kernel
+launches of an eager step (several per layer) cost as much host time as the GPU spends. A captured graph
+replays all of them with one launch.
+
+What is captured: the model's forward (embedding .. final norm) for B_pad sequences of one token each, for
+every B_pad in the ladder 1, 2, 4, 8, ... up to max_num_seqs (max_num_seqs itself is the last rung). The
+logits projection and sampling stay eager (they depend on which rows sample and on per-request sampling
+parameters; one matmul and a few small kernels).
+
+Static inputs (filled in place before every replay; the graphs read them by address):
+    input_ids (B_max,) int64, positions (B_max,) int64, slot_mapping (B_max,) int64,
+    block_tables (B_max, max_blocks) int64, context_lens (B_max,) int32.
+A batch of B real sequences runs on the smallest rung B_pad >= B. The B_pad - B padding rows are token 0
+at position 0 with context 1, their K/V written to, and read from, a scratch block that the runner
+reserves past the block manager's range: real pages are never touched, and the padding rows' attention is
+well defined (no empty softmax). The attention kernel's grid is sized from a fixed bound on the context
+(max_blocks * block_size) instead of this step's longest context, so the launch shape is the same on
+every replay.
+
+Steps that run eagerly: any step with a prefill chunk (more than one new token for some sequence), steps
+that need prompt logprobs, more sequences than the largest rung, block tables longer than the bound.
+
+mode "emulate" (CPU, tests): the same ladder, padding and static buffers, but the padded batch runs eagerly
+through the model instead of a replay; so a CPU test shows that padding, the scratch block and the buffer
+bookkeeping leave outputs unchanged, the parts a graph replay does not change.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+import torch
+from torch import nn
+
+from vramwise.engine.scheduler import SchedulerOutput
+from vramwise.models.attention import AttentionMetadata
+
+log = logging.getLogger(__name__)
+
+GraphMode = Literal["cuda", "emulate"]
+
+
+def graph_ladder(max_num_seqs: int) -> list[int]:
+    """Batch sizes to capture: powers of two below max_num_seqs, then max_num_seqs itself."""
+    if max_num_seqs < 1:
+        raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
+    sizes = []
+    b = 1
+    while b < max_num_seqs:
+        sizes.append(b)
+        b *= 2
+    sizes.append(max_num_seqs)
+    return sizes
+
+
+class DecodeGraphs:
+    """Captured decode steps (mode "cuda") or their CPU emulation (mode "emulate"); see the module doc."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        device: torch.device,
+        block_size: int,
+        max_model_len: int,
+        max_num_seqs: int,
+        scratch_block: int,
+        mode: GraphMode,
+    ) -> None:
+        if mode not in ("cuda", "emulate"):
+            raise ValueError(f"graph mode must be 'cuda' or 'emulate', not {mode!r}")
+        if mode == "cuda" and device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA device, the model runs on {device}")
+        self.model = model
+        self.device = device
+        self.mode = mode
+        self.block_size = block_size
+        self.sizes = graph_ladder(max_num_seqs)
+        self.max_batch = self.sizes[-1]
+        self.max_blocks = -(-max_model_len // block_size)
+        self.context_bound = self.max_blocks * block_size  # fixed grid bound for the attention kernel
+        self.scratch_block = scratch_block
+        bmax, dev = self.max_batch, device
+        self.input_ids = torch.zeros(bmax, dtype=torch.long, device=dev)
+        self.positions = torch.zeros(bmax, dtype=torch.long, device=dev)
+        self.slot_mapping = torch.full((bmax,), scratch_block * block_size, dtype=torch.long, device=dev)
+        self.block_tables = torch.zeros((bmax, self.max_blocks), dtype=torch.long, device=dev)
+        self.block_tables[:, 0] = scratch_block
+        self.context_lens = torch.ones(bmax, dtype=torch.int32, device=dev)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}  # B_pad -> the graph's output hidden states (B_pad, H)
+        self.graph_pool_bytes = 0  # GPU memory the graphs' shared pool holds (measured around capture)
+        self.num_replays = 0  # steps served by this path (replays, or emulated replays)
+
+    # -- which steps ------------------------------------------------------------------------------------
+
+    def padded_size(self, batch: int) -> int | None:
+        """The rung a batch of `batch` sequences runs on, or None when it is past the ladder."""
+        for b in self.sizes:
+            if b >= batch:
+                return b
+        return None
+
+    def eligible(self, out: SchedulerOutput) -> bool:
+        """True when every scheduled sequence brings one token, none needs prompt logprobs, and the batch and
+        its block tables fit the captured shapes."""
+        if not out.scheduled or len(out.scheduled) > self.max_batch:
+            return False
+        for s in out.scheduled:
+            if s.num_new_tokens != 1 or len(s.block_table) > self.max_blocks:
+                return False
+            if s.seq.sampling_params.prompt_logprobs is not None and s.start_pos < s.seq.num_prompt_tokens:
+                return False
+        return True
+
+    # -- static buffers ---------------------------------------------------------------------------------
+
+    def _fill(self, out: SchedulerOutput, pad: int) -> list[int]:
+        """Write this step's batch into the static buffers (rows 0..B-1) and padding (B..pad-1).
+        Returns the context lengths of the pad rows."""
+        bs, scratch = self.block_size, self.scratch_block
+        n = len(out.scheduled)
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        ctx: list[int] = []
+        width = max(len(s.block_table) for s in out.scheduled)
+        rows: list[list[int]] = []
+        for s in out.scheduled:
+            p = s.start_pos
+            ids.append(s.token_ids[0])
+            pos.append(p)
+            slots.append(s.block_table[p // bs] * bs + p % bs)
+            ctx.append(s.context_len)
+            rows.append(s.block_table + [0] * (width - len(s.block_table)))
+        for _ in range(pad - n):  # padding rows: token 0 at position 0, K/V in the scratch block's slot 0
+            ids.append(0)
+            pos.append(0)
+            slots.append(scratch * bs)
+            ctx.append(1)
+            rows.append([scratch] + [0] * (width - 1))
+        # Entries of block_tables past `width` keep stale values from earlier steps: the kernels never read
+        # past a row's context length.
+        self.input_ids[:pad].copy_(torch.tensor(ids, dtype=torch.long), non_blocking=True)
+        self.positions[:pad].copy_(torch.tensor(pos, dtype=torch.long), non_blocking=True)
+        self.slot_mapping[:pad].copy_(torch.tensor(slots, dtype=torch.long), non_blocking=True)
+        self.block_tables[:pad, :width].copy_(torch.tensor(rows, dtype=torch.long), non_blocking=True)
+        self.context_lens[:pad].copy_(torch.tensor(ctx, dtype=torch.int32), non_blocking=True)
+        return ctx
+
+    def _meta(self, pad: int, context_lens: list[int]) -> AttentionMetadata:
+        return AttentionMetadata(
+            slot_mapping=self.slot_mapping[:pad],
+            block_tables=self.block_tables[:pad],
+            query_start_loc=list(range(pad + 1)),
+            context_lens=context_lens,
+            context_lens_t=self.context_lens[:pad],
+            max_context_len=self.context_bound,
+            all_decode=True,
+        )
+
+    # -- capture and replay -----------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        """Capture one graph per rung, largest first, all in one memory pool. Call after the KV pool exists
+        (the graphs bake in its addresses) and before serving."""
+        if self.mode != "cuda":
+            return
+        # Captured with every context length at the bound: the host-side list only tells the attention
+        # backend how many sequences there are and (through its max) the grid bound; the kernels read the
+        # real lengths from context_lens_t at replay.
+        metas = {b: self._meta(b, [self.context_bound] * b) for b in self.sizes}
+        self._reset_padding()
+        # Warm up every shape first (Triton compiles per shape, the rotary table is built on first use), so
+        # that capture records kernels only and the pool measurement below sees the graphs alone.
+        for b in reversed(self.sizes):
+            self.model(self.input_ids[:b], self.positions[:b], metas[b])
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+        before = torch.cuda.memory_reserved(self.device)
+        pool = torch.cuda.graph_pool_handle()
+        try:
+            for b in reversed(self.sizes):  # largest first: smaller graphs reuse its pool blocks
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g, pool=pool):
+                    self.outputs[b] = self.model(self.input_ids[:b], self.positions[:b], metas[b])
+                self.graphs[b] = g
+        except RuntimeError as e:
+            raise RuntimeError(f"CUDA-graph capture of the decode step failed ({e}); run with --enforce-eager") from e
+        torch.cuda.synchronize(self.device)
+        self.graph_pool_bytes = max(0, torch.cuda.memory_reserved(self.device) - before)
+        log.info(
+            "captured decode graphs for batch sizes %s (pool %.1f MiB)", self.sizes, self.graph_pool_bytes / 2**20
+        )
+
+    def _reset_padding(self) -> None:
+        """Every row a padding row (what warm-up and capture run on)."""
+        self.input_ids.zero_()
+        self.positions.zero_()
+        self.slot_mapping.fill_(self.scratch_block * self.block_size)
+        self.block_tables.zero_()
+        self.block_tables[:, 0] = self.scratch_block
+        self.context_lens.fill_(1)
+
+    def run(self, out: SchedulerOutput) -> torch.Tensor:
+        """Hidden states (B, hidden) of an eligible step's B sequences, in scheduled order."""
+        n = len(out.scheduled)
+        pad = self.padded_size(n)
+        if pad is None:
+            raise ValueError(f"a batch of {n} sequences is past the captured ladder {self.sizes}")
+        ctx = self._fill(out, pad)
+        self.num_replays += 1
+        if self.mode == "cuda":
+            self.graphs[pad].replay()
+            return self.outputs[pad][:n]
+        hidden = self.model(self.input_ids[:pad], self.positions[:pad], self._meta(pad, ctx))
+        return hidden[:n]
