@@ -7,7 +7,9 @@ Every backend has the signature of `paged_attention_torch`, plus an optional key
 
 context_lens_t is context_lens already on q's device as an int32 tensor (AttentionMetadata builds it
 once per step), so no layer pays a host-to-device copy for it; `prepared` is a per-step scratch dict
-shared by all layers (the torch path keeps its index tensors there).
+shared by all layers (the torch path keeps its index tensors there). k_scale / v_scale are the scale pools
+(num_blocks, block_size, Hkv) of an int8 cache (kernels/kv_quant.py), None for a float cache; every
+backend dequantizes on read.
 
 - CUDA with Triton (`triton_attention`): an all-decode batch goes through the Triton paged-attention
   decode kernel (split-K over long contexts); any batch with a prefill chunk goes through the Triton varlen
@@ -56,6 +58,8 @@ class AttentionBackend(Protocol):
         *,
         context_lens_t: torch.Tensor | None = None,
         prepared: dict | None = None,
+        k_scale: torch.Tensor | None = None,
+        v_scale: torch.Tensor | None = None,
     ) -> torch.Tensor: ...
 
 
@@ -70,9 +74,13 @@ def torch_attention(
     *,
     context_lens_t: torch.Tensor | None = None,
     prepared: dict | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The pure-torch reference, with the backend signature (context_lens_t is not needed there)."""
-    return paged_attention_torch(q, k_cache, v_cache, query_start_loc, context_lens, block_tables, scale, prepared)
+    return paged_attention_torch(
+        q, k_cache, v_cache, query_start_loc, context_lens, block_tables, scale, prepared, k_scale, v_scale
+    )
 
 
 def prefill_attention_sdpa(
@@ -85,6 +93,8 @@ def prefill_attention_sdpa(
     scale: float,
     seq_indices: list[int],
     out: torch.Tensor,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> None:
     """Causal attention for the prefill sequences seq_indices, written into out (T, Hq, D).
 
@@ -99,8 +109,8 @@ def prefill_attention_sdpa(
     for i in seq_indices:
         s, e = query_start_loc[i], query_start_loc[i + 1]
         n, ctx = e - s, context_lens[i]
-        k = gather_kv(k_cache, block_tables[i], ctx).transpose(0, 1)  # (Hkv, ctx, D)
-        v = gather_kv(v_cache, block_tables[i], ctx).transpose(0, 1)
+        k = gather_kv(k_cache, block_tables[i], ctx, k_scale).transpose(0, 1)  # (Hkv, ctx, D)
+        v = gather_kv(v_cache, block_tables[i], ctx, v_scale).transpose(0, 1)
         if k.dtype != q.dtype:
             k, v = k.to(q.dtype), v.to(q.dtype)
         qi = q[s:e].transpose(0, 1)  # (Hq, n, D)
@@ -139,6 +149,8 @@ def triton_attention(
     *,
     context_lens_t: torch.Tensor | None = None,
     prepared: dict | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Triton decode kernel for all-decode batches, Triton varlen prefill kernel otherwise."""
     num_seqs = len(context_lens)
@@ -147,10 +159,13 @@ def triton_attention(
     if q.shape[0] == num_seqs:  # one token per sequence (each has at least one): all decode
         ctx_t = _context_lens_tensor(context_lens, context_lens_t, q.device)
         return paged_attention_decode(
-            q, k_cache, v_cache, block_tables[:num_seqs], ctx_t[:num_seqs], scale, max_context_len=max(context_lens)
+            q, k_cache, v_cache, block_tables[:num_seqs], ctx_t[:num_seqs], scale, max_context_len=max(context_lens),
+            k_scale=k_scale, v_scale=v_scale,
         )
     # A step with prefill work is dominated by it; decode rows ride along as one-token tiles, one launch.
-    return paged_attention_prefill(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale)
+    return paged_attention_prefill(
+        q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale, k_scale=k_scale, v_scale=v_scale
+    )
 
 
 def sdpa_prefill_attention(
@@ -164,6 +179,8 @@ def sdpa_prefill_attention(
     *,
     context_lens_t: torch.Tensor | None = None,
     prepared: dict | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Triton decode kernel for one-token sequences, torch SDPA per prefill sequence. See the module doc."""
     num_seqs = len(context_lens)
@@ -175,7 +192,8 @@ def sdpa_prefill_attention(
         # the block tables and the context lengths line up row for row with no gather.
         ctx_t = _context_lens_tensor(context_lens, context_lens_t, q.device)
         return paged_attention_decode(
-            q, k_cache, v_cache, block_tables[:num_seqs], ctx_t[:num_seqs], scale, max_context_len=max(context_lens)
+            q, k_cache, v_cache, block_tables[:num_seqs], ctx_t[:num_seqs], scale, max_context_len=max(context_lens),
+            k_scale=k_scale, v_scale=v_scale,
         )
 
     out = torch.empty_like(q)
@@ -188,7 +206,8 @@ def sdpa_prefill_attention(
             # Decodes first (the scheduler's usual order): rows 0..nd-1 of q are theirs; slices, no gather.
             ctx_t = _context_lens_tensor(context_lens, context_lens_t, q.device)[:nd]
             paged_attention_decode(
-                q[:nd], k_cache, v_cache, block_tables[:nd], ctx_t, scale, max_context_len=max_ctx, out=out[:nd]
+                q[:nd], k_cache, v_cache, block_tables[:nd], ctx_t, scale, max_context_len=max_ctx, out=out[:nd],
+                k_scale=k_scale, v_scale=v_scale,
             )
         else:
             rows = torch.tensor([query_start_loc[i] for i in decode_idx], device=q.device)
@@ -205,11 +224,13 @@ def sdpa_prefill_attention(
                 ctx_t,
                 scale,
                 max_context_len=max_ctx,
+                k_scale=k_scale,
+                v_scale=v_scale,
             )
             out.index_copy_(0, rows, o)
     if prefill_idx:
         prefill_attention_sdpa(
-            q, k_cache, v_cache, query_start_loc, context_lens, block_tables, scale, prefill_idx, out
+            q, k_cache, v_cache, query_start_loc, context_lens, block_tables, scale, prefill_idx, out, k_scale, v_scale
         )
     return out
 
