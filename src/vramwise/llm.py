@@ -20,7 +20,8 @@ class LLM:
 
     Extra keyword arguments: device, dtype, seed, max_model_len, max_num_seqs, max_num_batched_tokens,
     num_kv_blocks, kv_cache_memory (bytes), block_size, show_progress, quantization (see model_loader),
-    offload (layer placement, see memory/offload.py), num_stream_buffers; or a whole engine_config.
+    offload (layer placement, see memory/offload.py), num_stream_buffers, kv_cache_dtype (auto | fp16 | bf16 |
+    int8), swap_space (bytes of host memory for preempted sequences' KV; 0 = recompute); or a whole engine_config.
     """
 
     def __init__(
@@ -40,6 +41,8 @@ class LLM:
         quantization: str | None = None,
         offload: str | None = None,
         num_stream_buffers: int = 2,
+        kv_cache_dtype: str = "auto",
+        swap_space: int = 0,
         engine_config: EngineConfig | None = None,
     ) -> None:
         if engine_config is not None:  # a complete config (the CLI builds one); the keywords are then unused
@@ -51,7 +54,10 @@ class LLM:
             device=device,
             dtype=dtype,
             seed=seed,
-            cache=CacheConfig(block_size=block_size, num_gpu_blocks=num_kv_blocks, kv_cache_memory=kv_cache_memory),
+            cache=CacheConfig(
+                block_size=block_size, num_gpu_blocks=num_kv_blocks, kv_cache_memory=kv_cache_memory,
+                cache_dtype=kv_cache_dtype, swap_space=swap_space,
+            ),
             scheduler=SchedulerConfig(
                 max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len
             ),

@@ -20,6 +20,7 @@ from vramwise.engine.outputs import CompletionOutput, Logprob, RequestMetrics, R
 from vramwise.engine.runner import KVCache, ModelRunner
 from vramwise.engine.scheduler import Scheduler
 from vramwise.engine.sequence import Sequence, SequenceStatus
+from vramwise.kernels.kv_quant import resolve_kv_cache_dtype
 from vramwise.model_loader import load_model, resolve_device, resolve_dtype
 from vramwise.sampling_params import SamplingParams
 from vramwise.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -63,6 +64,7 @@ class LLMEngine:
         self.model_config: ModelConfig = source.config
         self.tokenizer: Tokenizer | None = source.load_tokenizer()  # None for random-weight models
         self.dtype = resolve_dtype(config.dtype, self.device, self.model_config)
+        self.kv_dtype = resolve_kv_cache_dtype(config.cache.cache_dtype, self.dtype)  # before loading: fail fast
         if isinstance(source, RandomWeightSource):  # draw the weights where they will live
             source.device, source.dtype = self.device, self.dtype
         self.model = load_model(source, self.device, self.dtype, config.quantization)
@@ -89,15 +91,19 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, block_size)
         eos = frozenset(self.tokenizer.eos_token_ids if self.tokenizer else ()) | frozenset(self.model_config.eos_token_ids)
         self.scheduler = Scheduler(self.scheduler_config, self.block_manager, eos)
-        kv_layers = self.offload.kv_layers(self.dtype) if self.offload else None  # CPU layers keep KV on the host
+        kv_layers = self.offload.kv_layers(self.kv_dtype) if self.offload else None  # CPU layers keep KV on the host
         self.runner = ModelRunner(
-            self.model, self.model_config, self.device, self.dtype, num_blocks, block_size, config.seed, kv_layers
+            self.model, self.model_config, self.device, self.kv_dtype, num_blocks, block_size, config.seed, kv_layers
         )
+        self.swap_block_manager: BlockManager | None = None
+        if config.cache.swap_space:  # host blocks for preempted sequences' KV; the scheduler numbers them
+            self.swap_block_manager = BlockManager(self.runner.enable_swap(config.cache.swap_space), block_size)
+            self.scheduler.swap_manager = self.swap_block_manager
         self._requests: dict[str, _RequestState] = {}
         self._seq_to_req: dict[int, _RequestState] = {}
 
     def _default_num_blocks(self, block_size: int) -> int:
-        per_block = KVCache.bytes_per_block(self.model_config, block_size, self.dtype)
+        per_block = KVCache.bytes_per_block(self.model_config, block_size, self.kv_dtype)
         want_tokens = self.scheduler_config.max_num_seqs * self.scheduler_config.max_model_len
         want = -(-want_tokens // block_size)
         budget = self.config.cache.kv_cache_memory or DEFAULT_CPU_KV_BYTES
@@ -187,7 +193,7 @@ class LLMEngine:
     # -- the step ---------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         out = self.scheduler.schedule()
-        if out.is_empty:
+        if out.is_empty and not out.has_swaps:
             return []
         result = self.runner.run(out)
         for seq_id, plps in result.prompt_logprobs.items():
