@@ -350,7 +350,11 @@ class LLMEngine:
 
     @property
     def num_waiting(self) -> int:
-        return len(self.scheduler.waiting)
+        return len(self.scheduler.waiting) + len(self.scheduler.swapped)  # swapped out: waiting to come back
+
+    @property
+    def num_swapped(self) -> int:
+        return len(self.scheduler.swapped)
 
     @property
     def kv_blocks_used(self) -> int:
