@@ -87,3 +87,10 @@ def test_gpu_swap_pinned_host_pool(tiny_model, kv):
     assert s.num_swap_outs > 0 and s.num_swap_ins == s.num_swap_outs
     assert out == ref
     assert llm.engine.kv_blocks_used == 0 and not s.swapped
+
+
+def test_swap_with_offloaded_layers(tiny_model, unconstrained):
+    # A streamed and a CPU-computed layer: the swap copies every pool the KV cache has, wherever it lives.
+    llm, out = run(tiny_model, num_kv_blocks=SMALL_POOL, offload="s,c", swap_space=1 << 20)
+    assert llm.engine.offload is not None and llm.engine.scheduler.num_swap_outs > 0
+    assert out == unconstrained
