@@ -1,12 +1,13 @@
 """Swap space in the engine: preempted sequences' KV goes to host blocks and back, greedy outputs unchanged.
 
 CPU as both sides here (the 'device' pool and the swap pool are both host tensors); the gpu-marked test
-does the same with pinned host memory and CUDA pages.
+does the same with CUDA pages (copies through a pinned staging buffer).
 """
 
 from __future__ import annotations
 
 import pytest
+import torch
 
 from fixtures import make_tiny_hf_model
 from vramwise.engine.runner import KVCache
@@ -82,7 +83,7 @@ def test_gpu_swap_pinned_host_pool(tiny_model, kv):
     ref = run(tiny_model, num_kv_blocks=64, **kw)[1]
     llm, out = run(tiny_model, num_kv_blocks=SMALL_POOL, swap_space=1 << 20, **kw)
     s = llm.engine.scheduler
-    assert all(p.is_pinned() for p in llm.engine.runner.swap_space.host_pools)
+    assert llm.engine.runner.swap_space.staging.is_pinned()  # GPU copies went through the pinned stage
     assert all(p.is_cuda for p in llm.engine.runner.kv_cache.all_pools())
     assert s.num_swap_outs > 0 and s.num_swap_ins == s.num_swap_outs
     assert out == ref
@@ -94,3 +95,31 @@ def test_swap_with_offloaded_layers(tiny_model, unconstrained):
     llm, out = run(tiny_model, num_kv_blocks=SMALL_POOL, offload="s,c", swap_space=1 << 20)
     assert llm.engine.offload is not None and llm.engine.scheduler.num_swap_outs > 0
     assert out == unconstrained
+
+
+def test_staged_copies_move_the_same_blocks():
+    # The GPU copy path (gather, one copy through the staging buffer, scatter) forced on CPU pools, with a
+    # stage smaller than the swap so that it is reused across chunks.
+    from vramwise.config import ModelConfig
+    from vramwise.engine import kv_swap
+
+    cfg = ModelConfig("LlamaForCausalLM", 100, 32, 64, num_hidden_layers=3, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=8, max_position_embeddings=64)  # fmt: skip
+    cache = KVCache(cfg, 6, 4, torch.int8, torch.device("cpu"))
+    for p in cache.all_pools():
+        p.copy_(torch.randint(-100, 100, p.shape).to(p.dtype))
+    before = [p.clone() for p in cache.all_pools()]
+    space = kv_swap.HostSwapSpace(cache, 5)
+    space.staged = [True] * len(space.staged)
+    saved, kv_swap._MAX_CHUNK_BYTES = kv_swap._MAX_CHUNK_BYTES, cache.block_nbytes  # one block per chunk at most
+    try:
+        space.swap_out([(4, 0), (1, 3), (5, 4)])
+        for p in cache.all_pools():
+            p.zero_()
+        space.swap_in([(3, 2), (0, 0), (4, 5)])  # block 1 -> 2, 4 -> 0, 5 -> 5
+    finally:
+        kv_swap._MAX_CHUNK_BYTES = saved
+    assert space.staging is not None
+    for p, b in zip(cache.all_pools(), before):
+        assert torch.equal(p[:, :, 2], b[:, :, 1]) and torch.equal(p[:, :, 0], b[:, :, 4])
+        assert torch.equal(p[:, :, 5], b[:, :, 5]) and not p[:, :, [1, 3, 4]].any()

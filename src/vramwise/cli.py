@@ -25,7 +25,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp16", "bf16", "int8"],
                    help="KV pages: auto (the model dtype) | fp16 | bf16 | int8 (per-token-head scales, half of fp16)")
     g.add_argument("--swap-space", type=size, default=0, metavar="SIZE",
-                   help="host memory (pinned) for preempted sequences' KV, e.g. 4GiB (default: 0 = recompute them)")
+                   help="host memory for preempted sequences' KV, e.g. 4GiB (default: 0 = recompute them)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--offload", default=None, metavar="PLACEMENT",
                    help="layer placement: streamed | cpu | resident:20,streamed:20 | r,s,c,... (default: all on the device)")

@@ -154,7 +154,7 @@ class ModelRunner:
         self.swap_space = None  # HostSwapSpace once enable_swap() is called
 
     def enable_swap(self, swap_bytes: int) -> int:
-        """Allocate a host swap pool of at most swap_bytes (pinned when the KV is on a GPU); returns its blocks."""
+        """Allocate a host swap pool of at most swap_bytes (engine/kv_swap.py); returns its number of blocks."""
         from vramwise.engine.kv_swap import HostSwapSpace
 
         per_block = self.kv_cache.block_nbytes
