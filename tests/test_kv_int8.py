@@ -142,6 +142,7 @@ def test_kv_cache_dtype_flag_and_errors():
         resolve_kv_cache_dtype("int4", torch.float16)
 
 
+@pytest.mark.slow
 def test_int8_kv_greedy_output_close_to_float(bundled_llm):
     """The bundled SmolLM2 with int8 KV against fp32 KV on CPU.
 
@@ -256,6 +257,7 @@ def test_gpu_int8_kernels_model_shapes(dtype, shape):
 
 
 @pytest.mark.gpu
+@pytest.mark.slow
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 def test_gpu_int8_kv_engine_close_to_fp16():
     from vramwise.llm import LLM

@@ -76,7 +76,7 @@ def test_swap_with_int8_kv_moves_scales_too(tiny_model):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("kv", ["auto", "int8"])
-def test_gpu_swap_pinned_host_pool(tiny_model, kv):
+def test_gpu_swap_through_pinned_stage(tiny_model, kv):
     # fp32 on CUDA, as the other GPU preemption tests: batch composition differs between the two runs, and
     # fp16 rounding could flip a near-tie of the random model's greedy choice.
     kw = dict(device="cuda", dtype="float32", kv_cache_dtype=kv)
