@@ -202,7 +202,9 @@ def _paged_decode_kernel(
     if USE_DOT:
         if DOT_F32:
             q = q.to(tl.float32)
-        elif not KV_INT8:  # an int8 cache is dequantized to q's dtype instead
+        elif KV_INT8:
+            pass  # an int8 cache is dequantized to q's dtype instead
+        else:
             q = q.to(k_cache_ptr.dtype.element_ty)
     else:
         q = q.to(tl.float32) * scale_log2  # fold the scale into q once instead of into every score
@@ -353,7 +355,9 @@ def _paged_prefill_kernel(
     )  # (R, BLOCK_D)
     if DOT_F32:
         q = q.to(tl.float32)
-    elif not KV_INT8:
+    elif KV_INT8:
+        pass  # an int8 cache is dequantized to q's dtype instead
+    else:
         q = q.to(k_cache_ptr.dtype.element_ty)
 
     m_i = tl.full([BLOCK_M * BLOCK_G], float("-inf"), dtype=tl.float32)
