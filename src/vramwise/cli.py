@@ -22,6 +22,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-batched-tokens", type=positive_int, default=4096, help="tokens per step (default: 4096)")
     g.add_argument("--kv-cache-memory", type=size, default=None, help="bytes for the KV pool, e.g. 1GiB")
     g.add_argument("--num-kv-blocks", type=positive_int, default=None, help="KV pool size in blocks of 16 tokens")
+    g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp16", "bf16", "int8"],
+                   help="KV pages: auto (the model dtype) | fp16 | bf16 | int8 (per-token-head scales, half of fp16)")
+    g.add_argument("--swap-space", type=size, default=0, metavar="SIZE",
+                   help="host memory for preempted sequences' KV, e.g. 4GiB (default: 0 = recompute them)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--offload", default=None, metavar="PLACEMENT",
                    help="layer placement: streamed | cpu | resident:20,streamed:20 | r,s,c,... (default: all on the device)")
@@ -63,7 +67,10 @@ def make_engine_config(args: argparse.Namespace, show_progress: bool = True):
         device=args.device,
         dtype=args.dtype,
         seed=args.seed,
-        cache=CacheConfig(num_gpu_blocks=args.num_kv_blocks, kv_cache_memory=args.kv_cache_memory),
+        cache=CacheConfig(
+            num_gpu_blocks=args.num_kv_blocks, kv_cache_memory=args.kv_cache_memory,
+            cache_dtype=getattr(args, "kv_cache_dtype", "auto"), swap_space=getattr(args, "swap_space", 0) or 0,
+        ),
         scheduler=SchedulerConfig(
             max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens,

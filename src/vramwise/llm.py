@@ -21,7 +21,8 @@ class LLM:
     Extra keyword arguments: device, dtype, seed, max_model_len, max_num_seqs, max_num_batched_tokens,
     num_kv_blocks, kv_cache_memory (bytes), block_size, show_progress, quantization (see model_loader),
     offload (layer placement, see memory/offload.py), num_stream_buffers, enforce_eager, decode_graphs, fuse_projections
-    (see EngineConfig); or a whole engine_config.
+    (see EngineConfig), kv_cache_dtype (auto | fp16 | bf16 | int8), swap_space (bytes of host memory for preempted
+    sequences' KV; 0 = recompute); or a whole engine_config.
     """
 
     def __init__(
@@ -44,6 +45,8 @@ class LLM:
         enforce_eager: bool = False,
         decode_graphs: str = "auto",
         fuse_projections: bool = True,
+        kv_cache_dtype: str = "auto",
+        swap_space: int = 0,
         engine_config: EngineConfig | None = None,
     ) -> None:
         if engine_config is not None:  # a complete config (the CLI builds one); the keywords are then unused
@@ -55,7 +58,10 @@ class LLM:
             device=device,
             dtype=dtype,
             seed=seed,
-            cache=CacheConfig(block_size=block_size, num_gpu_blocks=num_kv_blocks, kv_cache_memory=kv_cache_memory),
+            cache=CacheConfig(
+                block_size=block_size, num_gpu_blocks=num_kv_blocks, kv_cache_memory=kv_cache_memory,
+                cache_dtype=kv_cache_dtype, swap_space=swap_space,
+            ),
             scheduler=SchedulerConfig(
                 max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len
             ),

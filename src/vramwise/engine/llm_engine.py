@@ -20,6 +20,7 @@ from vramwise.engine.outputs import CompletionOutput, Logprob, RequestMetrics, R
 from vramwise.engine.runner import KVCache, ModelRunner
 from vramwise.engine.scheduler import Scheduler
 from vramwise.engine.sequence import Sequence, SequenceStatus
+from vramwise.kernels.kv_quant import QUANTIZED_KV_DTYPES, resolve_kv_cache_dtype
 from vramwise.model_loader import load_model, resolve_device, resolve_dtype
 from vramwise.sampling_params import SamplingParams
 from vramwise.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -63,6 +64,7 @@ class LLMEngine:
         self.model_config: ModelConfig = source.config
         self.tokenizer: Tokenizer | None = source.load_tokenizer()  # None for random-weight models
         self.dtype = resolve_dtype(config.dtype, self.device, self.model_config)
+        self.kv_dtype = resolve_kv_cache_dtype(config.cache.cache_dtype, self.dtype)  # before loading: fail fast
         if isinstance(source, RandomWeightSource):  # draw the weights where they will live
             source.device, source.dtype = self.device, self.dtype
         self.model = load_model(source, self.device, self.dtype, config.quantization)
@@ -93,14 +95,18 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, block_size)
         eos = frozenset(self.tokenizer.eos_token_ids if self.tokenizer else ()) | frozenset(self.model_config.eos_token_ids)
         self.scheduler = Scheduler(self.scheduler_config, self.block_manager, eos)
-        kv_layers = self.offload.kv_layers(self.dtype) if self.offload else None  # CPU layers keep KV on the host
+        kv_layers = self.offload.kv_layers(self.kv_dtype) if self.offload else None  # CPU layers keep KV on the host
         self.graph_mode, self.graph_bypass_reason = self._graph_mode()
         if self.graph_bypass_reason:
             log.info("decode steps run eagerly: %s", self.graph_bypass_reason)
         self.runner = ModelRunner(
-            self.model, self.model_config, self.device, self.dtype, num_blocks, block_size, config.seed, kv_layers,
+            self.model, self.model_config, self.device, self.kv_dtype, num_blocks, block_size, config.seed, kv_layers,
             graphs=self.graph_mode, max_model_len=max_len, max_num_seqs=self.scheduler_config.max_num_seqs,
         )
+        self.swap_block_manager: BlockManager | None = None
+        if config.cache.swap_space:  # host blocks for preempted sequences' KV; the scheduler numbers them
+            self.swap_block_manager = BlockManager(self.runner.enable_swap(config.cache.swap_space), block_size)
+            self.scheduler.swap_manager = self.swap_block_manager
         self._requests: dict[str, _RequestState] = {}
         self._seq_to_req: dict[int, _RequestState] = {}
 
@@ -113,6 +119,9 @@ class LLMEngine:
             return "off", None
         if self.offload is not None and self.offload.layers_with("cpu"):
             return "off", "layers computed on the CPU cannot be part of a CUDA graph"
+        if self.kv_dtype in QUANTIZED_KV_DTYPES:
+            # the int8 KV write (quantize per token and head) is plain torch ops, not yet checked under capture
+            return "off", f"the {str(self.kv_dtype).removeprefix('torch.')} KV cache runs decode steps eagerly"
         if cfg.decode_graphs == "emulate":
             return "emulate", None
         if self.device.type != "cuda":
@@ -129,7 +138,7 @@ class LLMEngine:
         return "cuda", None
 
     def _default_num_blocks(self, block_size: int) -> int:
-        per_block = KVCache.bytes_per_block(self.model_config, block_size, self.dtype)
+        per_block = KVCache.bytes_per_block(self.model_config, block_size, self.kv_dtype)
         want_tokens = self.scheduler_config.max_num_seqs * self.scheduler_config.max_model_len
         want = -(-want_tokens // block_size)
         budget = self.config.cache.kv_cache_memory or DEFAULT_CPU_KV_BYTES
@@ -219,7 +228,7 @@ class LLMEngine:
     # -- the step ---------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         out = self.scheduler.schedule()
-        if out.is_empty:
+        if out.is_empty and not out.has_swaps:
             return []
         result = self.runner.run(out)
         for seq_id, plps in result.prompt_logprobs.items():
@@ -376,7 +385,11 @@ class LLMEngine:
 
     @property
     def num_waiting(self) -> int:
-        return len(self.scheduler.waiting)
+        return len(self.scheduler.waiting) + len(self.scheduler.swapped)  # swapped out: waiting to come back
+
+    @property
+    def num_swapped(self) -> int:
+        return len(self.scheduler.swapped)
 
     @property
     def kv_blocks_used(self) -> int:

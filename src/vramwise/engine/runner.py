@@ -17,6 +17,7 @@ from vramwise.config import ModelConfig
 from vramwise.engine.cuda_graphs import DecodeGraphs
 from vramwise.engine.scheduler import SchedulerOutput
 from vramwise.kernels.attention_backend import select_attention_backend
+from vramwise.kernels.kv_quant import KV_SCALE_DTYPE, QUANTIZED_KV_DTYPES
 from vramwise.models.attention import AttentionMetadata
 from vramwise.sampler import Sampler, SampleRow, token_logprobs
 
@@ -38,6 +39,9 @@ class KVCache:
     layer's pages may live on their own device in their own dtype (`layers`: one (device, dtype) per layer):
     the offload driver keeps the KV of CPU-computed layers in host memory. Layers sharing a (device, dtype)
     share one tensor (n_layers_there, 2, num_blocks, block_size, num_kv_heads, head_dim).
+
+    Layers whose KV dtype is int8 also get a scale pool (n_layers_there, 2, num_blocks, block_size,
+    num_kv_heads) fp16 beside their pages (kernels/kv_quant.py): one scale per token and kv head.
     """
 
     def __init__(
@@ -62,13 +66,17 @@ class KVCache:
             groups.setdefault((str(d), t), []).append(i)
         page = (num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
         self.pools: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+        self.scale_pools: dict[tuple[str, torch.dtype], torch.Tensor] = {}  # int8 groups only
         self._where: list[tuple[torch.Tensor, int]] = [None] * n  # type: ignore[list-item]  # (pool, row)
         for key, idx in groups.items():
             d, t = self.layer_placement[idx[0]]
             pool = torch.zeros((len(idx), 2, *page), dtype=t, device=d)
             self.pools[key] = pool
+            if t in QUANTIZED_KV_DTYPES:
+                self.scale_pools[key] = torch.zeros((len(idx), 2, *page[:3]), dtype=KV_SCALE_DTYPE, device=d)
             for row, i in enumerate(idx):
                 self._where[i] = (pool, row)
+        self._layer_key = [(str(d), t) for d, t in self.layer_placement]
 
     @property
     def tensor(self) -> torch.Tensor:
@@ -79,18 +87,40 @@ class KVCache:
 
     @staticmethod
     def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+        """Bytes of one block over all layers, K and V, with the scales of an int8 cache (as memory/budget.py's
+        kv_bytes_per_token_layer counts them)."""
         elem = torch.empty((), dtype=dtype).element_size()
-        return cfg.num_hidden_layers * 2 * block_size * cfg.num_key_value_heads * cfg.head_dim * elem
+        per_head = cfg.head_dim * elem
+        if dtype in QUANTIZED_KV_DTYPES:
+            per_head += torch.empty((), dtype=KV_SCALE_DTYPE).element_size()
+        return cfg.num_hidden_layers * 2 * block_size * cfg.num_key_value_heads * per_head
+
+    @property
+    def block_nbytes(self) -> int:
+        """Bytes one block takes in this pool, all layers and devices, scales included (swap sizing)."""
+        return sum(p.numel() * p.element_size() for p in self.all_pools()) // self.num_blocks
+
+    def all_pools(self) -> list[torch.Tensor]:
+        """Every tensor indexed by block id on dim 2: page pools, then scale pools."""
+        return [*self.pools.values(), *self.scale_pools.values()]
 
     def nbytes_by_device(self) -> dict[str, int]:
         out: dict[str, int] = {}
-        for (dev, _), pool in self.pools.items():
+        for (dev, _), pool in [*self.pools.items(), *self.scale_pools.items()]:
             out[dev] = out.get(dev, 0) + pool.numel() * pool.element_size()
         return out
 
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         pool, row = self._where[i]
         return pool[row, 0], pool[row, 1]
+
+    def scales(self, i: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Layer i's K and V scales (num_blocks, block_size, Hkv) when its pages are int8, else None."""
+        sp = self.scale_pools.get(self._layer_key[i])
+        if sp is None:
+            return None
+        row = self._where[i][1]
+        return sp[row, 0], sp[row, 1]
 
 
 class ModelRunner:
@@ -126,6 +156,7 @@ class ModelRunner:
         self.kv_cache = KVCache(cfg, pool_blocks, block_size, kv_dtype, device, kv_layers)
         for i, attn in enumerate(model.attention_layers()):
             attn.kv_cache = self.kv_cache.layer(i)
+            attn.kv_scales = self.kv_cache.scales(i)
             # The backend follows the layer's pages: a layer the offload driver computes on the CPU keeps
             # its KV in host memory and gets the torch path there, whatever the GPU layers use.
             attn.backend = select_attention_backend(self.kv_cache.layer_placement[i][0])
@@ -134,6 +165,7 @@ class ModelRunner:
         self._host_layers = any(d.type == "cpu" for d, _ in self.kv_cache.layer_placement) and device.type != "cpu"
         self.sampler = Sampler(seed)
         self._generators: dict[int, torch.Generator] = {}
+        self.swap_space = None  # HostSwapSpace once enable_swap() is called
         self.graphs: DecodeGraphs | None = None
         if graphs != "off":
             if self._host_layers:
@@ -148,6 +180,29 @@ class ModelRunner:
     def graph_pool_bytes(self) -> int:
         """GPU memory held by the captured graphs' shared pool (0 without graphs)."""
         return self.graphs.graph_pool_bytes if self.graphs is not None else 0
+
+    def enable_swap(self, swap_bytes: int) -> int:
+        """Allocate a host swap pool of at most swap_bytes (engine/kv_swap.py); returns its number of blocks."""
+        from vramwise.engine.kv_swap import HostSwapSpace
+
+        per_block = self.kv_cache.block_nbytes
+        n = swap_bytes // per_block
+        if n < 1:
+            raise ValueError(
+                f"swap space of {swap_bytes} bytes holds no KV block (one block of {self.block_size} tokens takes "
+                f"{per_block} bytes over all layers); give at least that, or 0 to preempt by recompute"
+            )
+        self.swap_space = HostSwapSpace(self.kv_cache, n)
+        return n
+
+    def swap(self, out: SchedulerOutput) -> None:
+        """Copy the step's swap-outs, then its swap-ins (all layers), before the step's model run."""
+        if self.swap_space is None:
+            raise RuntimeError("the scheduler asked for swaps but the runner has no swap space (enable_swap)")
+        if out.blocks_to_swap_out:
+            self.swap_space.swap_out(out.blocks_to_swap_out)
+        if out.blocks_to_swap_in:
+            self.swap_space.swap_in(out.blocks_to_swap_in)
 
     def release(self, seq_id: int) -> None:
         self._generators.pop(seq_id, None)
@@ -208,6 +263,8 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, out: SchedulerOutput) -> RunnerOutput:
         result = RunnerOutput()
+        if out.has_swaps:
+            self.swap(out)  # before the model writes into blocks a swap-out just gave up
         if out.is_empty:
             return result
         if self.graphs is not None and self.graphs.eligible(out):

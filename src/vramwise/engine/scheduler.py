@@ -2,8 +2,13 @@
 
 One step runs a flat batch of tokens: decodes (1 token each) and prefill chunks, under a token budget
 (continuous batching with chunked prefill). When KV blocks run out, the most recently arrived running
-sequence is preempted: its blocks are freed and it goes back to the front of the waiting queue, to be
-prefilled again from its prompt and the tokens it already produced (preemption by recompute).
+sequence is preempted. With swap space (a second BlockManager numbering the blocks of a host KV pool) and
+room there, its blocks are swapped out: SchedulerOutput.blocks_to_swap_out lists (gpu_block, cpu_block)
+pairs the runner copies before the step runs, and the sequence waits in `swapped` with its computed tokens
+intact. Otherwise its blocks are freed and it goes back to the front of the waiting queue, to be prefilled
+again from its prompt and the tokens it already produced (preemption by recompute). Swapped sequences come
+back (blocks_to_swap_in: (cpu_block, gpu_block) pairs) before any new admission, oldest first, in a step
+that preempted nothing.
 
 The step loop:  out = scheduler.schedule(); tokens = runner.run(out); scheduler.postprocess(out, tokens)
 """
@@ -41,8 +46,11 @@ class ScheduledSequence:
 @dataclass
 class SchedulerOutput:
     scheduled: list[ScheduledSequence] = field(default_factory=list)
-    preempted: list[Sequence] = field(default_factory=list)
-    # (cpu_block, gpu_block) pairs; filled by the swap policy, empty with recompute
+    preempted: list[Sequence] = field(default_factory=list)  # preempted by recompute
+    swapped_out: list[Sequence] = field(default_factory=list)  # preempted by swapping their KV to the host
+    swapped_in: list[Sequence] = field(default_factory=list)
+    # (src, dst) block ids, copied by the runner (all layers, K, V and any scales) before the step runs:
+    # swap-in pairs are (cpu_block, gpu_block), swap-out pairs (gpu_block, cpu_block); outs go first.
     blocks_to_swap_in: list[tuple[int, int]] = field(default_factory=list)
     blocks_to_swap_out: list[tuple[int, int]] = field(default_factory=list)
 
@@ -53,6 +61,10 @@ class SchedulerOutput:
     @property
     def is_empty(self) -> bool:
         return not self.scheduled
+
+    @property
+    def has_swaps(self) -> bool:
+        return bool(self.blocks_to_swap_in or self.blocks_to_swap_out)
 
 
 @dataclass
@@ -65,14 +77,29 @@ class StepResult:
 
 class Scheduler:
     def __init__(
-        self, config: SchedulerConfig, block_manager: BlockManager, eos_token_ids: frozenset[int] = frozenset()
+        self,
+        config: SchedulerConfig,
+        block_manager: BlockManager,
+        eos_token_ids: frozenset[int] = frozenset(),
+        swap_manager: BlockManager | None = None,
     ) -> None:
+        """swap_manager: blocks of the host swap pool (same block_size); None = preemption by recompute only."""
+        if swap_manager is not None and swap_manager.block_size != block_manager.block_size:
+            raise ValueError(
+                f"swap pool block_size {swap_manager.block_size} differs from the KV pool's {block_manager.block_size}"
+            )
         self.config = config
         self.eos_token_ids = frozenset(eos_token_ids)
         self.block_manager = block_manager
+        self.swap_manager = swap_manager
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-        self.num_preemptions = 0
+        self.swapped: deque[Sequence] = deque()  # oldest first; their block_tables number host blocks
+        self.num_preemptions = 0  # all preemptions, by swap or recompute
+        self.num_swap_outs = 0  # sequences swapped out / in
+        self.num_swap_ins = 0
+        self.num_blocks_swapped_out = 0
+        self.num_blocks_swapped_in = 0
 
     # -- queue management -------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -101,6 +128,12 @@ class Scheduler:
     def finish(self, seq: Sequence, status: SequenceStatus) -> None:
         """Mark finished and return its blocks to the pool at once."""
         assert status.finished
+        if seq.status is SequenceStatus.SWAPPED:
+            self.swapped.remove(seq)
+            assert self.swap_manager is not None
+            self.swap_manager.free(seq)  # its table numbers host blocks
+            seq.status = status
+            return
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
@@ -110,11 +143,30 @@ class Scheduler:
 
     @property
     def num_unfinished(self) -> int:
-        return len(self.waiting) + len(self.running)
+        return len(self.waiting) + len(self.running) + len(self.swapped)
 
     # -- scheduling -------------------------------------------------------------------------------
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         self.running.remove(seq)
+        sm = self.swap_manager
+        n = len(seq.block_table)
+        if sm is not None and n > 0 and n <= sm.num_free_blocks:
+            # Swap out: the victim was not scheduled in this step (victims come from the tail of `running`,
+            # scheduling from its head), so its table covers exactly its computed tokens.
+            gpu_blocks = seq.block_table
+            cpu_blocks = sm.take(n)
+            out.blocks_to_swap_out.extend(zip(gpu_blocks, cpu_blocks))
+            # The GPU blocks may be handed out again in this very step: the runner copies them out first.
+            self.block_manager.free(seq)
+            seq.block_table = cpu_blocks
+            seq.status = SequenceStatus.SWAPPED
+            seq.num_preemptions += 1
+            self.num_preemptions += 1
+            self.num_swap_outs += 1
+            self.num_blocks_swapped_out += n
+            self.swapped.appendleft(seq)  # victims go newest first, so the oldest ends up in front
+            out.swapped_out.append(seq)
+            return
         self.block_manager.free(seq)
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING
@@ -159,9 +211,27 @@ class Scheduler:
             i += 1
         out.scheduled.extend(scheduled_running)
 
-        # 2. Admit waiting sequences while there are blocks, seats and budget; none after a preemption
-        #    in this step (the pool is tight, admitting would thrash).
-        if not out.preempted:
+        preempted = bool(out.preempted or out.swapped_out)
+
+        # 2. Swap sequences back in, oldest first, before any new admission; none after a preemption in this
+        #    step (the blocks just freed are spoken for). A swapped sequence that does not fit yet holds up
+        #    admissions too, so that it is not starved by newer requests.
+        if not preempted:
+            while self.swapped and budget > 0 and len(self.running) < self.config.max_num_seqs:
+                seq = self.swapped[0]
+                n = min(seq.num_uncomputed_tokens, budget)
+                need = self.block_manager.blocks_for_tokens(seq.num_computed_tokens + n)
+                if need > self.block_manager.num_free_blocks:
+                    break
+                self.swapped.popleft()
+                self._swap_in(seq, out)
+                self.block_manager.allocate(seq, seq.num_computed_tokens + n)
+                out.scheduled.append(self._schedule_one(seq, n))
+                budget -= n
+
+        # 3. Admit waiting sequences while there are blocks, seats and budget; none after a preemption
+        #    in this step (the pool is tight, admitting would thrash), nor while swapped ones wait.
+        if not preempted and not self.swapped:
             while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
                 seq = self.waiting[0]
                 n = min(seq.num_uncomputed_tokens, budget)
@@ -174,6 +244,19 @@ class Scheduler:
                 out.scheduled.append(self._schedule_one(seq, n))
                 budget -= n
         return out
+
+    def _swap_in(self, seq: Sequence, out: SchedulerOutput) -> None:
+        assert self.swap_manager is not None
+        cpu_blocks = seq.block_table
+        gpu_blocks = self.block_manager.take(len(cpu_blocks))
+        out.blocks_to_swap_in.extend(zip(cpu_blocks, gpu_blocks))
+        self.swap_manager.free(seq)  # host blocks are free again once the runner has copied them in
+        seq.block_table = gpu_blocks
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+        self.num_swap_ins += 1
+        self.num_blocks_swapped_in += len(gpu_blocks)
+        out.swapped_in.append(seq)
 
     def postprocess(self, out: SchedulerOutput, sampled: dict[int, int]) -> StepResult:
         """Advance computed counts and append sampled tokens (seq_id -> token id).

@@ -9,7 +9,9 @@ context_lens_t is context_lens already on q's device as an int32 tensor (Attenti
 once per step), so no layer pays a host-to-device copy for it; max_context_len, when given, bounds the
 context of an all-decode batch in place of max(context_lens) (a fixed bound keeps the decode kernel's grid
 the same on every CUDA-graph replay); `prepared` is a per-step scratch dict
-shared by all layers (the torch path keeps its index tensors there).
+shared by all layers (the torch path keeps its index tensors there). k_scale / v_scale are the scale pools
+(num_blocks, block_size, Hkv) of an int8 cache (kernels/kv_quant.py), None for a float cache; every
+backend dequantizes on read.
 
 - CUDA with Triton (`triton_attention`): an all-decode batch goes through the Triton paged-attention
   decode kernel (split-K over long contexts); any batch with a prefill chunk goes through the Triton varlen
@@ -59,6 +61,8 @@ class AttentionBackend(Protocol):
         context_lens_t: torch.Tensor | None = None,
         prepared: dict | None = None,
         max_context_len: int | None = None,
+        k_scale: torch.Tensor | None = None,
+        v_scale: torch.Tensor | None = None,
     ) -> torch.Tensor: ...
 
 
@@ -74,9 +78,13 @@ def torch_attention(
     context_lens_t: torch.Tensor | None = None,
     prepared: dict | None = None,
     max_context_len: int | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The pure-torch reference, with the backend signature (context_lens_t is not needed there)."""
-    return paged_attention_torch(q, k_cache, v_cache, query_start_loc, context_lens, block_tables, scale, prepared)
+    return paged_attention_torch(
+        q, k_cache, v_cache, query_start_loc, context_lens, block_tables, scale, prepared, k_scale, v_scale
+    )
 
 
 def prefill_attention_sdpa(
@@ -89,6 +97,8 @@ def prefill_attention_sdpa(
     scale: float,
     seq_indices: list[int],
     out: torch.Tensor,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> None:
     """Causal attention for the prefill sequences seq_indices, written into out (T, Hq, D).
 
@@ -103,8 +113,8 @@ def prefill_attention_sdpa(
     for i in seq_indices:
         s, e = query_start_loc[i], query_start_loc[i + 1]
         n, ctx = e - s, context_lens[i]
-        k = gather_kv(k_cache, block_tables[i], ctx).transpose(0, 1)  # (Hkv, ctx, D)
-        v = gather_kv(v_cache, block_tables[i], ctx).transpose(0, 1)
+        k = gather_kv(k_cache, block_tables[i], ctx, k_scale).transpose(0, 1)  # (Hkv, ctx, D)
+        v = gather_kv(v_cache, block_tables[i], ctx, v_scale).transpose(0, 1)
         if k.dtype != q.dtype:
             k, v = k.to(q.dtype), v.to(q.dtype)
         qi = q[s:e].transpose(0, 1)  # (Hq, n, D)
@@ -144,6 +154,8 @@ def triton_attention(
     context_lens_t: torch.Tensor | None = None,
     prepared: dict | None = None,
     max_context_len: int | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Triton decode kernel for all-decode batches, Triton varlen prefill kernel otherwise."""
     num_seqs = len(context_lens)
@@ -153,10 +165,12 @@ def triton_attention(
         ctx_t = _context_lens_tensor(context_lens, context_lens_t, q.device)
         return paged_attention_decode(
             q, k_cache, v_cache, block_tables[:num_seqs], ctx_t[:num_seqs], scale,
-            max_context_len=max_context_len or max(context_lens),
+            max_context_len=max_context_len or max(context_lens), k_scale=k_scale, v_scale=v_scale,
         )
     # A step with prefill work is dominated by it; decode rows ride along as one-token tiles, one launch.
-    return paged_attention_prefill(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale)
+    return paged_attention_prefill(
+        q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale, k_scale=k_scale, v_scale=v_scale
+    )
 
 
 def sdpa_prefill_attention(
@@ -171,6 +185,8 @@ def sdpa_prefill_attention(
     context_lens_t: torch.Tensor | None = None,
     prepared: dict | None = None,
     max_context_len: int | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Triton decode kernel for one-token sequences, torch SDPA per prefill sequence. See the module doc."""
     num_seqs = len(context_lens)
@@ -183,7 +199,7 @@ def sdpa_prefill_attention(
         ctx_t = _context_lens_tensor(context_lens, context_lens_t, q.device)
         return paged_attention_decode(
             q, k_cache, v_cache, block_tables[:num_seqs], ctx_t[:num_seqs], scale,
-            max_context_len=max_context_len or max(context_lens),
+            max_context_len=max_context_len or max(context_lens), k_scale=k_scale, v_scale=v_scale,
         )
 
     out = torch.empty_like(q)
@@ -196,7 +212,8 @@ def sdpa_prefill_attention(
             # Decodes first (the scheduler's usual order): rows 0..nd-1 of q are theirs; slices, no gather.
             ctx_t = _context_lens_tensor(context_lens, context_lens_t, q.device)[:nd]
             paged_attention_decode(
-                q[:nd], k_cache, v_cache, block_tables[:nd], ctx_t, scale, max_context_len=max_ctx, out=out[:nd]
+                q[:nd], k_cache, v_cache, block_tables[:nd], ctx_t, scale, max_context_len=max_ctx, out=out[:nd],
+                k_scale=k_scale, v_scale=v_scale,
             )
         else:
             rows = torch.tensor([query_start_loc[i] for i in decode_idx], device=q.device)
@@ -213,11 +230,13 @@ def sdpa_prefill_attention(
                 ctx_t,
                 scale,
                 max_context_len=max_ctx,
+                k_scale=k_scale,
+                v_scale=v_scale,
             )
             out.index_copy_(0, rows, o)
     if prefill_idx:
         prefill_attention_sdpa(
-            q, k_cache, v_cache, query_start_loc, context_lens, block_tables, scale, prefill_idx, out
+            q, k_cache, v_cache, query_start_loc, context_lens, block_tables, scale, prefill_idx, out, k_scale, v_scale
         )
     return out
 

@@ -2,12 +2,16 @@
 
 Cache layout, per layer: k_cache, v_cache of shape (num_blocks, block_size, num_kv_heads, head_dim).
 A sequence's tokens live in the blocks its block_table lists, in order; slot s = block * block_size + offset.
+An int8 cache comes with scales (num_blocks, block_size, num_kv_heads) beside it (kernels/kv_quant.py);
+K/V are dequantized as they are gathered.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from vramwise.kernels.kv_quant import check_kv_scales, dequantize_kv
 
 
 def write_kv(
@@ -19,11 +23,18 @@ def write_kv(
     v_cache.view(nb * bs, h, d).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
 
 
-def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, context_len: int) -> torch.Tensor:
-    """The first context_len tokens of one sequence: (context_len, Hkv, D)."""
+def gather_kv(
+    cache: torch.Tensor, block_table: torch.Tensor, context_len: int, scale: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The first context_len tokens of one sequence: (context_len, Hkv, D); dequantized to fp32 when the
+    cache is int8 and its scale (num_blocks, block_size, Hkv) is given."""
     nb, bs, h, d = cache.shape
     nblk = -(-context_len // bs)
-    return cache.index_select(0, block_table[:nblk]).reshape(nblk * bs, h, d)[:context_len]
+    pages = block_table[:nblk]
+    x = cache.index_select(0, pages).reshape(nblk * bs, h, d)[:context_len]
+    if scale is None:
+        return x
+    return dequantize_kv(x, scale.index_select(0, pages).reshape(nblk * bs, h)[:context_len])
 
 
 def paged_attention_torch(
@@ -35,6 +46,8 @@ def paged_attention_torch(
     block_tables: torch.Tensor,
     scale: float,
     prepared: dict | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of flattened queries q (T, Hq, D) over each sequence's cached K/V.
 
@@ -42,8 +55,10 @@ def paged_attention_torch(
     to its first context_lens[i] cached tokens; query j of n sits at position context_len - n + j.
     Decodes (one query each) run as one padded batch; prefill chunks run one sequence at a time so no
     padding is spent on them. `prepared` is a per-step dict where index tensors are kept across layers.
-    Returns (T, Hq, D).
+    k_scale / v_scale: the scales of an int8 cache (num_blocks, block_size, Hkv). Returns (T, Hq, D).
     """
+    if not check_kv_scales(k_cache, k_scale, v_scale):
+        k_scale = v_scale = None
     out = torch.empty_like(q)
     hq = q.shape[1]
     hkv = k_cache.shape[2]
@@ -53,13 +68,14 @@ def paged_attention_torch(
     prefill_idx = [i for i in range(num_seqs) if query_start_loc[i + 1] - query_start_loc[i] > 1]
 
     if decode_idx:
-        _decode_batch(q, k_cache, v_cache, query_start_loc, context_lens, block_tables, scale, decode_idx, out, rep, prepared)
+        _decode_batch(q, k_cache, v_cache, query_start_loc, context_lens, block_tables, scale, decode_idx, out, rep,
+                      prepared, k_scale, v_scale)  # fmt: skip
 
     for i in prefill_idx:
         s, e = query_start_loc[i], query_start_loc[i + 1]
         n, ctx = e - s, context_lens[i]
-        k = gather_kv(k_cache, block_tables[i], ctx)  # (ctx, Hkv, D)
-        v = gather_kv(v_cache, block_tables[i], ctx)
+        k = gather_kv(k_cache, block_tables[i], ctx, k_scale).to(q.dtype)  # (ctx, Hkv, D)
+        v = gather_kv(v_cache, block_tables[i], ctx, v_scale).to(q.dtype)
         qi = q[s:e].transpose(0, 1)  # (Hq, n, D)
         ki = k.transpose(0, 1).repeat_interleave(rep, dim=0)  # (Hq, ctx, D)
         vi = v.transpose(0, 1).repeat_interleave(rep, dim=0)
@@ -85,6 +101,8 @@ def _decode_batch(
     out: torch.Tensor,
     rep: int,
     prepared: dict | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> None:
     nb, bs, hkv, d = k_cache.shape
     # Index tensors depend only on the batch, not the layer: build once per step when a cache is given.
@@ -100,8 +118,12 @@ def _decode_batch(
         if prepared is not None:
             prepared[key] = (rows, bt, mask)
     B, max_blocks = bt.shape
-    k = k_cache[bt].reshape(B, max_blocks * bs, hkv, d).transpose(1, 2)  # (B, Hkv, L, D)
-    v = v_cache[bt].reshape(B, max_blocks * bs, hkv, d).transpose(1, 2)
+    k = k_cache[bt].reshape(B, max_blocks * bs, hkv, d)  # (B, L, Hkv, D)
+    v = v_cache[bt].reshape(B, max_blocks * bs, hkv, d)
+    if k_scale is not None and v_scale is not None:  # int8 pages: dequantize with their (token, head) scales
+        k = dequantize_kv(k, k_scale[bt].reshape(B, max_blocks * bs, hkv), q.dtype)
+        v = dequantize_kv(v, v_scale[bt].reshape(B, max_blocks * bs, hkv), q.dtype)
+    k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, Hkv, L, D)
     qd = q.index_select(0, rows).unsqueeze(2)  # (B, Hq, 1, D)
     if rep > 1:
         # GQA: repeat K/V heads to (B, Hq, L, D). A broadcast 5-D SDPA avoids the copy but takes CPU SDPA off

@@ -8,7 +8,10 @@ Reference: `vramwise.kernels.paged_attention.paged_attention_torch` (same cache 
   tokens times the kv head's query-head group; the same online-softmax step as decode, with a causal mask.
 
 Cache layout, per layer: k_cache, v_cache (num_blocks, block_size, num_kv_heads, head_dim); a sequence's
-token t lives in page block_tables[b, t // block_size] at row t % block_size.
+token t lives in page block_tables[b, t // block_size] at row t % block_size. An int8 cache has scales
+k_scale, v_scale (num_blocks, block_size, num_kv_heads) beside it (kernels/kv_quant.py): each K/V tile is
+dequantized in registers to q's dtype as it is loaded, so the dots and the softmax are those of a float
+cache while half the bytes are read.
 
 Work split (flash-decoding): one program per (sequence, kv head, context partition).
 - One program handles every query head that shares its kv head (the GQA group), so each K/V row is read
@@ -32,6 +35,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from vramwise.kernels.kv_quant import check_kv_scales
 
 LOG2E = 1.4426950408889634
 
@@ -58,11 +63,16 @@ def _attend_step(
     bt_row,  # this sequence's block-table row
     k_head,  # k_cache base + kv_head offset
     v_head,
+    ks_head,  # k_scale base + kv_head offset (int8 cache; unused otherwise)
+    vs_head,
     scale_log2,
     stride_kb: tl.constexpr,
     stride_kt: tl.constexpr,
     stride_vb: tl.constexpr,
     stride_vt: tl.constexpr,
+    stride_sb: tl.constexpr,  # scale pools' page and row strides (K and V scales share a layout)
+    stride_st: tl.constexpr,
+    KV_INT8: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
@@ -89,6 +99,12 @@ def _attend_step(
     v = tl.load(
         v_head + page[:, None] * stride_vb + row[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0
     )
+    if KV_INT8:
+        # Dequantize to q's dtype (fp32 for the broadcast / fp32-dot paths): one scale per (token, head).
+        ks = tl.load(ks_head + page * stride_sb + row * stride_st, mask=t_mask, other=0.0).to(tl.float32)
+        vs = tl.load(vs_head + page * stride_sb + row * stride_st, mask=t_mask, other=0.0).to(tl.float32)
+        k = (k.to(tl.float32) * ks[:, None]).to(q.dtype)
+        v = (v.to(tl.float32) * vs[:, None]).to(q.dtype)
 
     if USE_DOT:
         if DOT_F32:
@@ -128,6 +144,8 @@ def _paged_decode_kernel(
     q_ptr,  # (B, Hq, D)
     k_cache_ptr,  # (num_blocks, block_size, Hkv, D), last dim contiguous
     v_cache_ptr,
+    k_scale_ptr,  # (num_blocks, block_size, Hkv) fp16 when KV_INT8; otherwise any pointer (unused)
+    v_scale_ptr,
     block_tables_ptr,  # (B, max_blocks) int32/int64
     context_lens_ptr,  # (B,) int32
     scale_log2,  # softmax scale * log2(e)
@@ -147,6 +165,10 @@ def _paged_decode_kernel(
     stride_vb: tl.constexpr,
     stride_vt: tl.constexpr,
     stride_vh: tl.constexpr,
+    stride_sb: tl.constexpr,
+    stride_st: tl.constexpr,
+    stride_sh: tl.constexpr,
+    KV_INT8: tl.constexpr,  # int8 pages with per-(token, head) scales
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,  # HEAD_DIM rounded up to a power of two
     PAGE_SIZE: tl.constexpr,  # cache block_size (tokens per page)
@@ -180,6 +202,8 @@ def _paged_decode_kernel(
     if USE_DOT:
         if DOT_F32:
             q = q.to(tl.float32)
+        elif KV_INT8:
+            pass  # an int8 cache is dequantized to q's dtype instead
         else:
             q = q.to(k_cache_ptr.dtype.element_ty)
     else:
@@ -192,21 +216,23 @@ def _paged_decode_kernel(
     bt_row = block_tables_ptr + seq.to(tl.int64) * stride_btb
     k_head = k_cache_ptr + kv_head * stride_kh
     v_head = v_cache_ptr + kv_head * stride_vh
+    ks_head = k_scale_ptr + kv_head * stride_sh
+    vs_head = v_scale_ptr + kv_head * stride_sh
     if WHILE_LOOP:
         # Same loop for Triton's interpreter: older interpreters cannot take a loaded value as a range bound.
         n0 = start
         while n0 < end:
             m_i, l_i, acc = _attend_step(
-                q, m_i, l_i, acc, m_i, n0, end, bt_row, k_head, v_head, scale_log2,
-                stride_kb, stride_kt, stride_vb, stride_vt,
+                q, m_i, l_i, acc, m_i, n0, end, bt_row, k_head, v_head, ks_head, vs_head, scale_log2,
+                stride_kb, stride_kt, stride_vb, stride_vt, stride_sb, stride_st, KV_INT8,
                 HEAD_DIM, BLOCK_D, PAGE_SIZE, BLOCK_N, USE_DOT, DOT_F32, False,
             )  # fmt: skip
             n0 += BLOCK_N
     else:
         for n0 in range(start, end, BLOCK_N):  # a for loop, so the compiler can software-pipeline the loads
             m_i, l_i, acc = _attend_step(
-                q, m_i, l_i, acc, m_i, n0, end, bt_row, k_head, v_head, scale_log2,
-                stride_kb, stride_kt, stride_vb, stride_vt,
+                q, m_i, l_i, acc, m_i, n0, end, bt_row, k_head, v_head, ks_head, vs_head, scale_log2,
+                stride_kb, stride_kt, stride_vb, stride_vt, stride_sb, stride_st, KV_INT8,
                 HEAD_DIM, BLOCK_D, PAGE_SIZE, BLOCK_N, USE_DOT, DOT_F32, False,
             )  # fmt: skip
 
@@ -273,6 +299,8 @@ def _paged_prefill_kernel(
     q_ptr,  # (T, Hq, D): the flattened new tokens of all sequences
     k_cache_ptr,  # (num_blocks, block_size, Hkv, D)
     v_cache_ptr,
+    k_scale_ptr,  # (num_blocks, block_size, Hkv) fp16 when KV_INT8; otherwise unused
+    v_scale_ptr,
     block_tables_ptr,  # (B, max_blocks)
     tiles_ptr,  # (num_tiles, 4) int32: sequence, first query token, one past the sequence's last, context
     scale_log2,
@@ -287,6 +315,10 @@ def _paged_prefill_kernel(
     stride_vb: tl.constexpr,
     stride_vt: tl.constexpr,
     stride_vh: tl.constexpr,
+    stride_sb: tl.constexpr,
+    stride_st: tl.constexpr,
+    stride_sh: tl.constexpr,
+    KV_INT8: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
@@ -323,6 +355,8 @@ def _paged_prefill_kernel(
     )  # (R, BLOCK_D)
     if DOT_F32:
         q = q.to(tl.float32)
+    elif KV_INT8:
+        pass  # an int8 cache is dequantized to q's dtype instead
     else:
         q = q.to(k_cache_ptr.dtype.element_ty)
 
@@ -334,20 +368,22 @@ def _paged_prefill_kernel(
     bt_row = block_tables_ptr + seq.to(tl.int64) * stride_btb
     k_head = k_cache_ptr + kv_head * stride_kh
     v_head = v_cache_ptr + kv_head * stride_vh
+    ks_head = k_scale_ptr + kv_head * stride_sh
+    vs_head = v_scale_ptr + kv_head * stride_sh
     if WHILE_LOOP:
         n0 = end * 0
         while n0 < end:
             m_i, l_i, acc = _attend_step(
-                q, m_i, l_i, acc, q_pos, n0, end, bt_row, k_head, v_head, scale_log2,
-                stride_kb, stride_kt, stride_vb, stride_vt,
+                q, m_i, l_i, acc, q_pos, n0, end, bt_row, k_head, v_head, ks_head, vs_head, scale_log2,
+                stride_kb, stride_kt, stride_vb, stride_vt, stride_sb, stride_st, KV_INT8,
                 HEAD_DIM, BLOCK_D, PAGE_SIZE, BLOCK_N, True, DOT_F32, True,
             )  # fmt: skip
             n0 += BLOCK_N
     else:
         for n0 in range(0, end, BLOCK_N):
             m_i, l_i, acc = _attend_step(
-                q, m_i, l_i, acc, q_pos, n0, end, bt_row, k_head, v_head, scale_log2,
-                stride_kb, stride_kt, stride_vb, stride_vt,
+                q, m_i, l_i, acc, q_pos, n0, end, bt_row, k_head, v_head, ks_head, vs_head, scale_log2,
+                stride_kb, stride_kt, stride_vb, stride_vt, stride_sb, stride_st, KV_INT8,
                 HEAD_DIM, BLOCK_D, PAGE_SIZE, BLOCK_N, True, DOT_F32, True,
             )  # fmt: skip
     o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
@@ -360,6 +396,24 @@ def _paged_prefill_kernel(
 
 # Under TRITON_INTERPRET=1, @triton.jit yields an InterpretedFunction instead of a JITFunction.
 _INTERPRETED = not isinstance(_paged_decode_kernel, triton.runtime.JITFunction)
+
+
+def _dot_f32(q: torch.Tensor, k_cache: torch.Tensor, kv_int8: bool) -> bool:
+    """fp32 dots (exact, no tf32) for fp32 caches and mixed dtypes; also for bf16 under the interpreter,
+    whose bf16 tl.dot returns garbage (seen with triton 3.6 and 3.9). An int8 cache is dequantized to q's
+    dtype, so q's dtype decides."""
+    kv_dtype = q.dtype if kv_int8 else k_cache.dtype
+    return q.dtype != kv_dtype or kv_dtype == torch.float32 or (_INTERPRETED and kv_dtype == torch.bfloat16)
+
+
+def _scale_strides(k_scale: torch.Tensor | None, v_scale: torch.Tensor | None, kv_int8: bool) -> dict[str, int]:
+    """Page / row / head strides of the scale pools (K and V scales must share them); zeros when unused."""
+    if not kv_int8:
+        return {"stride_sb": 0, "stride_st": 0, "stride_sh": 0}
+    assert k_scale is not None and v_scale is not None
+    if k_scale.stride() != v_scale.stride():
+        raise ValueError(f"k_scale and v_scale need the same strides, got {k_scale.stride()} and {v_scale.stride()}")
+    return {"stride_sb": k_scale.stride(0), "stride_st": k_scale.stride(1), "stride_sh": k_scale.stride(2)}
 
 
 def _num_sms(device: torch.device) -> int:
@@ -408,6 +462,8 @@ def paged_attention_decode(
     num_warps: int | None = None,
     num_stages: int | None = None,
     out: torch.Tensor | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode attention: q (B, Hq, D) attends to the first context_lens[b] cached tokens of sequence b.
 
@@ -420,6 +476,7 @@ def paged_attention_decode(
     model's maximum length) keeps the launch shape constant, as CUDA graphs need.
     partition_size: tokens per split-K partition (None: chosen from the GPU's SM count; a value >=
     max_context_len disables the split). use_dot, block_n, num_warps, num_stages: tuning overrides.
+    k_scale / v_scale: (num_blocks, block_size, Hkv) scales of an int8 cache (required with one).
     """
     if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
         raise ValueError(
@@ -434,6 +491,7 @@ def paged_attention_decode(
         )
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1 or q.stride(-1) != 1:
         raise ValueError("q and the K/V caches need a contiguous last (head_dim) dimension")
+    kv_int8 = check_kv_scales(k_cache, k_scale, v_scale)
     if context_lens.dtype != torch.int32:
         context_lens = context_lens.to(torch.int32)
     if out is None:
@@ -447,13 +505,7 @@ def paged_attention_decode(
         # Measured on an H100 (triton 3.6): the padded tensor-core dot beats the broadcast path even for a
         # group of one (Llama-2-13B, batch 1 and 32), so it is the default everywhere.
         use_dot = True
-    # fp32 dots (exact, no tf32) for fp32 caches and mixed dtypes; also for bf16 under the interpreter,
-    # whose bf16 tl.dot returns garbage (seen with triton 3.6 and 3.9).
-    dot_f32 = (
-        q.dtype != k_cache.dtype
-        or k_cache.dtype == torch.float32
-        or (_INTERPRETED and k_cache.dtype == torch.bfloat16)
-    )
+    dot_f32 = _dot_f32(q, k_cache, kv_int8)
     block_g = max(_DOT_MIN_ROWS, triton.next_power_of_2(group)) if use_dot else 1
     if not use_dot and group != 1:
         raise ValueError("the broadcast (non-dot) path handles one query head per kv head only")
@@ -490,6 +542,8 @@ def paged_attention_decode(
         q,
         k_cache,
         v_cache,
+        k_scale if kv_int8 else k_cache,
+        v_scale if kv_int8 else v_cache,
         block_tables,
         context_lens,
         scale * LOG2E,
@@ -506,6 +560,8 @@ def paged_attention_decode(
         stride_vb=v_cache.stride(0),
         stride_vt=v_cache.stride(1),
         stride_vh=v_cache.stride(2),
+        **_scale_strides(k_scale, v_scale, kv_int8),
+        KV_INT8=kv_int8,
         HEAD_DIM=head_dim,
         BLOCK_D=block_d,
         PAGE_SIZE=page_size,
@@ -552,6 +608,8 @@ def paged_attention_prefill(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal varlen attention of prefill chunks over the paged cache, all sequences in one launch.
 
@@ -559,6 +617,7 @@ def paged_attention_prefill(
     query_start_loc[i]:query_start_loc[i+1], the last tokens of its context_lens[i] cached ones (a fresh
     prompt, or a later chunk of a long one; their K/V already written to the pages). Only the sequences in
     seq_indices (default: all) are computed; their rows of out (T, Hq, D) are written, others untouched.
+    k_scale / v_scale: (num_blocks, block_size, Hkv) scales of an int8 cache (required with one).
     """
     num_tokens, num_heads, head_dim = q.shape
     _, page_size, num_kv_heads, cache_head_dim = k_cache.shape
@@ -568,6 +627,7 @@ def paged_attention_prefill(
         )
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1 or q.stride(-1) != 1:
         raise ValueError("q and the K/V caches need a contiguous last (head_dim) dimension")
+    kv_int8 = check_kv_scales(k_cache, k_scale, v_scale)
     if out is None:
         out = torch.empty_like(q)
     group = num_heads // num_kv_heads
@@ -588,16 +648,14 @@ def paged_attention_prefill(
     if tile_t is None:
         return out
 
-    dot_f32 = (
-        q.dtype != k_cache.dtype
-        or k_cache.dtype == torch.float32
-        or (_INTERPRETED and k_cache.dtype == torch.bfloat16)
-    )
+    dot_f32 = _dot_f32(q, k_cache, kv_int8)
     _paged_prefill_kernel[(tile_t.shape[0], num_kv_heads)](
         out,
         q,
         k_cache,
         v_cache,
+        k_scale if kv_int8 else k_cache,
+        v_scale if kv_int8 else v_cache,
         block_tables,
         tile_t,
         scale * LOG2E,
@@ -612,6 +670,8 @@ def paged_attention_prefill(
         stride_vb=v_cache.stride(0),
         stride_vt=v_cache.stride(1),
         stride_vh=v_cache.stride(2),
+        **_scale_strides(k_scale, v_scale, kv_int8),
+        KV_INT8=kv_int8,
         HEAD_DIM=head_dim,
         BLOCK_D=triton.next_power_of_2(head_dim),
         PAGE_SIZE=page_size,

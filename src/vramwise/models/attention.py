@@ -9,6 +9,7 @@ from torch import nn
 
 from vramwise.kernels.attention_backend import torch_attention
 from vramwise.kernels.fused import rope_and_write_kv
+from vramwise.kernels.kv_quant import QUANTIZED_KV_DTYPES, write_kv_quantized
 from vramwise.kernels.paged_attention import write_kv
 from vramwise.models.layers import RotaryEmbedding
 
@@ -44,6 +45,7 @@ class Attention(nn.Module):
         self.head_dim = head_dim
         self.scale = head_dim**-0.5
         self.kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None  # (num_blocks, block_size, Hkv, D) x2
+        self.kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None  # int8 pages: (num_blocks, block_size, Hkv) x2
         self.backend = torch_attention  # the runner picks the device's backend (select_attention_backend)
 
     def forward(
@@ -61,6 +63,20 @@ class Attention(nn.Module):
         if self.kv_cache is None:
             raise RuntimeError("attention layer has no KV cache bound; the runner binds one before running")
         k_cache, v_cache = self.kv_cache
+        if k_cache.dtype in QUANTIZED_KV_DTYPES:  # quantize on write, the backend dequantizes on read
+            if self.kv_scales is None:
+                raise RuntimeError(f"a {k_cache.dtype} KV cache is bound without its scales (kv_scales)")
+            if rotary is not None:  # the fused rope + KV write handles float pages only: rotate, then quantize
+                if positions is None:
+                    raise ValueError("rotary attention needs the token positions")
+                q, k = rotary(positions, q, k)
+            k_scale, v_scale = self.kv_scales
+            write_kv_quantized(k, v, k_cache, v_cache, k_scale, v_scale, meta.slot_mapping)
+            return self.backend(
+                q, k_cache, v_cache, meta.query_start_loc, meta.context_lens, meta.block_tables, self.scale,
+                context_lens_t=meta.context_lens_t, prepared=meta.prepared, max_context_len=meta.max_context_len or None,
+                k_scale=k_scale, v_scale=v_scale,
+            )
         if rotary is not None:
             if positions is None:
                 raise ValueError("rotary attention needs the token positions")
