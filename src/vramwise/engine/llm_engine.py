@@ -65,9 +65,22 @@ class LLMEngine:
         self.dtype = resolve_dtype(config.dtype, self.device, self.model_config)
         if isinstance(source, RandomWeightSource):  # draw the weights where they will live
             source.device, source.dtype = self.device, self.dtype
-        self.model = load_model(source, self.device, self.dtype, config.quantization)
+        max_len = min(config.scheduler.max_model_len, self.model_config.max_position_embeddings)
+        if self.model_config.sliding_window:
+            max_len = min(max_len, int(self.model_config.sliding_window))
+
+        # GPU-memory budget (--gpu-memory): planned before loading, None without one (memory/enforce.py).
+        from vramwise.memory import enforce
+
+        self.budget_setup = enforce.prepare_budget(config, source, self.model_config, self.device, self.dtype, max_len)
+        self.planner_prediction = self.budget_setup.plan.prediction.to_dict() if self.budget_setup else None
+        load_device = self.budget_setup.load_device if self.budget_setup else None
+        self.model = load_model(source, self.device, self.dtype, config.quantization, load_device=load_device)
         self.offload = None  # OffloadDriver when layers are streamed or computed on the CPU
-        if config.offload:
+        if self.budget_setup is not None:
+            self.offload = enforce.apply_budget_placement(self.budget_setup, self.model, self.device,
+                                                          config.num_stream_buffers)
+        elif config.offload:
             from vramwise.memory.offload import OffloadConfig, setup_offload
 
             self.offload = setup_offload(
@@ -76,16 +89,19 @@ class LLMEngine:
             )
         self.placement_name = self.offload.summary() if self.offload else "all-resident"
 
-        max_len = min(config.scheduler.max_model_len, self.model_config.max_position_embeddings)
-        if self.model_config.sliding_window:
-            max_len = min(max_len, int(self.model_config.sliding_window))
+        max_batched = max(config.scheduler.max_num_batched_tokens, 1)
+        if self.budget_setup is not None:  # activations and workspace were planned for this chunk
+            max_batched = min(max_batched, self.budget_setup.plan.max_num_batched_tokens)
         self.scheduler_config = SchedulerConfig(
             max_num_seqs=config.scheduler.max_num_seqs,
-            max_num_batched_tokens=max(config.scheduler.max_num_batched_tokens, 1),
+            max_num_batched_tokens=max_batched,
             max_model_len=max_len,
         )
         block_size = config.cache.block_size
-        num_blocks = config.cache.num_gpu_blocks or self._default_num_blocks(block_size)
+        if self.budget_setup is not None:
+            num_blocks = enforce.kv_num_blocks(self.budget_setup, config.cache.num_gpu_blocks)
+        else:
+            num_blocks = config.cache.num_gpu_blocks or self._default_num_blocks(block_size)
         self.block_manager = BlockManager(num_blocks, block_size)
         eos = frozenset(self.tokenizer.eos_token_ids if self.tokenizer else ()) | frozenset(self.model_config.eos_token_ids)
         self.scheduler = Scheduler(self.scheduler_config, self.block_manager, eos)
@@ -95,6 +111,14 @@ class LLMEngine:
         )
         self._requests: dict[str, _RequestState] = {}
         self._seq_to_req: dict[int, _RequestState] = {}
+        if self.budget_setup is not None:  # warm-up of the largest steps, then NVML against the budget
+            enforce.check_budget(self.budget_setup, self)
+
+    def memory_report(self) -> dict:
+        """GPU-memory accounting by term (bytes): see memory/enforce.py memory_report."""
+        from vramwise.memory.enforce import memory_report
+
+        return memory_report(self)
 
     def _default_num_blocks(self, block_size: int) -> int:
         per_block = KVCache.bytes_per_block(self.model_config, block_size, self.dtype)
