@@ -334,6 +334,9 @@ _HINT = ("lower --max-num-seqs or --max-num-batched-tokens, give a larger --gpu-
 
 
 def _unique_bytes(tensors: Any, device: torch.device) -> int:
+    """Bytes of the distinct storages among `tensors` that live on `device` (ties counted once)."""
+    if device.type == "cuda" and device.index is None:  # tensors report cuda:N, never bare cuda
+        device = torch.device("cuda", torch.cuda.current_device())
     seen: set[int] = set()
     total = 0
     for t in tensors:

@@ -45,6 +45,7 @@ from typing import Any
 from vramwise.config import ModelConfig, format_size
 from vramwise.memory.budget import (
     ACT_BYTES,
+    FP16,
     FP32,
     KV_BLOCK_SIZE,
     Budget,
