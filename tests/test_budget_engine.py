@@ -242,3 +242,14 @@ def test_13b_int4_stays_within_6gib_on_the_gpu():
         assert peak <= budget, f"{phase}: NVML peak {peak / MiB:.0f} MiB > {budget / MiB:.0f} MiB"
     rep = res["report"]
     assert rep["total_planned"] <= budget and rep["nvml_measured"] <= budget
+
+
+@pytest.mark.gpu
+def test_budget_below_the_cuda_context_is_refused_before_loading(monkeypatch):
+    import vramwise.engine.llm_engine as le
+
+    monkeypatch.setattr(le, "load_model", lambda *a, **k: pytest.fail("loaded despite a hopeless budget"))
+    with pytest.raises(BudgetTooSmallError, match=r"GPU memory budget 256\.00 MiB is too small") as e:
+        le.LLMEngine(EngineConfig(model="random:llama-2-13b", device="cuda", quantization="int4",
+                                  show_progress=False, memory=MemoryBudgetConfig(gpu_memory=256 * MiB)))
+    assert "CUDA context" in str(e.value) and e.value.budget.cuda_context > 0

@@ -23,6 +23,7 @@ and NVML's figures.
 from __future__ import annotations
 
 import logging
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -223,9 +224,18 @@ def prepare_budget(config: EngineConfig, source: Any, model_config: ModelConfig,
     setup = BudgetSetup(limit=limit, profile=profile, plan=result, context_bytes=context,
                         context_measured=measured, load_device=load_device, forced=forced, monitor=monitor,
                         model_config=model_config, quant=quant, cuda_graphs=kw["cuda_graphs"])
+    if monitor is not None:  # an engine that fails to build after this point must not leave the poller running
+        weakref.finalize(setup, _stop_quietly, monitor)
     log.info("GPU-memory budget %s: %s, KV %d blocks, chunk %d tokens", format_size(limit),
              result.describe_layers(), result.kv_num_blocks, result.max_num_batched_tokens)
     return setup
+
+
+def _stop_quietly(monitor: Any) -> None:
+    try:
+        monitor.stop()
+    except Exception:  # at interpreter exit NVML may already be gone; nothing to report then
+        pass
 
 
 def _offloads(p: Any) -> bool:
@@ -319,9 +329,10 @@ def check_budget(setup: BudgetSetup, engine: Any) -> None:
         return
     report = memory_report(engine)
     if setup.nvml_peak > setup.limit:
-        if not setup.nvml_per_process:
-            log.warning("GPU memory (device-wide: NVML cannot see processes here, so other processes count) peaked "
-                        "at %s, above the %s budget", format_size(setup.nvml_peak), format_size(setup.limit))
+        if not setup.nvml_per_process or not engine.config.memory.check_nvml:
+            scope = "per process" if setup.nvml_per_process else "device-wide: NVML cannot see processes here"
+            log.warning("GPU memory (%s) peaked at %s at start-up, above the %s budget", scope,
+                        format_size(setup.nvml_peak), format_size(setup.limit))
             return
         raise BudgetExceededError(
             f"GPU memory budget {format_size(setup.limit)} exceeded: NVML measured {format_size(setup.nvml_peak)} "
