@@ -123,6 +123,28 @@ def test_memory_report_terms_add_up(deep_path):
     assert abs(r["resident_weights"] - planned["resident_weights"]) < 64 * 1024
 
 
+def test_measured_memory_above_the_budget_is_refused_with_every_term(deep_path):
+    """What start-up does on CUDA when NVML's per-process peak is above the budget (the figure is set by
+    hand here: the CPU has no NVML)."""
+    from vramwise.memory.enforce import BudgetExceededError, budget_verdict
+
+    limit = offloading_budget(deep_path, STREAM_CARD)
+    eng = engine_llm(deep_path, MemoryBudgetConfig(gpu_memory=limit, device_profile=STREAM_CARD)).engine
+    setup, report = eng.budget_setup, eng.memory_report()
+    setup.nvml_peak, setup.nvml_per_process = limit - 1, True
+    assert budget_verdict(setup, report) is None  # within the budget
+    setup.nvml_peak = limit + 3 * MiB
+    err = budget_verdict(setup, report)
+    assert isinstance(err, BudgetExceededError) and isinstance(err, ValueError) and err.report is report
+    msg = str(err)
+    assert "NVML measured" in msg and "3.00 MiB over" in msg
+    for term in REPORT_TERMS:
+        assert term in msg
+    assert budget_verdict(setup, report, check=False) is None  # check_nvml=False only warns
+    setup.nvml_per_process = False  # a device-wide figure counts other processes: a warning, not a refusal
+    assert budget_verdict(setup, report) is None
+
+
 def test_utilization_is_a_fraction_of_the_card(deep_path):
     frac = 0.15  # of the fake card's 256 MiB: 38.4 MiB
     eng = engine_llm(deep_path, MemoryBudgetConfig(gpu_memory_utilization=frac, device_profile=STREAM_CARD)).engine

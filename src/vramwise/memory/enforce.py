@@ -180,12 +180,17 @@ def prepare_budget(config: EngineConfig, source: Any, model_config: ModelConfig,
     if device.type == "cuda":
         from vramwise.bench.gpu_memory import NvmlMonitor
 
-        torch.cuda.empty_cache()  # what an earlier engine of this process cached is not ours to count
-        torch.zeros(1, device=device)  # create the context now, so that it can be measured
+        # Create the context and the cuBLAS handle now (a tiny fp16 GEMM loads cuBLAS's kernels), so that
+        # NVML shows them: the context term is what the process holds beyond torch's allocator, whose
+        # blocks (cuBLAS's workspace among them) the other terms cover.
+        x = torch.ones(64, 64, dtype=torch.float16, device=device)
+        (x @ x).sum().item()  # (64, 64) product: only the library initialisation matters
+        del x
         torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()  # what an earlier engine of this process cached is not ours to count
         monitor = NvmlMonitor(device.index or 0)
         if monitor.available and monitor.per_process:
-            measured = monitor.used()
+            measured = monitor.used() - torch.cuda.memory_reserved(device)
         monitor.start()
     context = max(profile.cuda_context_bytes, measured or 0)
     profile = profile.with_overrides(cuda_context_bytes=context)
@@ -323,21 +328,30 @@ def check_budget(setup: BudgetSetup, engine: Any) -> None:
     mon = setup.monitor
     setup.nvml_peak = mon.stop() if mon.available else None
     setup.nvml_per_process = bool(mon.available and mon.per_process)
-    if setup.nvml_peak is None:  # no NVML: the device-wide figure from the driver, for the report only
+    if setup.nvml_peak is None:  # no NVML: the driver's device-wide figure now (no peak), checked like NVML's
         free, total = torch.cuda.mem_get_info(device)
-        setup.notes.append(f"NVML unavailable ({mon.error}); device-wide use {format_size(total - free)}")
-        return
-    report = memory_report(engine)
-    if setup.nvml_peak > setup.limit:
-        if not setup.nvml_per_process or not engine.config.memory.check_nvml:
-            scope = "per process" if setup.nvml_per_process else "device-wide: NVML cannot see processes here"
-            log.warning("GPU memory (%s) peaked at %s at start-up, above the %s budget", scope,
-                        format_size(setup.nvml_peak), format_size(setup.limit))
-            return
-        raise BudgetExceededError(
-            f"GPU memory budget {format_size(setup.limit)} exceeded: NVML measured {format_size(setup.nvml_peak)} "
-            f"for this process (peak through load and warm-up), {format_size(setup.nvml_peak - setup.limit)} "
-            f"over\n{format_report(report)}\n{_HINT}", report)
+        setup.nvml_peak = int(total - free)
+        setup.notes.append(f"NVML unavailable ({mon.error}): the figure is torch.cuda.mem_get_info's device-wide "
+                           "use after the warm-up, not a peak")
+    error = budget_verdict(setup, memory_report(engine), engine.config.memory.check_nvml)
+    if error is not None:
+        raise error
+
+
+def budget_verdict(setup: BudgetSetup, report: dict[str, Any], check: bool = True) -> BudgetExceededError | None:
+    """The refusal when the measured figure (setup.nvml_peak) is above the budget, else None. A device-wide
+    figure (other processes count too) or check=False only warns."""
+    if setup.nvml_peak is None or setup.nvml_peak <= setup.limit:
+        return None
+    if not setup.nvml_per_process or not check:
+        scope = "per process" if setup.nvml_per_process else "device-wide: other processes count too"
+        log.warning("GPU memory (%s) peaked at %s at start-up, above the %s budget", scope,
+                    format_size(setup.nvml_peak), format_size(setup.limit))
+        return None
+    return BudgetExceededError(
+        f"GPU memory budget {format_size(setup.limit)} exceeded: NVML measured {format_size(setup.nvml_peak)} "
+        f"for this process (peak through load and warm-up), {format_size(setup.nvml_peak - setup.limit)} "
+        f"over\n{format_report(report)}\n{_HINT}", report)
 
 
 _HINT = ("lower --max-num-seqs or --max-num-batched-tokens, give a larger --gpu-memory, or measure this "
