@@ -379,12 +379,13 @@ def _device_kv_bytes(engine: Any) -> int:
     """Bytes of the KV pages of the layers computed on the device (CPU layers keep theirs on the host)."""
     kv = engine.runner.kv_cache
     driver = getattr(engine, "offload", None)
+    scales = getattr(kv, "scales", None)  # an int8 cache keeps per-(token, head) scales beside its pages
     total = 0
     for i in range(len(kv.layer_placement)):
         if driver is not None and driver.placements[i] == "cpu":
             continue
-        k, v = kv.layer(i)
-        total += k.numel() * k.element_size() + v.numel() * v.element_size()
+        parts = list(kv.layer(i)) + list((scales(i) if callable(scales) else None) or ())
+        total += sum(t.numel() * t.element_size() for t in parts)
     return total
 
 
