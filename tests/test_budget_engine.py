@@ -173,6 +173,8 @@ def test_bad_budget_requests_name_the_problem(deep_path):
                                                  device_profile=STREAM_CARD))
     with pytest.raises(ValueError, match="exceeds the GPU's 256.00 MiB"):
         engine_llm(deep_path, MemoryBudgetConfig(gpu_memory=1024 * MiB, device_profile=STREAM_CARD))
+    with pytest.raises(BudgetTooSmallError, match=r"too small for the forced placement \(layers 0-6 streamed\)"):
+        engine_llm(deep_path, MemoryBudgetConfig(gpu_memory=20 * MiB, device_profile=STREAM_CARD), offload="streamed")
     limit = offloading_budget(deep_path, STREAM_CARD)
     with pytest.raises(ValueError, match="--num-kv-blocks 100000 does not fit"):
         from vramwise.config import CacheConfig
