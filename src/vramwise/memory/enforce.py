@@ -60,7 +60,7 @@ class BudgetSetup:
     profile: Any  # DeviceProfile the plan was costed with
     plan: Any  # planner.Plan
     context_bytes: int  # the CUDA-context term of the plan (measured or the profile's)
-    context_measured: int | None  # NVML per process right after the context was created, if known
+    context_measured: int | None  # NVML per process minus torch's reserved bytes at start-up, if known
     load_device: torch.device  # where load_model materializes the tensors
     forced: bool  # the placement came from --offload, not the planner
     monitor: Any = None  # bench.gpu_memory.NvmlMonitor sampling through load and warm-up (CUDA only)
@@ -80,8 +80,7 @@ class BudgetSetup:
 
     @property
     def needs_driver(self) -> bool:
-        p = self.plan
-        return (any(x != "resident" for x in p.layers) or p.lm_head != "resident" or p.embeddings != "gpu")
+        return _offloads(self.plan)
 
 
 # ------------------------------------------------------------------------------------------------------------
