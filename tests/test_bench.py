@@ -85,3 +85,35 @@ def test_decode_weight_bytes_skips_the_untied_embedding(tmp_path):
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     embed = model.model.embed_tokens.weight
     assert decode_weight_bytes(model) == params - embed.numel() * embed.element_size()
+
+
+def test_bench_under_a_gpu_memory_budget_reports_plan_and_memory(tmp_path, capsys):
+    """--gpu-memory through the shared engine flags, planned for a fake card (a profile JSON, so this runs on
+    the CPU): the JSON carries the placement, the plan's predictions next to each measured row and the
+    engine's memory terms."""
+    from test_budget_engine import STREAM_CARD, offloading_budget
+    from test_offload import make_deep_tiny_model
+
+    from vramwise.memory.enforce import REPORT_TERMS
+
+    model = make_deep_tiny_model(tmp_path / "deep")
+    limit = offloading_budget(model, STREAM_CARD)
+    card, js = tmp_path / "card.json", tmp_path / "r.json"
+    card.write_text(json.dumps(STREAM_CARD.to_dict()))
+    rc = main(["bench", model, "--device", "cpu", "--batch", "1,2", "--prompt-len", "8", "--gen-len", "4",
+               "--max-model-len", "128", "--max-num-seqs", "4", "--gpu-memory", f"{limit}B",
+               "--device-profile", str(card), "--json", str(js), "--no-progress"])
+    assert rc == 0
+    data = json.loads(js.read_text())
+    assert set(data) == {f.name for f in dataclasses.fields(BenchReport)}
+    assert data["gpu_memory_budget_mib"] == round(limit / 2**20, 1)
+    assert "streamed" in data["placement"] and data["planner_prediction"]["decode_tok_s_b1"] > 0
+    for r in data["results"]:
+        assert set(r) == {f.name for f in dataclasses.fields(BatchResult)}
+        assert r["predicted_ttft_ms"] > 0 and r["predicted_prefill_tok_s"] > 0 and r["predicted_decode_tok_s"] > 0
+    # a batch of 2 is predicted to decode faster in aggregate than a batch of 1 (weights read once per step)
+    assert data["results"][1]["predicted_decode_tok_s"] > data["results"][0]["predicted_decode_tok_s"]
+    mem = data["memory_report"]
+    assert mem["budget"] == limit and mem["total_planned"] == sum(mem[t] for t in REPORT_TERMS) <= limit
+    out = capsys.readouterr().out
+    assert "predicted decode tok/s" in out and "resident_weights" in out and "stream_buffers" in out

@@ -34,3 +34,14 @@ def positive_int_list(text: str) -> list[int]:
     if not vals or any(v < 1 for v in vals):
         raise argparse.ArgumentTypeError(f"every value must be an integer >= 1, got {text!r}")
     return vals
+
+
+def fraction(text: str) -> float:
+    """A fraction in (0, 1], e.g. 0.9."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not 0 < v <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {v}")
+    return v

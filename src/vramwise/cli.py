@@ -7,7 +7,7 @@ import logging
 import sys
 from collections.abc import Callable
 
-from vramwise.argtypes import positive_int
+from vramwise.argtypes import fraction, positive_int
 from vramwise.argtypes import size
 from vramwise.config import format_size
 
@@ -30,6 +30,15 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--offload", default=None, metavar="PLACEMENT",
                    help="layer placement: streamed | cpu | resident:20,streamed:20 | r,s,c,... (default: all on the device)")
     g.add_argument("--stream-buffers", type=positive_int, default=2, help="GPU slots for streamed layers (default: 2)")
+    g.add_argument("--gpu-memory", type=size, default=None, metavar="SIZE",
+                   help="GPU-memory budget of the whole process (NVML's figure), e.g. 6GiB: the planner places "
+                        "layers (resident / streamed / CPU) and sizes the KV pool to fit; start-up refuses a "
+                        "budget it cannot meet (default: no budget)")
+    g.add_argument("--gpu-memory-utilization", type=fraction, default=None, metavar="F",
+                   help="the budget as a fraction of the card's total memory, in (0, 1]")
+    g.add_argument("--device-profile", default=None, metavar="NAME|PATH",
+                   help="speeds the planner costs placements with: h100 | rtx2060 | PATH.json "
+                        "(default: `vramwise doctor`'s cached measurements, else h100)")
     g.add_argument("--quantization", default=None,
                    help="weights: auto (checkpoint's own; dequantized on CPU) | native (keep packed) | none | "
                         "int8 | int4 | int4-g32/g64/g128 (RTN at load) (default: auto)")
@@ -57,11 +66,16 @@ def make_llm(args: argparse.Namespace, show_progress: bool = True):
 
 def make_engine_config(args: argparse.Namespace, show_progress: bool = True):
     """EngineConfig from the engine flags (add_engine_args)."""
-    from vramwise.config import CacheConfig, EngineConfig, SchedulerConfig
+    from vramwise.config import CacheConfig, EngineConfig, MemoryBudgetConfig, SchedulerConfig
 
     extra = {}
     if getattr(args, "quantization", None) is not None:
         extra["quantization"] = args.quantization
+    gpu_memory, utilization = getattr(args, "gpu_memory", None), getattr(args, "gpu_memory_utilization", None)
+    if gpu_memory is not None and utilization is not None:
+        raise ValueError("give either --gpu-memory or --gpu-memory-utilization, not both")
+    extra["memory"] = MemoryBudgetConfig(gpu_memory=gpu_memory, gpu_memory_utilization=utilization,
+                                         device_profile=getattr(args, "device_profile", None))
     return EngineConfig(
         model=args.model,
         device=args.device,

@@ -177,6 +177,30 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class MemoryBudgetConfig:
+    """The process's GPU-memory budget (memory/enforce.py). Neither size given = no budget (today's
+    behaviour: everything the engine asks for, the KV pool from kv_cache_memory / num_gpu_blocks).
+
+    gpu_memory              bytes the whole process may hold on the GPU as NVML sees it
+    gpu_memory_utilization  the same as a fraction of the card's total memory, in (0, 1]
+    device_profile          what the planner costs placements with: None / "auto" = `vramwise doctor`'s
+                            cached measurements (else the built-in h100 figures) with the real card's memory;
+                            a built-in name (h100, rtx2060), a JSON path, or a DeviceProfile object (tests
+                            inject one with a fake capacity to plan on a CPU-only machine)
+    check_nvml              after the warm-up, refuse to start when NVML's per-process peak exceeds the budget
+    """
+
+    gpu_memory: int | None = None
+    gpu_memory_utilization: float | None = None
+    device_profile: Any = None
+    check_nvml: bool = True
+
+    @property
+    def enabled(self) -> bool:
+        return self.gpu_memory is not None or self.gpu_memory_utilization is not None
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: str | None = None  # path, .gguf file, hub id; None = the bundled SmolLM2
     device: str = "auto"  # "auto" = cuda when available, else cpu
@@ -200,3 +224,4 @@ class EngineConfig:
     decode_graphs: str = "auto"
     # One matmul for q/k/v and one for gate/up (models/fuse.py), applied after loading; False keeps them apart.
     fuse_projections: bool = True
+    memory: MemoryBudgetConfig = field(default_factory=MemoryBudgetConfig)  # --gpu-memory and friends

@@ -332,8 +332,14 @@ def _materialize(model: nn.Module, cfg: ModelConfig, device: torch.device) -> nn
 
 
 def load_model(source: WeightSource, device: torch.device, dtype: torch.dtype,
-               quantization: str | QuantRequest | None = None) -> nn.Module:
-    """Build the model of `source` on `device` and fill it, quantized as `quantization` says (module doc)."""
+               quantization: str | QuantRequest | None = None, load_device: torch.device | None = None
+               ) -> nn.Module:
+    """Build the model of `source` for `device` and fill it, quantized as `quantization` says (module doc).
+
+    load_device: where the tensors are materialized (default `device`). The GPU-memory budget loads a
+    model that will be partly offloaded on the CPU and lets the offload driver move the resident part;
+    the quantization plan and the RTN conversions still follow `device` (packed formats for the GPU,
+    quantized there, one tensor at a time, and copied into the host buffers)."""
     request = parse_quantization(quantization)
     meta = _meta_model(source.config, dtype)
     try:
@@ -342,7 +348,7 @@ def load_model(source: WeightSource, device: torch.device, dtype: torch.dtype,
         raise WeightsError(str(e)) from e
     for name, entry in plan.items():
         _swap_module(meta, name, _empty_quant_module(meta.get_submodule(name), entry))
-    model = _materialize(meta, source.config, device)
+    model = _materialize(meta, source.config, load_device or device)
     if plan:
         counts = Counter(f"{e.spec.name} ({e.source})" for e in plan.values())
         log.info("%s: %d linear layer(s) quantized: %s", source.path, len(plan),

@@ -9,6 +9,8 @@ real and random-weight models alike.
   weights GB/s  bytes of weights one decode step reads (decode_weight_bytes) x decode steps per second
                 (decode tok/s / B); at batch 1 this is the achieved weight-read bandwidth, reported also as a
                 fraction of the device's measured device-to-device copy bandwidth (the practical ceiling)
+Under a GPU-memory budget (--gpu-memory) each row also carries the plan's prediction for the same workload
+(planner.predict_workload) and the report the engine's memory accounting (LLMEngine.memory_report).
 """
 
 from __future__ import annotations
@@ -44,6 +46,10 @@ class BatchResult:
     nvml_peak_mib: float | None = None
     torch_max_allocated_mib: float | None = None
     torch_max_reserved_mib: float | None = None
+    # the plan's prediction for this row's workload (None without --gpu-memory)
+    predicted_ttft_ms: float | None = None
+    predicted_prefill_tok_s: float | None = None
+    predicted_decode_tok_s: float | None = None
 
 
 @dataclass
@@ -73,6 +79,8 @@ class BenchReport:
     weight_bytes_per_step: int | None = None
     d2d_copy_gb_s: float | None = None  # measured device-to-device copy bandwidth (CUDA only)
     weight_read_fraction_b1: float | None = None  # batch-1 weight GB/s / d2d_copy_gb_s
+    gpu_memory_budget_mib: float | None = None  # --gpu-memory (None: no budget)
+    memory_report: dict[str, Any] | None = None  # LLMEngine.memory_report(), bytes, after the run
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -211,11 +219,19 @@ def run_offline_bench(
                 r.torch_max_reserved_mib = _mib(torch.cuda.max_memory_reserved())
             if mon.available:
                 r.nvml_peak_mib = _mib(max(mon.peak, mon.used()))
+            setup = getattr(engine, "budget_setup", None)
+            if setup is not None:
+                pred = setup.predict(b, prompt_len, gen_len)
+                r.predicted_ttft_ms = round(1000 * pred["ttft_s"], 2)
+                r.predicted_prefill_tok_s = round(pred["prefill_tok_s"], 1)
+                r.predicted_decode_tok_s = round(pred["decode_tok_s"], 2)
             results.append(r)
             bar.advance(task)
     mon.stop()
     d2d = round(d2d_copy_bandwidth(engine.device) / 1e9, 1) if cuda else None
     b1 = next((r for r in results if r.batch == 1), None)
+    setup = getattr(engine, "budget_setup", None)
+    report_fn = getattr(engine, "memory_report", None)
     dev_name = torch.cuda.get_device_name(engine.device) if cuda else (platform.processor() or "cpu")
     return BenchReport(
         model=model_name,
@@ -241,6 +257,8 @@ def run_offline_bench(
         weight_bytes_per_step=decode_weight_bytes(engine.model),
         d2d_copy_gb_s=d2d,
         weight_read_fraction_b1=round(b1.weight_gb_s / d2d, 3) if d2d and b1 and b1.weight_gb_s else None,
+        gpu_memory_budget_mib=_mib(setup.limit) if setup is not None else None,
+        memory_report=report_fn() if callable(report_fn) else None,
     )
 
 
@@ -268,18 +286,26 @@ def default_json_name(settings: dict[str, Any], batch_sizes: list[int], prompt_l
 
 
 def format_table(report: BenchReport) -> str:
+    predicted = any(r.predicted_decode_tok_s is not None for r in report.results)
     head = ("| batch | TTFT ms | prefill tok/s | decode tok/s (agg) | per seq | throughput tok/s | weights GB/s | "
             "NVML peak MiB | torch alloc MiB |")
     sep = "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
-    rows = [
-        f"| {r.batch} | {r.ttft_ms:.1f} | {r.prefill_tok_s:.0f} | {r.decode_tok_s:.1f} | {r.decode_tok_s_per_seq:.1f} | "
-        f"{r.throughput_tok_s:.1f} | {r.weight_gb_s if r.weight_gb_s is not None else '-'} | "
-        f"{r.nvml_peak_mib if r.nvml_peak_mib is not None else '-'} | "
-        f"{r.torch_max_allocated_mib if r.torch_max_allocated_mib is not None else '-'} |"
-        for r in report.results
-    ]
+    if predicted:
+        head += " predicted TTFT ms | predicted prefill tok/s | predicted decode tok/s |"
+        sep += "---:|---:|---:|"
+    rows = []
+    for r in report.results:
+        row = (f"| {r.batch} | {r.ttft_ms:.1f} | {r.prefill_tok_s:.0f} | {r.decode_tok_s:.1f} | {r.decode_tok_s_per_seq:.1f} | "
+               f"{r.throughput_tok_s:.1f} | {r.weight_gb_s if r.weight_gb_s is not None else '-'} | "
+               f"{r.nvml_peak_mib if r.nvml_peak_mib is not None else '-'} | "
+               f"{r.torch_max_allocated_mib if r.torch_max_allocated_mib is not None else '-'} |")
+        if predicted:
+            row += (f" {_fmt(r.predicted_ttft_ms, '.1f')} | {_fmt(r.predicted_prefill_tok_s, '.0f')} | "
+                    f"{_fmt(r.predicted_decode_tok_s, '.1f')} |")
+        rows.append(row)
+    budget = f", budget {report.gpu_memory_budget_mib:.0f} MiB" if report.gpu_memory_budget_mib is not None else ""
     title = (
-        f"{report.model} on {report.device}, {report.dtype}, placement {report.placement}, "
+        f"{report.model} on {report.device}, {report.dtype}, placement {report.placement}{budget}, "
         f"prompt {report.results[0].prompt_len if report.results else '?'} + gen "
         f"{report.results[0].gen_len if report.results else '?'}, commit {report.commit}, {report.date}"
     )
@@ -293,7 +319,16 @@ def format_table(report: BenchReport) -> str:
         path += f"; d2d copy {report.d2d_copy_gb_s} GB/s"
     if report.weight_read_fraction_b1 is not None:
         path += f"; batch-1 weight read = {report.weight_read_fraction_b1:.2f} of d2d"
-    return "\n".join([title, path, "", head, sep, *rows])
+    lines = [title, path, "", head, sep, *rows]
+    if report.memory_report is not None and report.gpu_memory_budget_mib is not None:
+        from vramwise.memory.enforce import format_report
+
+        lines += ["", "GPU memory (engine accounting; NVML at start-up):", format_report(report.memory_report)]
+    return "\n".join(lines)
+
+
+def _fmt(v: float | None, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
 
 
 def write_plot(report: BenchReport, path: str | Path) -> None:

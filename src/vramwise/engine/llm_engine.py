@@ -67,13 +67,26 @@ class LLMEngine:
         self.kv_dtype = resolve_kv_cache_dtype(config.cache.cache_dtype, self.dtype)  # before loading: fail fast
         if isinstance(source, RandomWeightSource):  # draw the weights where they will live
             source.device, source.dtype = self.device, self.dtype
-        self.model = load_model(source, self.device, self.dtype, config.quantization)
+        max_len = min(config.scheduler.max_model_len, self.model_config.max_position_embeddings)
+        if self.model_config.sliding_window:
+            max_len = min(max_len, int(self.model_config.sliding_window))
+
+        # GPU-memory budget (--gpu-memory): planned before loading, None without one (memory/enforce.py).
+        from vramwise.memory import enforce
+
+        self.budget_setup = enforce.prepare_budget(config, source, self.model_config, self.device, self.dtype, max_len)
+        self.planner_prediction = self.budget_setup.plan.prediction.to_dict() if self.budget_setup else None
+        load_device = self.budget_setup.load_device if self.budget_setup else None
+        self.model = load_model(source, self.device, self.dtype, config.quantization, load_device=load_device)
         if config.fuse_projections:  # after loading/quantizing: checkpoints load into the unfused modules
             from vramwise.models.fuse import fuse_projections
 
             self.fuse_report = fuse_projections(self.model)
         self.offload = None  # OffloadDriver when layers are streamed or computed on the CPU
-        if config.offload:
+        if self.budget_setup is not None:
+            self.offload = enforce.apply_budget_placement(self.budget_setup, self.model, self.device,
+                                                          config.num_stream_buffers)
+        elif config.offload:
             from vramwise.memory.offload import OffloadConfig, setup_offload
 
             self.offload = setup_offload(
@@ -82,16 +95,19 @@ class LLMEngine:
             )
         self.placement_name = self.offload.summary() if self.offload else "all-resident"
 
-        max_len = min(config.scheduler.max_model_len, self.model_config.max_position_embeddings)
-        if self.model_config.sliding_window:
-            max_len = min(max_len, int(self.model_config.sliding_window))
+        max_batched = max(config.scheduler.max_num_batched_tokens, 1)
+        if self.budget_setup is not None:  # activations and workspace were planned for this chunk
+            max_batched = min(max_batched, self.budget_setup.plan.max_num_batched_tokens)
         self.scheduler_config = SchedulerConfig(
             max_num_seqs=config.scheduler.max_num_seqs,
-            max_num_batched_tokens=max(config.scheduler.max_num_batched_tokens, 1),
+            max_num_batched_tokens=max_batched,
             max_model_len=max_len,
         )
         block_size = config.cache.block_size
-        num_blocks = config.cache.num_gpu_blocks or self._default_num_blocks(block_size)
+        if self.budget_setup is not None:
+            num_blocks = enforce.kv_num_blocks(self.budget_setup, config.cache.num_gpu_blocks)
+        else:
+            num_blocks = config.cache.num_gpu_blocks or self._default_num_blocks(block_size)
         self.block_manager = BlockManager(num_blocks, block_size)
         eos = frozenset(self.tokenizer.eos_token_ids if self.tokenizer else ()) | frozenset(self.model_config.eos_token_ids)
         self.scheduler = Scheduler(self.scheduler_config, self.block_manager, eos)
@@ -109,6 +125,14 @@ class LLMEngine:
             self.scheduler.swap_manager = self.swap_block_manager
         self._requests: dict[str, _RequestState] = {}
         self._seq_to_req: dict[int, _RequestState] = {}
+        if self.budget_setup is not None:  # warm-up of the largest steps, then NVML against the budget
+            enforce.check_budget(self.budget_setup, self)
+
+    def memory_report(self) -> dict:
+        """GPU-memory accounting by term (bytes): see memory/enforce.py memory_report."""
+        from vramwise.memory.enforce import memory_report
+
+        return memory_report(self)
 
     def _graph_mode(self) -> tuple[str, str | None]:
         """("cuda" | "emulate" | "off", why graphs are off when they could have been on)."""

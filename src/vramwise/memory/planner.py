@@ -45,6 +45,7 @@ from typing import Any
 from vramwise.config import ModelConfig, format_size
 from vramwise.memory.budget import (
     ACT_BYTES,
+    FP16,
     FP32,
     KV_BLOCK_SIZE,
     Budget,
@@ -508,6 +509,88 @@ def plan(
     if alternatives and (result.policy != "resident" or result.kv_capacity_tokens < s.max_model_len):
         result.alternatives = _alternatives(model, budget_bytes, device, s, call, baseline=result)
     return result
+
+
+def plan_for_layers(
+    model: ModelConfig,
+    budget_bytes: int,
+    device: DeviceProfile,
+    quant: Any,
+    layers: list[str],
+    *,
+    lm_head: str = RESIDENT,
+    embeddings: str = "gpu",
+    num_stream_buffers: int = 2,
+    max_model_len: int | None = None,
+    max_num_seqs: int = 64,
+    kv_dtype: str = "fp16",
+    prompt_len: int = DEFAULT_PROMPT_LEN,
+    gen_len: int = DEFAULT_GEN_LEN,
+    max_num_batched_tokens: int | None = None,
+    cuda_graphs: bool = True,
+    block_size: int = KV_BLOCK_SIZE,
+    model_name: str = "",
+    driver: DriverCaps = DRIVER_TODAY,
+) -> Plan:
+    """The budget of a placement chosen outside the planner (`--offload` with `--gpu-memory`): the same
+    terms as plan() for these layers, the KV pool grown into what is left, the largest chunk of
+    CHUNK_CANDIDATES (or max_num_batched_tokens) that fits. Raises BudgetTooSmallError with the numbers
+    when the placement does not fit with a KV pool of max_model_len tokens."""
+    s = _setup(model, budget_bytes, device, quant, max_model_len, max_num_seqs, kv_dtype, prompt_len, gen_len,
+               cuda_graphs, block_size, driver)
+    if len(layers) != s.n:
+        raise ValueError(f"placement names {len(layers)} layer(s) but the model has {s.n}")
+    bad = sorted({p for p in layers if p not in (RESIDENT, STREAMED, CPU)})
+    if bad:
+        raise ValueError(f"unknown placement(s) {', '.join(bad)}; choose resident, streamed or cpu")
+    offloaded = any(p != RESIDENT for p in layers) or lm_head != RESIDENT
+    policy = "resident" if not offloaded else (
+        "streamed" if CPU not in layers else ("cpu" if STREAMED not in layers else "mixed"))
+    buffers = num_stream_buffers if (STREAMED in layers or lm_head == STREAMED) else 0
+    chunks = (max_num_batched_tokens,) if max_num_batched_tokens else tuple(sorted(CHUNK_CANDIDATES, reverse=True))
+    kv_min = _round_up(s.max_model_len, s.block_size)
+    smallest: Budget | None = None
+    for chunk in chunks:
+        cand = _Candidate(policy, tuple(layers), lm_head, embeddings, buffers, chunk, 1, kv_min)
+        budget = _memory(s, cand, _fixed_budget(s, chunk))
+        if budget.fits():
+            name = model_name or f"{model.architecture} {model.num_hidden_layers}L h{model.hidden_size}"
+            return _finish(s, cand, budget, name)
+        if smallest is None or budget.total < smallest.total:
+            smallest = budget
+    assert smallest is not None
+    raise BudgetTooSmallError(too_small_message(f"the forced placement ({describe_placement(list(layers))})",
+                                                smallest), smallest)
+
+
+def predict_workload(model: ModelConfig, budget_bytes: int, device: DeviceProfile, quant: Any, p: Plan, batch: int,
+                     prompt_len: int, gen_len: int, *, cuda_graphs: bool = True,
+                     driver: DriverCaps = DRIVER_TODAY) -> dict[str, float]:
+    """What plan `p` predicts for a benchmark run: `batch` prompts of prompt_len tokens submitted together,
+    each generating gen_len tokens (the offline benchmark's workload, bench/offline.py):
+
+        ttft_s         mean over the requests of the time to their first token: prompts are prefilled in
+                       chunks of p.max_num_batched_tokens, request i's first token comes with the chunk
+                       holding its last prompt token
+        prefill_tok_s  batch x prompt_len / (time of the last first token)
+        decode_tok_s   aggregate decode rate at `batch` sequences, context prompt_len + gen_len / 2
+    """
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    s = _setup(model, budget_bytes, device, quant, p.max_model_len, p.max_num_seqs, p.kv_dtype, prompt_len, gen_len,
+               cuda_graphs, p.kv_block_size, driver)
+    cand = _Candidate(p.policy, tuple(p.layers), p.lm_head, p.embeddings, p.num_stream_buffers,
+                      p.max_num_batched_tokens, batch, 0)
+    steps, hand = _prefill_steps(s, cand, batch, True, _offload_threshold(s, cand))
+    times = simulate(steps, cand.num_buffers, handover_s=hand, step_overhead_s=device.step_overhead_s)
+    done, cum = 0.0, []
+    for t in times:
+        done += t
+        cum.append(done)
+    chunk = max(1, cand.chunk)
+    firsts = [cum[min(len(cum) - 1, -(-((i + 1) * prompt_len) // chunk) - 1)] for i in range(batch)]
+    return {"ttft_s": sum(firsts) / batch, "prefill_tok_s": batch * prompt_len / cum[-1],
+            "decode_tok_s": batch / _step_time(s, cand, batch)}
 
 
 #: Scores within this fraction of the best count as ties, broken by preference (see _pick).
