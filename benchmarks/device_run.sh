@@ -56,6 +56,7 @@ run() {
 
 case "${1:-run}" in
   stage) stage ;;
+  assemble) assemble ;;
   run) shift; run "${1:-}" ;;
   *) echo "usage: $0 stage|run [steps]"; exit 2 ;;
 esac

@@ -269,7 +269,7 @@ def test_side_by_side_searches_the_largest_ngl_under_the_cap(tmp_path: Path):
     for f in (fake / "nvidia-smi", bin_dir / "llama-bench", bin_dir / "llama-batched-bench"):
         f.chmod(0o755)
     (work / "models" / "13b.gguf").write_text("x")  # stands in for the GGUF (the fake tool does not read it)
-    env = dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}", FAKE_MEM=str(tmp_path / "mem"), SBS_WORK=str(work),
+    env = dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}", FAKE_MEM=str(tmp_path / "mem"), SBS_WORK=str(work), SBS_KEEP_OUT="1",
                OUT=str(out), STEPS="llama_cap_13b_b1", VW_COMMIT="c0ffee0")
     script = str(PEERS / "side_by_side.sh")
     bad = subprocess.run(["bash", script], env=env, cwd=ROOT, capture_output=True, text=True, timeout=30)

@@ -289,6 +289,10 @@ py_step() {
       local capflag=(); setup="int4"
       [ "$cap" -gt 0 ] && { capflag=(--gpu-memory "$(cap_text)"); setup="$setup, --gpu-memory $(cap_text)"; }
       [[ $s == *_eager ]] && { capflag+=(--enforce-eager); setup="$setup, --enforce-eager"; }
+      # sized for the scenario: the KV pool holds exactly B sequences of p + g tokens (a budget plans for it)
+      capflag+=(--max-num-seqs "$b" --max-model-len $(( p + g )))
+      [ "$cap" -gt 0 ] && [ "$b" -gt 1 ] && { capflag+=(--kv-cache-dtype int8); setup="$setup, int8 KV"; }
+      [ "$cap" -eq 0 ] && capflag+=(--kv-cache-memory "$(( b * (p + g) * 840000 / 1048576 + 256 ))MiB")  # 13B: 800 KiB/token fp16
       # shellcheck disable=SC2086
       measure "$s" "$limit" env PYTHONPATH="$REPO/src" python3 -m vramwise.cli bench --random-weights "llama-2-$shape" \
         --quantization int4 ${capflag[@]+"${capflag[@]}"} --no-progress "${common[@]}" ${OURS_ARGS:-}
@@ -325,6 +329,10 @@ finish() {
   $TABLE show "$R" --headline ${VW_COMMIT:+--commit "$VW_COMMIT"} > "$R/headline.md" 2>&1
   $TABLE show "$R" --plot "$R/side_by_side.png" > /dev/null 2>&1 || log "no plot (matplotlib missing?): table.py --plot can draw it later"
   sync_out
+  # the device tool brings back at most 8 files: one archive of the results, the table and the plot
+  tar czf "$OUT/peers_$PART.tgz" -C "$OUT" peers && cp "$R/table.md" "$OUT/table_$PART.md" 2>/dev/null \
+    && cp "$R/side_by_side.png" "$OUT/side_by_side_$PART.png" 2>/dev/null
+  [ -n "${SBS_KEEP_OUT:-}" ] || rm -rf "$OUT/peers"
 }
 
 # ======================================= main =============================================================
