@@ -317,6 +317,7 @@ py_step() {
 PY_STEPS=${PY_STEPS:-"ours_cap_13b_b1 ours_cap_13b_b16 hf_offload_13b_cap bnb_nf4_13b_cap bnb_nf4_7b ours_13b_b1 ours_7b_b1 ours_13b_b16 bnb_nf4_13b hf_fp16_13b"}
 py_phase() {
   local s
+  pre_join  # nothing else on the GPU while a step is timed and its NVML peak read
   py_setup
   for s in $PY_STEPS; do wanted "$s" && ! done_ "$s" && { py_step "$s" && mark "$s"; }; done
   return 0

@@ -16,6 +16,7 @@ Under a GPU-memory budget (--gpu-memory) each row also carries the plan's predic
 from __future__ import annotations
 
 import datetime as _dt
+import os
 import platform
 import random
 import subprocess
@@ -87,6 +88,8 @@ class BenchReport:
 
 
 def git_commit() -> str:
+    if os.environ.get("VW_COMMIT"):  # a copy of the tree without its .git (the GPU machine) names it here
+        return os.environ["VW_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5)
         return out.stdout.strip() or "unknown"

@@ -293,7 +293,7 @@ class ModelRunner:
                 rows.append(end - 1)
         if not rows:
             return result
-        logits = self.model.compute_logits(hidden[rows])  # (R, vocab) fp32
+        logits = self.model.compute_logits(_take_rows(hidden, rows))  # (R, vocab) fp32
 
         if sample_rows:
             srows = [
@@ -309,7 +309,7 @@ class ModelRunner:
                 )
                 for j, _ in sample_rows
             ]
-            so = self.sampler(logits[[r for _, r in sample_rows]], srows)
+            so = self.sampler(_take_rows(logits, [r for _, r in sample_rows]), srows)
             for (j, _), tok, lp in zip(sample_rows, so.token_ids, so.logprobs):
                 sid = out.scheduled[j].seq.seq_id
                 result.sampled[sid] = tok
@@ -323,3 +323,11 @@ class ModelRunner:
             top_n = s.seq.sampling_params.prompt_logprobs or 0
             result.prompt_logprobs[s.seq.seq_id] = [token_logprobs(lp[k], targets[k], top_n) for k in range(count)]
         return result
+
+
+def _take_rows(t: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """t[rows] for a list of row indices; a run of consecutive rows (every decode step: 0..B-1) is a slice,
+    which costs no index tensor, no host-to-device copy and no gather kernel."""
+    if rows and rows[-1] - rows[0] == len(rows) - 1 and all(b - a == 1 for a, b in zip(rows, rows[1:])):
+        return t[rows[0] : rows[-1] + 1]
+    return t[rows]
