@@ -227,6 +227,7 @@ def prepare_budget(config: EngineConfig, source: Any, model_config: ModelConfig,
             monitor.stop()
         raise
     if device.type == "cuda":
+        _kernels_within_plan()
         # Hard cap for torch's allocator: what the plan gives everything but the context.
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(max(0.0, min(1.0, (limit - context) / total)), device)
@@ -239,6 +240,19 @@ def prepare_budget(config: EngineConfig, source: Any, model_config: ModelConfig,
     log.info("GPU-memory budget %s: %s, KV %d blocks, chunk %d tokens", format_size(limit),
              result.describe_layers(), result.kv_num_blocks, result.max_num_batched_tokens)
     return setup
+
+
+def _kernels_within_plan() -> None:
+    """Make the quantized-matmul kernels use only what the plan counts for them: the long-prefill dequant
+    workspace the plan's workspace term holds (budget.DEQUANT_WORKSPACE_BYTES), and no first-use tuning,
+    which times a dozen candidate configs (each a module loaded into the CUDA context, outside torch's
+    allocator) with scratch outputs and an L2-flush buffer the plan does not hold. The fixed default
+    configs run instead. Process-wide, like the allocator cap."""
+    from vramwise.kernels import w4a16
+    from vramwise.memory.budget import DEQUANT_WORKSPACE_BYTES
+
+    w4a16.AUTOTUNE = False
+    w4a16.DEQUANT_WORKSPACE_BYTES = min(w4a16.DEQUANT_WORKSPACE_BYTES, DEQUANT_WORKSPACE_BYTES)
 
 
 #: GPU memory the CUDA context gains after start-up as kernels are first used (lazy module loading).
