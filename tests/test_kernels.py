@@ -474,6 +474,7 @@ def test_w4a16_gpu_tuning_caches_and_graph_capture_uses_default(monkeypatch):
     from vramwise.kernels import w4a16
 
     monkeypatch.setattr(w4a16, "AUTOTUNE", True)
+    monkeypatch.setattr(w4a16, "TUNE_DECODE", True)  # M = 2, 3 below are decode sizes
     monkeypatch.setattr(w4a16, "MIN_TUNE_WEIGHTS", 0)
 
     pw = quantize_rtn(torch.randn(1024, 2048, device="cuda") * 0.02, QuantSpec.int4(128))

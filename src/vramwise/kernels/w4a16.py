@@ -936,6 +936,10 @@ def _run_config(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, m
 #: defaults (v1 kernels, dequantize + cuBLAS for long prefills), i.e. the behaviour before tuning.
 #: VRAMWISE_KERNEL_AUTOTUNE=0 in the environment turns it off.
 AUTOTUNE = os.environ.get("VRAMWISE_KERNEL_AUTOTUNE", "1") != "0"
+#: Whether decode sizes (M <= GEMV_MAX_M) are tuned too. Off: in a Llama-2-7B int4 batch-1 step on an H200 the
+#: fixed GEMV default gave 2.49 ms per step and the first-use choices 3.22 ms in one run (2.78 in another):
+#: the single-call timing with a flushed L2 does not rank the GEMV variants the way a model step does.
+TUNE_DECODE = os.environ.get("VRAMWISE_KERNEL_AUTOTUNE") == "all"
 #: Layers with fewer weights (N * K) keep the fixed default: they are launch-bound, and tuning each of a small
 #: model's shapes would cost compile time (~2 s per candidate on first use) for nothing.
 MIN_TUNE_WEIGHTS = 1 << 22
@@ -1138,7 +1142,8 @@ def choose_config(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     cached; during CUDA-graph capture an untuned key gets the fixed default (uncached). Otherwise the fixed
     default."""
     n = qweight.shape[0] * INT4_TILE_N
-    if not AUTOTUNE or use_fixed_config(x2.device) or n * x2.shape[1] < MIN_TUNE_WEIGHTS:
+    if not AUTOTUNE or use_fixed_config(x2.device) or n * x2.shape[1] < MIN_TUNE_WEIGHTS \
+            or (x2.shape[0] <= GEMV_MAX_M and not TUNE_DECODE):
         return _default_choice(x2, qweight, scales, mins, group_size)
     key = _tune_key(x2, n, group_size)
     cfg = _CHOICES.get(key)
