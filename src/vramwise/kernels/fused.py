@@ -45,6 +45,9 @@ def rms_norm_torch(
     module's numerics: normalise in fp32, cast back to the input dtype, then multiply by the weight.
     """
     h = x if residual is None else x + residual
+    if h.dtype == torch.float32 and weight.dtype == torch.float32:
+        # fp32 end to end (the CPU engine): torch's fused rms_norm, one op instead of six
+        return torch.nn.functional.rms_norm(h, (h.shape[-1],), weight, eps), h
     hf = h.float()
     normed = (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)).to(h.dtype)
     return weight * normed, h
@@ -175,9 +178,15 @@ def rope_and_write_kv_torch(
     cos, sin = cs[:, None, :half], cs[:, None, half:]
     q.copy_(_rotate_neox(q, cos, sin))
     k.copy_(_rotate_neox(k, cos, sin))
+    nb, bs, h, d = k_cache.shape
+    if (slot_mapping.device.type == "cpu" and k_cache.is_contiguous() and v_cache.is_contiguous()
+            and (slot_mapping.numel() == 0 or int(slot_mapping.min()) >= 0)):
+        # The CPU engine's hot path (no padding slots): one index_copy_ per cache, no boolean-mask gathers.
+        k_cache.view(nb * bs, h, d).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+        v_cache.view(nb * bs, h, d).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+        return q, k
     keep = slot_mapping >= 0
     slots = slot_mapping[keep]
-    nb, bs, h, d = k_cache.shape
     pages, rows = slots // bs, slots % bs
     k_cache[pages, rows] = k[keep].to(k_cache.dtype)  # index-put: the cache may be a strided view
     v_cache[pages, rows] = v[keep].to(v_cache.dtype)

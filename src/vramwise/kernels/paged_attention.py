@@ -108,27 +108,40 @@ def _decode_batch(
     # Index tensors depend only on the batch, not the layer: build once per step when a cache is given.
     key = ("decode", bs)
     if prepared is not None and key in prepared:
-        rows, bt, mask = prepared[key]
+        rows, bt, mask, length, first = prepared[key]
     else:
-        rows = torch.tensor([query_start_loc[i] for i in idx], device=q.device)
-        ctx = torch.tensor([context_lens[i] for i in idx], device=q.device)
-        max_blocks = -(-max(context_lens[i] for i in idx) // bs)
+        row_list = [query_start_loc[i] for i in idx]
+        ctx_list = [context_lens[i] for i in idx]
+        rows = torch.tensor(row_list, device=q.device)
+        max_blocks = -(-max(ctx_list) // bs)
         bt = block_tables[idx][:, :max_blocks]  # (B, max_blocks)
-        mask = (torch.arange(max_blocks * bs, device=q.device)[None, :] < ctx[:, None])[:, None, None, :]  # (B,1,1,L)
+        if min(ctx_list) == max(ctx_list):
+            # One context length (always at batch 1): slice the gathered pages to it and attend without a
+            # mask, which keeps CPU SDPA on its unmasked fast path.
+            length, mask = ctx_list[0], None
+        else:
+            length = max_blocks * bs
+            ctx = torch.tensor(ctx_list, device=q.device)
+            mask = (torch.arange(length, device=q.device)[None, :] < ctx[:, None])[:, None, None, :]  # (B,1,1,L)
+        # rows 0..B-1 in order (an all-decode step): q and out are used as they are, no gather or scatter
+        first = row_list[0] if row_list == list(range(row_list[0], row_list[0] + len(row_list))) else None
         if prepared is not None:
-            prepared[key] = (rows, bt, mask)
+            prepared[key] = (rows, bt, mask, length, first)
     B, max_blocks = bt.shape
-    k = k_cache[bt].reshape(B, max_blocks * bs, hkv, d)  # (B, L, Hkv, D)
-    v = v_cache[bt].reshape(B, max_blocks * bs, hkv, d)
+    k = k_cache[bt].reshape(B, max_blocks * bs, hkv, d)[:, :length]  # (B, L, Hkv, D)
+    v = v_cache[bt].reshape(B, max_blocks * bs, hkv, d)[:, :length]
     if k_scale is not None and v_scale is not None:  # int8 pages: dequantize with their (token, head) scales
-        k = dequantize_kv(k, k_scale[bt].reshape(B, max_blocks * bs, hkv), q.dtype)
-        v = dequantize_kv(v, v_scale[bt].reshape(B, max_blocks * bs, hkv), q.dtype)
+        k = dequantize_kv(k, k_scale[bt].reshape(B, max_blocks * bs, hkv)[:, :length], q.dtype)
+        v = dequantize_kv(v, v_scale[bt].reshape(B, max_blocks * bs, hkv)[:, :length], q.dtype)
     k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, Hkv, L, D)
-    qd = q.index_select(0, rows).unsqueeze(2)  # (B, Hq, 1, D)
+    qd = (q[first : first + B] if first is not None else q.index_select(0, rows)).unsqueeze(2)  # (B, Hq, 1, D)
     if rep > 1:
         # GQA: repeat K/V heads to (B, Hq, L, D). A broadcast 5-D SDPA avoids the copy but takes CPU SDPA off
         # its fast 4-D path (measured ~25x slower per call for SmolLM2's 9/3 heads).
         k = k.repeat_interleave(rep, dim=1)
         v = v.repeat_interleave(rep, dim=1)
     o = F.scaled_dot_product_attention(qd, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=scale).squeeze(2)
-    out.index_copy_(0, rows, o)
+    if first is not None:
+        out[first : first + B] = o
+    else:
+        out.index_copy_(0, rows, o)
