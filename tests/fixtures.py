@@ -298,3 +298,24 @@ def _add_tokenizer_metadata(w: Any, hf_dir: Path, cfg: dict[str, Any]) -> None:
     template = template_file.read_text() if template_file.is_file() else tc.get("chat_template")
     if template:
         w.add_chat_template(template)
+
+
+def run_tests_under_interpreter(test_file: str, class_name: str) -> None:
+    """Run the tests of class `class_name` in `test_file` in a fresh pytest with TRITON_INTERPRET=1 (Triton
+    reads the variable at import, so it cannot be switched on inside this process); assert that they passed."""
+    import os
+    import subprocess
+    import sys
+
+    import vramwise
+
+    path = Path(test_file).resolve()
+    src = str(Path(vramwise.__file__).resolve().parents[1])
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", str(path), "-q", "-x", "-m", "not gpu", "-p", "no:cacheprovider",
+         "-k", class_name],
+        cwd=path.parents[1], env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, f"interpreter run failed:\n{proc.stdout[-8000:]}\n{proc.stderr[-4000:]}"
+    assert " passed" in proc.stdout, proc.stdout[-2000:]

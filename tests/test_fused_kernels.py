@@ -12,14 +12,11 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-import vramwise
+from fixtures import run_tests_under_interpreter
 from vramwise.config import RopeScaling
 from vramwise.kernels import fused
 from vramwise.kernels.paged_attention import write_kv
@@ -167,16 +164,7 @@ def test_triton_kernels_under_interpreter():
     """Runs TestUnderInterpreter in a fresh interpreter with TRITON_INTERPRET=1 (see the module doc)."""
     if INTERPRETED:
         pytest.skip("already inside the interpreter run")
-    root = Path(__file__).resolve().parents[1]
-    src = str(Path(vramwise.__file__).resolve().parents[1])
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", str(Path(__file__).resolve()), "-q", "-x", "-m", "not gpu",
-         "-p", "no:cacheprovider", "-k", "TestUnderInterpreter"],
-        cwd=root, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert proc.returncode == 0, f"interpreter run failed:\n{proc.stdout[-8000:]}\n{proc.stderr[-4000:]}"
-    assert " passed" in proc.stdout, proc.stdout[-2000:]
+    run_tests_under_interpreter(__file__, "TestUnderInterpreter")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -11,14 +11,11 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-import vramwise
+from fixtures import run_tests_under_interpreter
 from test_attention_kernels import BLOCK_SIZE, TOLERANCE, make_paged_kv
 from vramwise.engine.runner import KVCache
 from vramwise.kernels.attention_backend import torch_attention
@@ -173,16 +170,7 @@ def test_int8_triton_kernels_under_interpreter():
     """Runs TestInt8UnderInterpreter in a fresh Python with TRITON_INTERPRET=1."""
     if INTERPRETED:
         pytest.skip("already inside the interpreter run")
-    root = Path(__file__).resolve().parents[1]
-    src = str(Path(vramwise.__file__).resolve().parents[1])
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", str(Path(__file__).resolve()), "-q", "-x", "-m", "not gpu",
-         "-p", "no:cacheprovider", "-k", "TestInt8UnderInterpreter"],
-        cwd=root, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert proc.returncode == 0, f"interpreter run failed:\n{proc.stdout[-8000:]}\n{proc.stderr[-4000:]}"
-    assert " passed" in proc.stdout, proc.stdout[-2000:]
+    run_tests_under_interpreter(__file__, "TestInt8UnderInterpreter")
 
 
 # ---------------------------------------------------------------------------------------------------------
