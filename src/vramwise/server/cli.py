@@ -14,27 +14,9 @@ from collections.abc import Generator
 from pathlib import Path
 from typing import Any
 
+from vramwise.argtypes import port, seconds
+
 log = logging.getLogger(__name__)
-
-
-def _port(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
-    if not 0 <= v <= 65535:
-        raise argparse.ArgumentTypeError(f"port must be in 0..65535, got {v}")
-    return v
-
-
-def _seconds(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
-    return v
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -49,7 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_engine_args(p)
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
-    g.add_argument("--port", type=_port, default=8000, help="TCP port (default: 8000; 0 picks a free one)")
+    g.add_argument("--port", type=port, default=8000, help="TCP port (default: 8000; 0 picks a free one)")
     g.add_argument(
         "--api-key",
         default=None,
@@ -64,7 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     g.add_argument(
         "--graceful-timeout",
-        type=_seconds,
+        type=seconds,
         default=10.0,
         help="on SIGINT/SIGTERM, seconds to let in-flight requests finish before aborting them (default: 10)",
     )
