@@ -53,3 +53,20 @@ def sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 4  # interpreter: a small, fixed number keeps split-K exercised on small test shapes
     return num_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+        """(pid_m, pid_n) of program `pid` over the (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N)) output tiles in grouped
+        order: GROUP_M row-blocks walk the same band of weight tiles while it is in L2."""
+        num_pid_m = tl.cdiv(M, BLOCK_M)
+        num_pid_n = tl.cdiv(N, BLOCK_N)
+        num_pid_in_group = GROUP_M * num_pid_n
+        group_id = pid // num_pid_in_group
+        first_pid_m = group_id * GROUP_M
+        group_rows = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+        pid_m = first_pid_m + (pid % num_pid_in_group) % group_rows
+        pid_n = (pid % num_pid_in_group) // group_rows
+        return pid_m, pid_n

@@ -62,6 +62,8 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from ._triton import grouped_tile
+
 __all__ = ["w4a16_reference", "w4a16_matmul", "w4a16_dequantize", "GemvConfig", "GemmConfig", "DequantConfig",
            "choose_config", "AUTOTUNE",
            "GEMV_MAX_M", "SKINNY_MAX_M", "DEQUANT_MIN_M"]
@@ -339,15 +341,7 @@ if HAS_TRITON:
         # grid = (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), SPLIT_K)
         pid = tl.program_id(0)
         pid_k = tl.program_id(1)
-        num_pid_m = tl.cdiv(M, BLOCK_M)
-        num_pid_n = tl.cdiv(N, BLOCK_N)
-        # Grouped ordering: GROUP_M row-blocks walk the same band of weight tiles while it is in L2.
-        num_pid_in_group = GROUP_M * num_pid_n
-        group_id = pid // num_pid_in_group
-        first_pid_m = group_id * GROUP_M
-        group_rows = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-        pid_m = first_pid_m + (pid % num_pid_in_group) % group_rows
-        pid_n = (pid % num_pid_in_group) // group_rows
+        pid_m, pid_n = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)  # L2-friendly order
 
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -680,14 +674,7 @@ if HAS_TRITON:
         # runtime argument (one compile serves every split of a shape family).
         pid = tl.program_id(0)
         pid_k = tl.program_id(1)
-        num_pid_m = tl.cdiv(M, BLOCK_M)
-        num_pid_n = tl.cdiv(N, BLOCK_N)
-        num_pid_in_group = GROUP_M * num_pid_n
-        group_id = pid // num_pid_in_group
-        first_pid_m = group_id * GROUP_M
-        group_rows = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-        pid_m = first_pid_m + (pid % num_pid_in_group) % group_rows
-        pid_n = (pid % num_pid_in_group) // group_rows
+        pid_m, pid_n = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)  # L2-friendly order
 
         BKW: tl.constexpr = BLOCK_K // 8
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
