@@ -203,6 +203,7 @@ def run_offline_bench(
     # Warm-up: first-call costs (allocator growth, Triton compilation per shape bucket) are not what users see
     # per token, so each batch size first runs once with the measured prompt length and a short generation.
     warm_gen = min(gen_len, 4)
+    setup = getattr(engine, "budget_setup", None)  # the GPU-memory budget's plan, None without --gpu-memory
 
     from rich.progress import Progress
 
@@ -222,7 +223,6 @@ def run_offline_bench(
                 r.torch_max_reserved_mib = _mib(torch.cuda.max_memory_reserved())
             if mon.available:
                 r.nvml_peak_mib = _mib(max(mon.peak, mon.used()))
-            setup = getattr(engine, "budget_setup", None)
             if setup is not None:
                 pred = setup.predict(b, prompt_len, gen_len)
                 r.predicted_ttft_ms = round(1000 * pred["ttft_s"], 2)
@@ -231,7 +231,6 @@ def run_offline_bench(
             results.append(r)
             bar.advance(task)
     mon.stop()
-    setup = getattr(engine, "budget_setup", None)
     # The copy-ceiling probe moves 2 x 1 GiB: not inside a GPU-memory budget (it would be the peak).
     d2d = round(d2d_copy_bandwidth(engine.device) / 1e9, 1) if cuda and setup is None else None
     b1 = next((r for r in results if r.batch == 1), None)
