@@ -17,7 +17,8 @@ from collections import defaultdict
 
 import torch
 
-from vramwise.config import CacheConfig, EngineConfig, SchedulerConfig
+from vramwise.argtypes import size
+from vramwise.config import CacheConfig, EngineConfig, MemoryBudgetConfig, SchedulerConfig
 from vramwise.engine.llm_engine import LLMEngine
 from vramwise.sampling_params import SamplingParams
 
@@ -30,13 +31,17 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--gpu-memory", default=None, help="budget, e.g. 6GiB (the planner places the layers)")
+    ap.add_argument("--kv-cache-dtype", default="auto")
     args = ap.parse_args()
 
     max_len = args.prompt_len + 2 * args.steps + 16
+    budget = MemoryBudgetConfig(gpu_memory=size(args.gpu_memory)) if args.gpu_memory else MemoryBudgetConfig()
     eng = LLMEngine(EngineConfig(
         model=f"random:{args.random_weights}", device="cuda", quantization=args.quantization, show_progress=False,
-        enforce_eager=args.enforce_eager,
-        cache=CacheConfig(kv_cache_memory=(args.batch * max_len * 820_000) + (256 << 20)),
+        enforce_eager=args.enforce_eager, memory=budget,
+        cache=CacheConfig(cache_dtype=args.kv_cache_dtype,
+                          kv_cache_memory=None if args.gpu_memory else (args.batch * max_len * 820_000) + (256 << 20)),
         scheduler=SchedulerConfig(max_num_seqs=args.batch, max_model_len=max_len, max_num_batched_tokens=4096),
     ))
     vocab = eng.model_config.vocab_size
@@ -95,6 +100,11 @@ def main() -> None:
     print(f"| GPU busy (sum of kernel times, profiler) | {busy_us / 1e3:.3f} |")
     print(f"| GPU idle per step (wall - busy) | {wall_ms - busy_us / 1e3:.3f} |")
     print(f"\ntokens/s at this wall time: {args.batch / (wall_ms / 1e3):.1f}\n")
+    if args.gpu_memory:
+        rep = eng.memory_report()
+        print(f"placement {getattr(eng, 'placement_name', '?')}, preemptions "
+              f"{getattr(eng.scheduler, 'num_preemptions', '?')}; budget terms (MiB): "
+              + ", ".join(f"{k} {v / 2**20:.0f}" for k, v in rep.items() if isinstance(v, (int, float))) + "\n")
     print("| kernel | calls/step | us/step | share |\n|---|---:|---:|---:|")
     for name, us in sorted(kern.items(), key=lambda kv: -kv[1])[:18]:
         print(f"| {name[:90]} | {count[name] / n_prof:.0f} | {us / n_prof:.1f} | {us / n_prof / busy_us:.1%} |")

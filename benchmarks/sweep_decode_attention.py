@@ -46,7 +46,7 @@ def main() -> None:
     kv_bytes = 2 * args.context * hkv * d * 2
     default_p = choose_partition_size(1, hkv, args.bound, dev, 64)
     rows = []
-    for part, bn, warps in itertools.product((default_p, 128, 256, args.bound), (16, 32, 64), (2, 4, 8)):
+    for part, bn, warps in itertools.product(dict.fromkeys((default_p, 64, 128, 256, args.bound)), (16, 32, 64), (2, 4, 8)):
         def step():
             for k, v in caches:
                 paged_attention_decode(q, k, v, bt, ctx, d**-0.5, max_context_len=args.bound, partition_size=part,
