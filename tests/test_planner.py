@@ -215,6 +215,18 @@ def test_mixed_wins_at_batch_1_streaming_wins_at_batch_16():
     assert auto.kv_capacity_tokens >= 16 * 384
 
 
+def test_reference_request_fits_the_context():
+    # The engine plans with the default 512 + 128 reference request; with --max-model-len 384 no sequence is
+    # that long, so the pool must be sized for 16 sequences of 384 tokens, not 8 of 640.
+    p = plan(L13, 6 * GiB, H100, W4, max_model_len=384, expected_batch=16, max_num_seqs=16, kv_dtype="int8",
+             alternatives=False)
+    pred = p.prediction
+    assert (pred.prompt_len, pred.gen_len) == (256, 128)
+    assert pred.batch == 16 and p.kv_capacity_tokens >= 16 * 384
+    long_ctx = plan(L13, 6 * GiB, H100, W4, max_model_len=4096, alternatives=False).prediction
+    assert (long_ctx.prompt_len, long_ctx.gen_len) == (512, 128)  # unchanged where it fits
+
+
 def test_todays_driver_computes_cpu_layers_in_fp32():
     today = plan(L13, 6 * GiB, H100, W4, force_policy="cpu", alternatives=False)
     nxt = plan(L13, 6 * GiB, H100, W4, force_policy="cpu", driver=DRIVER_NEXT, alternatives=False)

@@ -65,6 +65,7 @@ class BudgetSetup:
     forced: bool  # the placement came from --offload, not the planner
     monitor: Any = None  # bench.gpu_memory.NvmlMonitor sampling through load and warm-up (CUDA only)
     nvml_peak: int | None = None  # filled by check_budget
+    context_after_warmup: int | None = None  # NVML per process minus torch's reserved bytes after the warm-up
     nvml_per_process: bool = False
     notes: list[str] = field(default_factory=list)
     model_config: Any = None  # what the plan was made from, for predict()
@@ -199,7 +200,7 @@ def prepare_budget(config: EngineConfig, source: Any, model_config: ModelConfig,
         # kernel across all SMs. Measured on an H200 (13B int4, 6 GiB): 676 MiB here at start-up, then
         # NVML peaks 334-478 MiB above the capped allocator plus a 224 MiB allowance; so the plan reserves
         # this allowance for it.
-        context += MODULE_LOADING_ALLOWANCE
+        context += module_loading_allowance()
     profile = profile.with_overrides(cuda_context_bytes=context)
 
     sc = config.scheduler
@@ -259,6 +260,17 @@ def _kernels_within_plan() -> None:
 
 #: GPU memory the CUDA context gains after start-up as kernels are first used (lazy module loading).
 MODULE_LOADING_ALLOWANCE = 768 << 20
+
+
+def module_loading_allowance() -> int:
+    """MODULE_LOADING_ALLOWANCE, or VRAMWISE_CONTEXT_ALLOWANCE (a size, e.g. 256MiB) when set: the figure is
+    measured per machine (memory_report's context_after_warmup shows what the warm-up really added)."""
+    import os
+
+    from vramwise.argtypes import size
+
+    text = os.environ.get("VRAMWISE_CONTEXT_ALLOWANCE")
+    return size(text) if text else MODULE_LOADING_ALLOWANCE
 
 
 def _stop_quietly(monitor: Any) -> None:
@@ -351,6 +363,8 @@ def check_budget(setup: BudgetSetup, engine: Any) -> None:
         return
     torch.cuda.synchronize(device)
     mon = setup.monitor
+    if mon.available and mon.per_process:
+        setup.context_after_warmup = mon.used() - torch.cuda.memory_reserved(device)
     setup.nvml_peak = mon.stop() if mon.available else None
     setup.nvml_per_process = bool(mon.available and mon.per_process)
     if setup.nvml_peak is None:  # no NVML: the driver's device-wide figure now (no peak), checked like NVML's
@@ -427,6 +441,8 @@ def memory_report(engine: Any) -> dict[str, Any]:
         budget             the limit (None without one)
         nvml_measured      NVML's per-process peak through load and warm-up (None when not measured)
         nvml_now           NVML's per-process figure now
+        context_measured   NVML minus torch's reserved bytes at start-up; context_after_warmup: the same after
+                           the warm-up (what lazily loaded kernels added shows as the difference)
         planned            the planner's own terms (Budget.to_dict()), for comparison
     """
     setup: BudgetSetup | None = getattr(engine, "budget_setup", None)
@@ -456,6 +472,8 @@ def memory_report(engine: Any) -> dict[str, Any]:
     report["nvml_measured"] = setup.nvml_peak if setup is not None else None
     report["nvml_per_process"] = setup.nvml_per_process if setup is not None else False
     report["nvml_now"] = _nvml_now(device) if on_gpu else None
+    report["context_measured"] = setup.context_measured if setup is not None else None
+    report["context_after_warmup"] = setup.context_after_warmup if setup is not None else None
     report["torch_reserved"] = torch.cuda.memory_reserved(device) if on_gpu else None
     report["planned"] = planned.to_dict() if planned is not None else None
     return report
@@ -482,4 +500,7 @@ def format_report(report: dict[str, Any]) -> str:
     if report.get("nvml_measured") is not None:
         scope = "per process" if report.get("nvml_per_process") else "device-wide"
         lines.append(f"  {'NVML measured':<17} {format_size(report['nvml_measured']):>11}  ({scope}, peak)")
+    if report.get("context_after_warmup") is not None:
+        lines.append(f"  {'context measured':<17} {format_size(report['context_after_warmup']):>11}  (after the "
+                     f"warm-up; {format_size(report.get('context_measured') or 0)} at start-up)")
     return "\n".join(lines)

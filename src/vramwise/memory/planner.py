@@ -649,6 +649,12 @@ def _setup(model: ModelConfig, budget_bytes: int, device: DeviceProfile, quant: 
         raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
     if prompt_len < 1 or gen_len < 1:
         raise ValueError("prompt_len and gen_len must be >= 1")
+    if prompt_len + gen_len > length:
+        # No request is longer than the context: the reference request is fitted into it, keeping its
+        # generated part (what decode speed is about) up to half the context. Otherwise the KV pool would be
+        # sized for fewer, longer sequences than can exist (e.g. 8 x 640 tokens instead of 16 x 384).
+        gen_len = max(1, min(gen_len, length // 2))
+        prompt_len = max(1, length - gen_len)
     kv = normalize_kv_dtype(kv_dtype)
     scheme = resolve_quant(quant)
     weights = model_weights(model, scheme)
