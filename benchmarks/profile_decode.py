@@ -33,13 +33,15 @@ def main() -> None:
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--gpu-memory", default=None, help="budget, e.g. 6GiB (the planner places the layers)")
     ap.add_argument("--kv-cache-dtype", default="auto")
+    ap.add_argument("--stream-buffers", type=int, default=2)
+    ap.add_argument("--trace", default=None, help="also write a Chrome trace of the profiled steps here")
     args = ap.parse_args()
 
     max_len = args.prompt_len + 2 * args.steps + 16
     budget = MemoryBudgetConfig(gpu_memory=size(args.gpu_memory)) if args.gpu_memory else MemoryBudgetConfig()
     eng = LLMEngine(EngineConfig(
         model=f"random:{args.random_weights}", device="cuda", quantization=args.quantization, show_progress=False,
-        enforce_eager=args.enforce_eager, memory=budget,
+        enforce_eager=args.enforce_eager, memory=budget, num_stream_buffers=args.stream_buffers,
         cache=CacheConfig(cache_dtype=args.kv_cache_dtype,
                           kv_cache_memory=None if args.gpu_memory else (args.batch * max_len * 820_000) + (256 << 20)),
         scheduler=SchedulerConfig(max_num_seqs=args.batch, max_model_len=max_len, max_num_batched_tokens=4096),
@@ -82,6 +84,8 @@ def main() -> None:
         for _ in range(n_prof):
             eng.step()
         torch.cuda.synchronize()
+    if args.trace:
+        prof.export_chrome_trace(args.trace)
     kern: dict[str, float] = defaultdict(float)
     count: dict[str, int] = defaultdict(int)
     for e in prof.events():
