@@ -109,6 +109,23 @@ def test_torch_backend_accepts_context_lens_t():
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("num_sms", [1, 132])
+def test_ticket_buffer_size_matches_budget(monkeypatch, num_sms):
+    # The budget's workspace term counts the buffer the kernel allocates: one per device, 4 KiB on an H100.
+    from vramwise.kernels import paged_attention_triton as pat
+    from vramwise.memory.budget import attention_ticket_bytes
+
+    monkeypatch.setitem(pat._num_sms_cache, 0, num_sms)  # as if cuda:0 had num_sms SMs
+    dev = torch.device("cuda", 0)
+    want = pat.ticket_capacity(dev) * 4
+    assert attention_ticket_bytes(num_sms) == want == {1: 16, 132: 4096}[num_sms]
+    # Every batch the automatic partition choice splits for fits that capacity.
+    largest_split = max(b for b in range(1, 1000) if pat.choose_partition_size(b, 1, 4096, dev, 64) < 4096)
+    assert largest_split == 4 * num_sms - 1
+    assert pat.ticket_capacity(dev, largest_split) == pat.ticket_capacity(dev)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_triton_kernels_under_interpreter():
     """Runs TestUnderInterpreter in a fresh interpreter with TRITON_INTERPRET=1 (see the module doc)."""
     if INTERPRETED:
@@ -124,6 +141,12 @@ MIXED_CONTEXTS = [1, 15, 16, 17, 100]  # around the page edges, and one sequence
 
 # (num_q_heads, num_kv_heads, head_dim): MHA, GQA groups of 2/4/8, head dims 32/64/128
 SHAPES = [(4, 4, 32), (4, 1, 64), (8, 2, 128), (8, 4, 64), (8, 1, 32)]
+
+
+# Fused merge (ticket counters): contexts under a fixed bound of 128 in 16-token partitions, so 8 partitions
+# with trailing ones empty for every sequence; a padded row (context 0), a context inside one partition,
+# one on a partition edge, one of several.
+FUSED_CASES = {"b1": [70], "b3-pad": [0, 33, 16], "b5": [1, 15, 16, 17, 100]}
 
 
 class TestUnderInterpreter:
@@ -271,6 +294,78 @@ class TestUnderInterpreter:
         out = triton_attention(q, k_cache, v_cache, [0, 1, 2, 3], ctx, bt, 0.125)
         assert_close(out, reference_decode(q, k_cache, v_cache, bt, ctx, 0.125), torch.float16)
 
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+    @pytest.mark.parametrize("shape", [(4, 4, 32), (6, 2, 32), (8, 1, 64)], ids=["mha", "gqa3", "gqa8"])
+    @pytest.mark.parametrize("ctx", list(FUSED_CASES.values()), ids=list(FUSED_CASES))
+    def test_fused_merge_matches_reference_and_two_kernels(self, ctx, shape, dtype):
+        # Against the reference, and against the two-kernel merge of the same partials.
+        from vramwise.kernels.paged_attention_triton import paged_attention_decode
+
+        hq, hkv, d = shape
+        k_cache, v_cache, bt = make_paged_kv(ctx, hkv, d, dtype, table_dtype=torch.int32, seed=len(ctx) + hq)
+        q = torch.randn(len(ctx), hq, d).to(dtype)
+        ctx_t = torch.tensor(ctx, dtype=torch.int32)
+        tickets = torch.zeros(len(ctx) * hkv, dtype=torch.int32)
+        kw = {"max_context_len": 128, "partition_size": 16, "block_n": 16}
+        fused = paged_attention_decode(q, k_cache, v_cache, bt, ctx_t, d**-0.5, fused_merge=True, tickets=tickets, **kw)
+        two = paged_attention_decode(q, k_cache, v_cache, bt, ctx_t, d**-0.5, fused_merge=False, **kw)
+        assert_close(fused, reference_decode(q, k_cache, v_cache, bt, ctx, d**-0.5), dtype)
+        # Same partials, merged in another order: equal up to fp32 rounding (one ulp of fp16 at most).
+        tight = 1e-6 if dtype == torch.float32 else 1e-3
+        torch.testing.assert_close(fused.float(), two.float(), atol=tight, rtol=tight)
+        for i, c in enumerate(ctx):
+            if c == 0:
+                assert torch.all(fused[i] == 0)
+        assert torch.all(tickets == 0), "the merging program must reset its counter"
+
+    def test_fused_merge_twice_with_same_tickets(self):
+        # The counters are left at 0, so the buffer serves the next call (the next layer, the next replay):
+        # same inputs give the same bits, and other contexts (fewer partitions used) are right too.
+        from vramwise.kernels.paged_attention_triton import paged_attention_decode
+
+        hq, hkv, d = 8, 2, 32
+        k_cache, v_cache, bt = make_paged_kv([120, 50, 64], hkv, d, torch.float16, seed=5)
+        q = torch.randn(3, hq, d).half()
+        tickets = torch.zeros(8, dtype=torch.int32)  # more than B x Hkv = 6: any spare is fine
+        kw = {"max_context_len": 128, "partition_size": 32, "block_n": 16, "fused_merge": True, "tickets": tickets}
+        outs = []
+        for ctx in ([120, 50, 64], [120, 50, 64], [31, 0, 97]):
+            out = paged_attention_decode(q, k_cache, v_cache, bt, torch.tensor(ctx, dtype=torch.int32), 0.2, **kw)
+            assert torch.all(tickets == 0)
+            assert_close(out, reference_decode(q, k_cache, v_cache, bt, ctx, 0.2), torch.float16)
+            outs.append(out)
+        assert torch.equal(outs[0], outs[1])
+
+    def test_fused_merge_shared_ticket_buffer(self, monkeypatch):
+        # Without `tickets` the call uses one zeroed buffer per (device, capacity), kept for later calls; and
+        # the fused path launches no merge kernel.
+        from vramwise.kernels import paged_attention_triton as pat
+        from vramwise.kernels.paged_attention_triton import paged_attention_decode, ticket_buffer, ticket_capacity
+
+        monkeypatch.setattr(pat, "_merge_partitions_kernel", None)  # indexing it would raise TypeError
+        cpu = torch.device("cpu")
+        assert ticket_buffer(cpu, 1) is ticket_buffer(cpu, 3)  # both within the minimum capacity
+        assert ticket_capacity(cpu, 40) == 64 and ticket_buffer(cpu, 40).numel() == 64
+        ctx = [60, 17]
+        k_cache, v_cache, bt = make_paged_kv(ctx, 2, 16, torch.float32)
+        q = torch.randn(2, 4, 16)
+        out = paged_attention_decode(q, k_cache, v_cache, bt, torch.tensor(ctx, dtype=torch.int32), 0.3,
+                                     max_context_len=64, partition_size=16, block_n=16, fused_merge=True)  # fmt: skip
+        assert_close(out, reference_decode(q, k_cache, v_cache, bt, ctx, 0.3), torch.float32)
+        assert torch.all(ticket_buffer(cpu, 4) == 0)
+
+    def test_fused_merge_rejects_bad_tickets(self):
+        from vramwise.kernels.paged_attention_triton import paged_attention_decode
+
+        ctx = [60, 17]
+        k_cache, v_cache, bt = make_paged_kv(ctx, 2, 16, torch.float32)
+        q = torch.randn(2, 4, 16)
+        ctx_t = torch.tensor(ctx, dtype=torch.int32)
+        for bad in (torch.zeros(3, dtype=torch.int32), torch.zeros(4, dtype=torch.int64)):
+            with pytest.raises(ValueError, match="tickets"):
+                paged_attention_decode(q, k_cache, v_cache, bt, ctx_t, 0.3, max_context_len=64, partition_size=16,
+                                       tickets=bad)  # fmt: skip
+
     def test_partition_choice(self):
         from vramwise.kernels.paged_attention_triton import choose_partition_size
 
@@ -391,3 +486,91 @@ def test_gpu_decode_graph_capture():
     graph.replay()
     torch.cuda.synchronize()
     assert_close(out, reference_decode(q, k_cache, v_cache, bt, [101, 2999, 0, 1], 0.1), torch.float16)
+
+
+def replay_decode_graph(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    contexts: list[list[int]],
+    bound: int,
+    **kw,
+) -> list[torch.Tensor]:
+    """Capture one paged_attention_decode call in a CUDA graph with the context bound `bound` (as the decode
+    graphs do), then replay it once per context list in `contexts`; the outputs, cloned after each replay."""
+    from vramwise.kernels.paged_attention_triton import paged_attention_decode
+
+    ctx_t = torch.tensor(contexts[0], dtype=torch.int32, device=q.device)
+    out = torch.empty_like(q)
+
+    def run() -> None:
+        paged_attention_decode(q, k_cache, v_cache, block_tables, ctx_t, 0.1, max_context_len=bound, out=out, **kw)
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        run()  # compile (and allocate the shared ticket buffer) outside the capture
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    outs = []
+    for ctx in contexts:
+        ctx_t.copy_(torch.tensor(ctx, dtype=torch.int32))
+        graph.replay()
+        outs.append(out.clone())
+    torch.cuda.synchronize()
+    return outs
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON and not INTERPRETED), reason="needs CUDA and triton")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("batch", [1, 5])
+@pytest.mark.parametrize("model", ["llama2-7b", "llama3-8b"])
+def test_gpu_fused_merge_matches_two_kernels(model, batch, dtype):
+    # Contexts of a 2048 bound: one that leaves trailing partitions empty, a padded row (0), one just past a
+    # partition edge, the full bound, and one token.
+    from vramwise.kernels.paged_attention_triton import paged_attention_decode
+
+    hq, hkv, d = MODEL_SHAPES[model]
+    ctx = [520, 0, 129, 2048, 1][:batch]
+    k_cache, v_cache, bt = make_paged_kv(ctx, hkv, d, dtype, device="cuda", table_dtype=torch.int32, seed=batch)
+    q = torch.randn(batch, hq, d, device="cuda").to(dtype)
+    ctx_t = torch.tensor(ctx, dtype=torch.int32, device="cuda")
+    ref = reference_decode(q, k_cache, v_cache, bt, ctx, d**-0.5)
+    tickets = torch.zeros(batch * hkv, dtype=torch.int32, device="cuda")
+    for partition_size in (None, 128, 256):
+        kw = {"max_context_len": 2048, "partition_size": partition_size}
+        fused = paged_attention_decode(q, k_cache, v_cache, bt, ctx_t, d**-0.5, fused_merge=True, tickets=tickets, **kw)
+        again = paged_attention_decode(q, k_cache, v_cache, bt, ctx_t, d**-0.5, fused_merge=True, tickets=tickets, **kw)
+        shared = paged_attention_decode(q, k_cache, v_cache, bt, ctx_t, d**-0.5, fused_merge=True, **kw)
+        two = paged_attention_decode(q, k_cache, v_cache, bt, ctx_t, d**-0.5, fused_merge=False, **kw)
+        assert_close(fused, ref, dtype)
+        torch.testing.assert_close(fused.float(), two.float(), atol=1e-2, rtol=1e-2)  # one ulp of bf16
+        assert torch.equal(fused, again) and torch.equal(fused, shared)  # merge order is fixed
+        assert torch.all(tickets == 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON and not INTERPRETED), reason="needs CUDA and triton")
+def test_gpu_fused_merge_in_cuda_graph():
+    # A graph captured at a 640 bound (Llama-2-7B heads), replayed with changing contexts: more and fewer
+    # partitions in use, a padded row (0), one partition exactly, the full bound. The shared ticket buffer
+    # must come back to 0 after every replay for the next one to be right.
+    from vramwise.kernels.paged_attention_triton import paged_attention_decode, ticket_buffer
+
+    hq, hkv, d = MODEL_SHAPES["llama2-7b"]
+    k_cache, v_cache, bt = make_paged_kv([640, 640], hkv, d, torch.float16, device="cuda", table_dtype=torch.int32)
+    q = torch.randn(2, hq, d, device="cuda").half()
+    contexts = [[520, 1], [640, 0], [17, 300], [128, 129], [520, 1]]
+    outs = replay_decode_graph(q, k_cache, v_cache, bt, contexts, 640, partition_size=128, fused_merge=True)
+    for ctx, out in zip(contexts, outs):
+        ctx_t = torch.tensor(ctx, dtype=torch.int32, device="cuda")
+        two = paged_attention_decode(q, k_cache, v_cache, bt, ctx_t, 0.1, max_context_len=640, partition_size=128,
+                                     fused_merge=False)  # fmt: skip
+        assert_close(out, reference_decode(q, k_cache, v_cache, bt, ctx, 0.1), torch.float16)
+        torch.testing.assert_close(out, two, atol=1e-3, rtol=1e-3)
+    assert torch.equal(outs[0], outs[-1])
+    assert torch.all(ticket_buffer(q.device, 2 * hkv) == 0)

@@ -195,6 +195,27 @@ class TestInt8UnderInterpreter:
         assert_close_scaled(out, ref, dtype)
 
     @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+    def test_decode_fused_merge(self, dtype):
+        # Merge inside the decode kernel (ticket counters) on int8 pages: a 128 bound in 16-token partitions
+        # leaves trailing ones empty; a padded row (0) gets zeros; the counters come back to 0.
+        from vramwise.kernels.paged_attention_triton import paged_attention_decode
+
+        ctx = [0, 1, 16, 17, 100]
+        kq, vq, ks, vs, kd, vd, bt = int8_paged_kv(ctx[1:], 2, 32, seed=7)
+        bt = torch.cat([torch.zeros_like(bt[:1]), bt])  # the padded row's table points at page 0, never read
+        q = torch.randn(len(ctx), 4, 32).to(dtype)
+        ctx_t = torch.tensor(ctx, dtype=torch.int32)
+        ref = torch.zeros(q.shape)
+        ref[1:] = paged_attention_torch(q[1:].float(), kd, vd, list(range(len(ctx))), ctx[1:], bt[1:], 0.18)
+        tickets = torch.zeros(len(ctx) * 2, dtype=torch.int32)
+        kw = {"max_context_len": 128, "partition_size": 16, "block_n": 16, "k_scale": ks, "v_scale": vs}
+        fused = paged_attention_decode(q, kq, vq, bt, ctx_t, 0.18, fused_merge=True, tickets=tickets, **kw)
+        two = paged_attention_decode(q, kq, vq, bt, ctx_t, 0.18, fused_merge=False, **kw)
+        assert_close_scaled(fused, ref, dtype)
+        torch.testing.assert_close(fused.float(), two.float(), atol=1e-2, rtol=1e-3)  # scaled rows up to ~10
+        assert torch.all(fused[0] == 0) and torch.all(tickets == 0)
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
     @pytest.mark.parametrize("hq,hkv", [(4, 2), (3, 3)])
     def test_prefill_and_backend(self, dtype, hq, hkv):
         from vramwise.kernels.attention_backend import sdpa_prefill_attention, triton_attention
@@ -242,6 +263,34 @@ def test_gpu_int8_kernels_model_shapes(dtype, shape):
     ref = paged_attention_torch(qp.float(), kd, vd, qsl, ctx, bt, d**-0.5)
     out = triton_attention(qp, kq, vq, qsl, ctx, bt, d**-0.5, k_scale=ks, v_scale=vs)
     assert_close_scaled(out, ref, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON and not INTERPRETED), reason="needs CUDA and triton")
+def test_gpu_int8_fused_merge_eager_and_in_cuda_graph():
+    # Llama-3-8B heads on int8 pages: the fused merge against the reference and the two-kernel merge,
+    # eagerly and in a graph captured at a 640 bound and replayed with changing contexts (0 = padded row).
+    from test_attention_kernels import replay_decode_graph
+    from vramwise.kernels.paged_attention_triton import paged_attention_decode
+
+    hq, hkv, d = 32, 8, 128
+    kq, vq, ks, vs, kd, vd, bt = int8_paged_kv([640, 640], hkv, d, device="cuda")
+    bt = bt.int()
+    q = torch.randn(2, hq, d, device="cuda").half()
+    contexts = [[520, 1], [640, 0], [17, 300], [128, 129]]
+    kw = {"partition_size": 128, "k_scale": ks, "v_scale": vs}
+    outs = replay_decode_graph(q, kq, vq, bt, contexts, 640, fused_merge=True, **kw)
+    for ctx, out in zip(contexts, outs):
+        ctx_t = torch.tensor(ctx, dtype=torch.int32, device="cuda")
+        live = [i for i, c in enumerate(ctx) if c > 0]
+        ref = torch.zeros(q.shape, device="cuda")
+        ref[live] = paged_attention_torch(q[live].float(), kd, vd, list(range(len(live) + 1)), [ctx[i] for i in live],
+                                          bt[live], 0.1)  # fmt: skip
+        eager = paged_attention_decode(q, kq, vq, bt, ctx_t, 0.1, max_context_len=640, fused_merge=True, **kw)
+        two = paged_attention_decode(q, kq, vq, bt, ctx_t, 0.1, max_context_len=640, fused_merge=False, **kw)
+        assert_close_scaled(out, ref, torch.float16)
+        assert torch.equal(out, eager)
+        torch.testing.assert_close(out.float(), two.float(), atol=1e-2, rtol=1e-3)
 
 
 @pytest.mark.gpu

@@ -25,7 +25,16 @@ Work split (flash-decoding): one program per (sequence, kv head, context partiti
   option (use_dot=False, group of one).
 - Long contexts with few sequences leave an H100's 132 SMs idle if each (sequence, kv head) gets one
   program, so the context is cut into partitions; each writes a partial result (its output normalised
-  over its own tokens, and the log-sum-exp of its scores) and a second kernel merges the partials.
+  over its own tokens, and the log-sum-exp of its scores), and the partials are merged:
+  - fused merge (the default, FUSED_MERGE): in the same kernel. Every (sequence, kv head) has an int32
+    ticket counter; each program owning a non-empty partition writes its partial, then takes a ticket
+    (atomic add, acq_rel: the partials of earlier ticket holders are visible to later ones); the program
+    that takes the last ticket merges them, writes the output and sets the counter back to 0, so the
+    counters are all zero between launches (no memset, nothing to re-arm inside a CUDA graph). Programs
+    whose partition lies past the context neither count nor wait, and when the context fits in one
+    partition that program writes the output directly. Nobody ever waits on another program.
+  - two kernels (fused_merge=False): a second launch, _merge_partitions_kernel, one program per
+    (sequence, query head). A kernel boundary costs ~1.5-2 us of a decode step.
 Softmax runs online in fp32, in base 2 (scores pre-multiplied by scale * log2(e), so exp2 is one
 instruction).
 """
@@ -49,8 +58,13 @@ _MAX_PARTITIONS = 64
 _SHORT_BOUND = 1024  # context bounds up to this use _SHORT_MIN_PARTITION_SIZE
 _SHORT_MIN_PARTITION_SIZE = 128
 _DOT_MIN_ROWS = 16  # tl.dot needs at least 16 rows on the GPU; the query group is padded up to this
+# Merge split-K partials inside the decode kernel (ticket counters) rather than in a second launch.
+FUSED_MERGE = True
 
 _num_sms_cache: dict[int, int] = {}
+# Ticket counters of the fused merge, (capacity,) int32 zeros between launches, one per (device, capacity).
+# Never freed: a captured CUDA graph keeps using the address it was captured with.
+_ticket_buffers: dict[tuple[torch.device, int], torch.Tensor] = {}
 
 
 @triton.jit
@@ -138,11 +152,47 @@ def _attend_step(
     return m_new, l_i, acc
 
 
+@triton.jit
+def _merge_partials(
+    part_out_ptr,  # (B, Hq, P, D) fp32
+    part_lse_ptr,  # (B, Hq, P) fp32
+    row0,  # (BLOCK_G,) int64: row of partition 0 of each query head of the group
+    used,  # partitions 0..used-1 hold tokens (>= 1 each), so their log-sum-exps are finite
+    g_mask,  # (BLOCK_G,) rows that are real query heads
+    HEAD_DIM: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """(BLOCK_G, BLOCK_D) fp32: out = sum_p w_p o_p / sum_p w_p with w_p = 2^lse_p, as an online sum over
+    the partitions in order (so the result does not depend on which program merges)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = g_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
+    m = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)  # running max of lse
+    den = tl.zeros([BLOCK_G], dtype=tl.float32)  # running sum of 2^(lse - m)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)  # running sum of 2^(lse - m) * o
+    p = used * 0
+    while p < used:  # a runtime bound; a while loop runs under the interpreter and compiled alike
+        # .cg: read from L2, never from an SM's L1, which may hold these addresses from an earlier launch
+        lse = tl.load(part_lse_ptr + row0 + p, mask=g_mask, other=0.0, cache_modifier=".cg")  # (BLOCK_G,)
+        o = tl.load(
+            part_out_ptr + (row0 + p)[:, None] * HEAD_DIM + offs_d[None, :], mask=mask, other=0.0, cache_modifier=".cg"
+        )  # (BLOCK_G, BLOCK_D)
+        m_new = tl.maximum(m, lse)
+        alpha = tl.exp2(m - m_new)  # 0 on the first partition
+        w = tl.exp2(lse - m_new)
+        den = den * alpha + w
+        acc = acc * alpha[:, None] + w[:, None] * o
+        m = m_new
+        p += 1
+    return acc / den[:, None]
+
+
 @triton.jit(do_not_specialize=["partition_size", "num_partitions", "stride_btb"])
 def _paged_decode_kernel(
     out_ptr,  # (B, Hq, D) in q's dtype; written when not SPLIT
     part_out_ptr,  # (B, Hq, P, D) fp32: each partition's normalised output; written when SPLIT
     part_lse_ptr,  # (B, Hq, P) fp32: each partition's log2-sum-exp2 of scaled scores; written when SPLIT
+    tickets_ptr,  # (>= B * Hkv,) int32 zeros: ticket counters of the fused merge (FUSED_MERGE only)
     q_ptr,  # (B, Hq, D)
     k_cache_ptr,  # (num_blocks, block_size, Hkv, D), last dim contiguous
     v_cache_ptr,
@@ -180,6 +230,7 @@ def _paged_decode_kernel(
     USE_DOT: tl.constexpr,
     DOT_F32: tl.constexpr,  # run the dots in fp32 (fp32 cache, or q and cache of different dtypes)
     SPLIT: tl.constexpr,
+    FUSED_MERGE: tl.constexpr,  # SPLIT only: the last program of a (sequence, kv head) merges the partials
     WHILE_LOOP: tl.constexpr,  # True under Triton's interpreter (see the loop)
 ):
     seq = tl.program_id(0)
@@ -242,18 +293,32 @@ def _paged_decode_kernel(
     has_tokens = l_i > 0.0
     o = acc / tl.where(has_tokens, l_i, 1.0)[:, None]
     store_mask = g_mask[:, None] & d_mask[None, :]
-    if SPLIT:
-        # part_out / part_lse are contiguous: (B, Hq, P, D) and (B, Hq, P)
-        row_id = (seq * (tl.num_programs(1) * GROUP) + heads).to(tl.int64) * num_partitions + part
-        tl.store(part_out_ptr + row_id[:, None] * HEAD_DIM + offs_d[None, :], o, mask=store_mask)
-        lse = tl.where(has_tokens, m_i + tl.log2(tl.where(has_tokens, l_i, 1.0)), float("-inf"))
-        tl.store(part_lse_ptr + row_id, lse, mask=g_mask)
+    out_ptrs = out_ptr + seq * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
+    # part_out / part_lse are contiguous: (B, Hq, P, D) and (B, Hq, P); row0 is each head's partition 0.
+    row0 = (seq * (tl.num_programs(1) * GROUP) + heads).to(tl.int64) * num_partitions  # (BLOCK_G,)
+    lse = tl.where(has_tokens, m_i + tl.log2(tl.where(has_tokens, l_i, 1.0)), float("-inf"))
+    if not SPLIT:
+        tl.store(out_ptrs, o.to(out_ptr.dtype.element_ty), mask=store_mask)
+    elif not FUSED_MERGE:
+        tl.store(part_out_ptr + (row0 + part)[:, None] * HEAD_DIM + offs_d[None, :], o, mask=store_mask)
+        tl.store(part_lse_ptr + row0 + part, lse, mask=g_mask)
     else:
-        tl.store(
-            out_ptr + seq * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
-            o.to(out_ptr.dtype.element_ty),
-            mask=store_mask,
-        )
+        used = tl.cdiv(ctx, partition_size)  # partitions holding tokens; those past them do nothing here
+        if used <= 1:
+            if part == 0:  # the whole context (or none: a padded row, zeros) is this program's: no merge
+                tl.store(out_ptrs, o.to(out_ptr.dtype.element_ty), mask=store_mask)
+        elif part < used:
+            tl.store(part_out_ptr + (row0 + part)[:, None] * HEAD_DIM + offs_d[None, :], o, mask=store_mask)
+            tl.store(part_lse_ptr + row0 + part, lse, mask=g_mask)
+            # A scalar atomic is issued by one thread: the barrier orders every thread's stores above before
+            # its release, so a program that acquires a later ticket sees all of them.
+            tl.debug_barrier()
+            counter = tickets_ptr + seq * tl.num_programs(1) + kv_head
+            ticket = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+            if ticket == used - 1:  # every other partial is written: merge them
+                merged = _merge_partials(part_out_ptr, part_lse_ptr, row0, used, g_mask, HEAD_DIM, BLOCK_G, BLOCK_D)
+                tl.store(out_ptrs, merged.to(out_ptr.dtype.element_ty), mask=store_mask)
+                tl.store(counter, 0)  # nobody else touches it in this launch; the next launch finds 0
 
 
 @triton.jit(do_not_specialize=["partition_size", "num_partitions"])
@@ -427,6 +492,36 @@ def _num_sms(device: torch.device) -> int:
     return _num_sms_cache[idx]
 
 
+def ticket_capacity(device: torch.device, count: int = 0) -> int:
+    """Counters in the ticket buffer that serves `count` (sequence, kv head) pairs: a power of two, at least
+    the most pairs choose_partition_size ever splits for (_PROGRAMS_PER_SM x SMs; 1024 on an H100), so the
+    engine uses one buffer per device (4 KiB) whatever its batch; an explicit partition_size on a bigger
+    batch gets a bigger one."""
+    return max(triton.next_power_of_2(max(count, 1)), triton.next_power_of_2(_PROGRAMS_PER_SM * _num_sms(device)))
+
+
+def ticket_buffer(device: torch.device, count: int) -> torch.Tensor:
+    """The fused merge's (capacity,) int32 ticket counters for `count` (sequence, kv head) pairs on device.
+
+    Allocated (zeroed) once per (device, capacity) and kept for the life of the process: CUDA graphs capture
+    its address, and every launch leaves its counters at 0. Launches that share a buffer must be ordered
+    (one stream, as the engine's layers are); two streams running decode attention at once need their own
+    buffers (paged_attention_decode's `tickets`)."""
+    key = (device, ticket_capacity(device, count))
+    buf = _ticket_buffers.get(key)
+    if buf is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            # Allocating here would record the zero fill into the graph and leave the buffer unset until the
+            # first replay: run the step once eagerly (warm-up) before capturing it.
+            raise RuntimeError(
+                "paged_attention_decode: the fused-merge ticket buffer must exist before CUDA-graph capture; "
+                "run the decode step once outside the capture first"
+            )
+        buf = torch.zeros(key[1], dtype=torch.int32, device=device)
+        _ticket_buffers[key] = buf
+    return buf
+
+
 def choose_partition_size(
     batch: int, num_kv_heads: int, max_context_len: int, device: torch.device, block_n: int
 ) -> int:
@@ -470,6 +565,8 @@ def paged_attention_decode(
     out: torch.Tensor | None = None,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    fused_merge: bool | None = None,
+    tickets: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode attention: q (B, Hq, D) attends to the first context_lens[b] cached tokens of sequence b.
 
@@ -483,6 +580,9 @@ def paged_attention_decode(
     partition_size: tokens per split-K partition (None: chosen from the GPU's SM count; a value >=
     max_context_len disables the split). use_dot, block_n, num_warps, num_stages: tuning overrides.
     k_scale / v_scale: (num_blocks, block_size, Hkv) scales of an int8 cache (required with one).
+    fused_merge: merge split-K partials inside the decode kernel (ticket counters) instead of in a second
+    kernel; None: FUSED_MERGE. tickets: (>= B * Hkv,) int32 counters, all 0, for the fused merge (left at 0
+    again by every launch); None: the shared per-device buffer (ticket_buffer).
     """
     if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
         raise ValueError(
@@ -532,6 +632,7 @@ def paged_attention_decode(
     if split and num_partitions > 1024:
         raise ValueError(f"{num_partitions} partitions of {partition_size} tokens is too many; use larger ones")
 
+    fused_merge = FUSED_MERGE if fused_merge is None else fused_merge
     if split:
         # One allocation for both partial buffers (each allocation is host time on every layer's call).
         rows = batch * num_heads * num_partitions
@@ -540,11 +641,24 @@ def paged_attention_decode(
         part_lse = work[rows * head_dim :]  # (B, Hq, P)
     else:
         part_out = part_lse = out  # unused placeholders
+    if tickets is not None and (
+        tickets.dtype != torch.int32 or tickets.device != q.device or tickets.dim() != 1
+        or tickets.stride(0) != 1 or tickets.numel() < batch * num_kv_heads
+    ):  # fmt: skip
+        raise ValueError(
+            f"tickets must be a contiguous int32 vector of >= batch x kv heads = {batch * num_kv_heads} "
+            f"counters on {q.device}; got {tickets.dtype} {tuple(tickets.shape)} on {tickets.device}"
+        )
+    if not (split and fused_merge):
+        tickets = context_lens  # unused placeholder
+    elif tickets is None:
+        tickets = ticket_buffer(q.device, batch * num_kv_heads)
 
     _paged_decode_kernel[(batch, num_kv_heads, num_partitions)](
         out,
         part_out,
         part_lse,
+        tickets,
         q,
         k_cache,
         v_cache,
@@ -577,11 +691,12 @@ def paged_attention_decode(
         USE_DOT=use_dot,
         DOT_F32=dot_f32,
         SPLIT=split,
+        FUSED_MERGE=split and fused_merge,
         WHILE_LOOP=_INTERPRETED,
         num_warps=num_warps,
         num_stages=num_stages,
     )
-    if split:
+    if split and not fused_merge:
         _merge_partitions_kernel[(batch, num_heads)](
             out,
             part_out,
@@ -739,4 +854,13 @@ def kv_bytes_read(context_lens: list[int], num_kv_heads: int, head_dim: int, dty
     return 2 * sum(context_lens) * num_kv_heads * head_dim * elem
 
 
-__all__ = ["paged_attention_decode", "paged_attention_prefill", "choose_partition_size", "kv_bytes_read", "LOG2E"]
+__all__ = [
+    "FUSED_MERGE",
+    "LOG2E",
+    "choose_partition_size",
+    "kv_bytes_read",
+    "paged_attention_decode",
+    "paged_attention_prefill",
+    "ticket_buffer",
+    "ticket_capacity",
+]

@@ -44,6 +44,11 @@ DEQUANT_MIN_TOKENS = 256
 #: Split-K decode attention: about this many programs per SM, each with (head_dim + 2) fp32 partials per
 #: query head of its group (kernels/paged_attention_triton.py _PROGRAMS_PER_SM).
 ATTN_PROGRAMS_PER_SM = 4
+#: The decode kernel's fused split-K merge keeps one int32 ticket counter per (sequence, kv head) it splits
+#: for, in one buffer per device that lives as long as the process (CUDA graphs capture its address). The
+#: kernel splits only while sequences x kv heads < ATTN_PROGRAMS_PER_SM x SMs, and the buffer's capacity is
+#: that rounded up to a power of two (kernels/paged_attention_triton.py ticket_capacity): 4 KiB on an H100.
+ATTN_TICKET_BYTES = 4
 #: Device memory of one instantiated CUDA graph beyond its pool (kernel parameters, exec object); measured
 #: sizes are ~0.2-1 MiB for a 40-layer decode graph, rounded up.
 CUDA_GRAPH_OVERHEAD_BYTES = 1 * MiB
@@ -375,14 +380,21 @@ def workspace_bytes(model: ModelConfig, num_tokens: int, max_model_len: int, *, 
         attention   L x 2 x q x a            K/V of one max-length sequence gathered (and repeated over
                                              the query groups) by the SDPA prefill path
                   + 4 x SMs x (q / kv) x (d + 2) x 4    split-K decode partials (fp32)
+                  + pow2(4 x SMs) x 4                    ticket counters of the fused split-K merge
         dequant     64 MiB when weights are quantized and a step has >= 256 tokens (long-prefill path)
         library     cuBLAS/cuBLASLt workspace (32 MiB on Hopper)
     """
     gathered = max_model_len * 2 * model.q_size * act_bytes
     group = max(1, model.num_attention_heads // max(1, model.num_key_value_heads))
     partials = ATTN_PROGRAMS_PER_SM * num_sms * group * (model.head_dim + 2) * 4
+    partials += attention_ticket_bytes(num_sms)
     dequant = DEQUANT_WORKSPACE_BYTES if quantized and num_tokens >= DEQUANT_MIN_TOKENS else 0
     return gathered + partials + dequant + library_workspace
+
+
+def attention_ticket_bytes(num_sms: int) -> int:
+    """The decode kernel's ticket-counter buffer on a device of num_sms SMs (see ATTN_TICKET_BYTES)."""
+    return (1 << max(0, ATTN_PROGRAMS_PER_SM * num_sms - 1).bit_length()) * ATTN_TICKET_BYTES
 
 
 def cuda_graph_capture_sizes(max_num_seqs: int, limit: int = 256) -> list[int]:

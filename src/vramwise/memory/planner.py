@@ -693,7 +693,7 @@ def _fixed_budget(s: _Setup, chunk: int) -> Budget:
     b.notes.update(
         cuda_context=f"{dev.name} profile",
         activations=f"{tokens} tokens x {ACT_BYTES * max(3 * m.hidden_size + 3 * m.intermediate_size, 3 * m.hidden_size + 3 * m.q_size + 3 * m.kv_size) // 1024} KiB + logits of {s.max_num_seqs} rows",
-        workspace="attention gather + split-K partials" + (" + dequant" if quantized and tokens >= 256 else "")
+        workspace="attention gather + split-K partials and tickets" + (" + dequant" if quantized and tokens >= 256 else "")
                   + " + cuBLAS",
         cuda_graphs=f"{len(graphs)} decode graphs (batch 1..{max(graphs)})" if graphs else "off",
         margin="2% + 32 MiB for fragmentation",
