@@ -63,7 +63,7 @@ def main() -> None:
             x = torch.randn(1, k, device=dev, dtype=torch.float16)
             c0 = copies[0]
             ref = w4a16_matmul(x, *c0, g).float()
-            default = w4a16._default_gemv_config(1, n, k, g, dev)
+            default = w4a16._default_gemv_config(1, n, k, g, dev, torch.float16)
             for cfg in [default] + configs(g):
                 if time.time() - t0 > args.budget_s:
                     break

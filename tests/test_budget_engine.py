@@ -85,7 +85,7 @@ def test_budget_plans_the_placement_and_keeps_the_greedy_output(deep_path, refer
     eng = llm.engine
     p = eng.budget_setup.plan
     assert eng.offload is not None and eng.offload.placements == p.layers  # the plan's layout, executed
-    assert p.layers[0] == "resident" and offloaded in p.layers
+    assert "resident" in p.layers and offloaded in p.layers
     assert eng.block_manager.num_blocks == p.kv_num_blocks  # the KV pool is what the budget leaves
     assert eng.scheduler_config.max_num_batched_tokens == min(4096, p.max_num_batched_tokens)
     assert eng.planner_prediction["ttft_s"] > 0 and eng.planner_prediction["decode_tok_s_b1"] > 0

@@ -130,7 +130,7 @@ def test_candidates_are_valid_and_start_with_the_default(m, g):
             cands = _candidates(m, n, k, g, dt, dev)
             assert len(cands) == len(set(cands)) >= 1
             if m <= GEMV_MAX_M:
-                assert cands[0] == _default_gemv_config(m, n, k, g, dev)
+                assert cands[0] == _default_gemv_config(m, n, k, g, dev, dt)
             elif m <= SKINNY_MAX_M:
                 assert cands[0] == _default_skinny_config(m, n, k, g, dev)
             elif m >= DEQUANT_MIN_M:

@@ -194,7 +194,12 @@ def test_forced_policies(policy, off):
     p = plan(L13, 6 * GiB, H100, W4, force_policy=policy, alternatives=False)
     assert p.policy == policy
     assert set(p.layers) == {RESIDENT, off}
-    assert p.layers[: p.num_resident] == [RESIDENT] * p.num_resident  # resident first, offloaded tail
+    if off == CPU:
+        assert p.layers[: p.num_resident] == [RESIDENT] * p.num_resident  # resident first, CPU tail
+    else:  # resident layers spread among the streamed ones, the step starting on a streamed layer
+        assert p.layers[0] == STREAMED and p.layers[-1] == STREAMED
+        runs = "".join("R" if x == RESIDENT else "s" for x in p.layers).split("R")
+        assert max(map(len, runs)) - min(map(len, runs[1:-1])) <= 1  # evenly spread
     _check_budget(p)
 
 
@@ -306,6 +311,8 @@ def test_describe_placement_is_compact():
     assert describe_placement([RESIDENT] * 28 + [STREAMED] * 12) == "layers 0-27 resident, 28-39 streamed"
     text = describe_placement([RESIDENT] * 20 + [STREAMED, CPU] * 10)
     assert text.startswith("layers 0-19 resident, 20-39 interleaved: 10 streamed (20, 22, 24, ...)")
+    spread = describe_placement([STREAMED, RESIDENT] * 20)
+    assert spread == "layers 0-39 interleaved: 20 resident (1, 3, 5, ...), 20 streamed (0, 2, 4, ...)"
 
 
 def test_matrix_covers_the_five_shapes():
@@ -334,7 +341,7 @@ def test_cli_plan_13b_in_6gib(no_doctor_cache, capsys):
     for term in ("CUDA context", "resident weights", "streaming buffers", "KV pool", "activations", "workspace",
                  "CUDA graphs", "safety margin"):
         assert term in out
-    assert "layers 0-" in out and "KV cache" in out and "TTFT, 512-token prompt" in out and "decode, batch 1" in out
+    assert "layers 0-39 interleaved: " in out and "KV cache" in out and "TTFT, 512-token prompt" in out and "decode, batch 1" in out
     assert "alternatives:" in out and "built-in h100 profile" in out
     data = json.loads(out_json.read_text())
     assert len(data["layers"]) == 40 and data["budget"]["total"] <= 6 * GiB

@@ -58,8 +58,12 @@ _MAX_PARTITIONS = 64
 _SHORT_BOUND = 1024  # context bounds up to this use _SHORT_MIN_PARTITION_SIZE
 _SHORT_MIN_PARTITION_SIZE = 128
 _DOT_MIN_ROWS = 16  # tl.dot needs at least 16 rows on the GPU; the query group is padded up to this
-# Merge split-K partials inside the decode kernel (ticket counters) rather than in a second launch.
-FUSED_MERGE = True
+# Merge split-K partials inside the decode kernel (ticket counters) rather than in a second launch. Off by
+# default: on an H200 (benchmarks/sweep_decode_attention.py, 7B shapes, context 520 of a 640 bound, CUDA graph)
+# it measured 9.14 vs 9.26 us at the default 128-token partitions and 1.13-1.18x slower at 64-token ones (the
+# ticket's atomic and the serial merge tail cost what the saved launch gives back), and a 7B decode step did not
+# change (2.438 vs 2.433 ms).
+FUSED_MERGE = False
 
 _num_sms_cache: dict[int, int] = {}
 # Ticket counters of the fused merge, (capacity,) int32 zeros between launches, one per (device, capacity).

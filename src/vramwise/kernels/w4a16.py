@@ -175,9 +175,19 @@ def _choose_split_k(programs: int, k_tiles: int, device: torch.device, min_tiles
     return max(1, min(math.ceil(target / programs), k_tiles // min_tiles_per_split))
 
 
-def _default_gemv_config(m: int, n: int, k: int, group_size: int, device: torch.device) -> GemvConfig:
+def _default_gemv_config(m: int, n: int, k: int, group_size: int, device: torch.device,
+                         dtype: torch.dtype | None = None) -> GemvConfig:
     if use_fixed_config(device):
         return GemvConfig(block_n=8, block_k=max(group_size, 64), num_warps=1)  # small tiles: fast in numpy
+    if dtype in (torch.float16, torch.bfloat16):
+        # benchmarks/sweep_gemv.py on an H200 (fused 7B/13B decode shapes, CUDA graph over weight copies larger
+        # than L2): v2 with 8 warps on the narrow outputs (o_proj, down_proj: 0.88-0.90 of v1's time at
+        # 4096/5120 wide, 13B down equal), v2 with 4 warps on the wide 5120-deep ones (13B QKV, gate+up: 0.94);
+        # at 4096 deep and wide N v1 stayed ahead (7B QKV: v2 1.05x v1's time).
+        if n <= 8192:
+            return GemvConfig(8, max(1024, group_size), 8, None, 2)
+        if k >= 5120:
+            return GemvConfig(8, max(1024, group_size), 4, None, 2)
     # Measured on H100 (13B shapes): 8 channels per program; longer K-tiles when N gives fewer programs.
     block_k = 2048 if n < 8192 else 1024
     return GemvConfig(block_n=8, block_k=max(block_k, group_size), num_warps=4)
@@ -1012,7 +1022,7 @@ def _candidates(m: int, n: int, k: int, group_size: int, dtype: torch.dtype, dev
     half = dtype in (torch.float16, torch.bfloat16)
     g = group_size
     if m <= GEMV_MAX_M:
-        out: list[Config] = [_default_gemv_config(m, n, k, g, device)]
+        out: list[Config] = [_default_gemv_config(m, n, k, g, device, dtype)]
         if half:
             # SASS of the loop (ptxas for sm_90, 13B shapes' divisibility): v1 fp16 32.5 instructions per weight
             # word, bf16 45; v2 fp16 23.5 (32 x 1024) .. 26.6 (8 x 1024), bf16 25.5-27.7. More channels
@@ -1108,7 +1118,7 @@ def _default_choice(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
     n = qweight.shape[0] * INT4_TILE_N
     device = x2.device
     if m <= GEMV_MAX_M:
-        return _default_gemv_config(m, n, k, group_size, device)
+        return _default_gemv_config(m, n, k, group_size, device, x2.dtype)
     if m <= SKINNY_MAX_M:
         return _default_skinny_config(m, n, k, group_size, device)
     if use_fixed_config(device):
