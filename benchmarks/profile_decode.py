@@ -34,6 +34,7 @@ def main() -> None:
     ap.add_argument("--gpu-memory", default=None, help="budget, e.g. 6GiB (the planner places the layers)")
     ap.add_argument("--kv-cache-dtype", default="auto")
     ap.add_argument("--stream-buffers", type=int, default=2)
+    ap.add_argument("--lm-head-bits", type=int, default=None, choices=(4, 8, 16))
     ap.add_argument("--trace", default=None, help="also write a Chrome trace of the profiled steps here")
     args = ap.parse_args()
 
@@ -42,6 +43,7 @@ def main() -> None:
     eng = LLMEngine(EngineConfig(
         model=f"random:{args.random_weights}", device="cuda", quantization=args.quantization, show_progress=False,
         enforce_eager=args.enforce_eager, memory=budget, num_stream_buffers=args.stream_buffers,
+        lm_head_bits=args.lm_head_bits,
         cache=CacheConfig(cache_dtype=args.kv_cache_dtype,
                           kv_cache_memory=None if args.gpu_memory else (args.batch * max_len * 820_000) + (256 << 20)),
         scheduler=SchedulerConfig(max_num_seqs=args.batch, max_model_len=max_len, max_num_batched_tokens=4096),

@@ -42,6 +42,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quantization", default=None,
                    help="weights: auto (checkpoint's own; dequantized on CPU) | native (keep packed) | none | "
                         "int8 | int4 | int4-g32/g64/g128 (RTN at load) (default: auto)")
+    g.add_argument("--lm-head-bits", type=int, default=None, choices=(4, 8, 16),
+                   help="lm_head weights: 8 = int8 per channel, 4 = int4 g128 (RTN at load), 16 = float "
+                        "(default: as loaded; a head tied to the embeddings stays float)")
     g.add_argument("--enforce-eager", action="store_true",
                    help="run decode steps eagerly: no CUDA-graph capture (less startup time and GPU memory)")
 
@@ -71,6 +74,8 @@ def make_engine_config(args: argparse.Namespace, show_progress: bool = True):
     extra = {}
     if getattr(args, "quantization", None) is not None:
         extra["quantization"] = args.quantization
+    if getattr(args, "lm_head_bits", None) is not None:
+        extra["lm_head_bits"] = args.lm_head_bits
     gpu_memory, utilization = getattr(args, "gpu_memory", None), getattr(args, "gpu_memory_utilization", None)
     if gpu_memory is not None and utilization is not None:
         raise ValueError("give either --gpu-memory or --gpu-memory-utilization, not both")

@@ -212,6 +212,10 @@ class EngineConfig:
     # Weight quantization plan (model_loader.py): None/"auto" = the checkpoint's own (packed on CUDA, dequantized
     # on CPU), "native" = keep it packed everywhere, "none" = float, "int8" / "int4-g128" / ... = RTN at load.
     quantization: str | None = None
+    # lm_head format: None = as loaded; 8 / 4 = RTN int8 per channel / int4 g128 at load (llama.cpp's Q4_0
+    # preset keeps its output matrix at Q6_K, so an int4 model with an int8 head is the like-for-like one);
+    # 16 = float (a packed head in the checkpoint is dequantized). A head tied to the embedding stays float.
+    lm_head_bits: int | None = None
     # Layer placement (memory/offload.py): None = all on the device; otherwise a spec such as "streamed",
     # "resident:20,streamed:20" or "r,s,c,..." (resident | streamed | cpu per decoder layer).
     offload: str | None = None

@@ -229,6 +229,26 @@ def build_plan(source: WeightSource, model: nn.Module, request: QuantRequest, de
     return plan, keep_native
 
 
+def _plan_lm_head(plan: dict[str, PlanEntry], model: nn.Module, bits: int | None) -> None:
+    """--lm-head-bits: 8 / 4 quantize the head (RTN at load, from its float or dequantized weights), 16 keeps
+    it float (a packed head in the checkpoint is dequantized), None leaves the plan as it is."""
+    if bits is None:
+        return
+    if bits not in (4, 8, 16):
+        raise ValueError(f"--lm-head-bits must be 4, 8 or 16, got {bits}")
+    lin = _linear_modules(model).get("lm_head")
+    if lin is None:
+        log.info("lm_head is tied to the embeddings: it stays float (--lm-head-bits %d ignored)", bits)
+        return
+    plan.pop("lm_head", None)
+    if bits == 16:
+        return
+    from vramwise.quant.formats import QuantSpec
+
+    spec = QuantSpec(bits=bits, group_size=128 if bits == 4 else None)
+    plan["lm_head"] = PlanEntry(spec_for_layer(spec, "lm_head", lin.out_features, lin.in_features, bits == 4), "rtn")
+
+
 def _native_plan(source: WeightSource, kind: str, linears: dict[str, nn.Linear]) -> dict[str, PlanEntry]:
     from vramwise.quant.formats import QuantSpec
 
@@ -333,8 +353,8 @@ def _materialize(model: nn.Module, cfg: ModelConfig, device: torch.device) -> nn
 
 
 def load_model(source: WeightSource, device: torch.device, dtype: torch.dtype,
-               quantization: str | QuantRequest | None = None, load_device: torch.device | None = None
-               ) -> nn.Module:
+               quantization: str | QuantRequest | None = None, load_device: torch.device | None = None,
+               lm_head_bits: int | None = None) -> nn.Module:
     """Build the model of `source` for `device` and fill it, quantized as `quantization` says (module doc).
 
     load_device: where the tensors are materialized (default `device`). The GPU-memory budget loads a
@@ -345,6 +365,7 @@ def load_model(source: WeightSource, device: torch.device, dtype: torch.dtype,
     meta = _meta_model(source.config, dtype)
     try:
         plan, keep_native = build_plan(source, meta, request, device)
+        _plan_lm_head(plan, meta, lm_head_bits)
     except ValueError as e:
         raise WeightsError(str(e)) from e
     for name, entry in plan.items():

@@ -77,7 +77,8 @@ class LLMEngine:
         self.budget_setup = enforce.prepare_budget(config, source, self.model_config, self.device, self.dtype, max_len)
         self.planner_prediction = self.budget_setup.plan.prediction.to_dict() if self.budget_setup else None
         load_device = self.budget_setup.load_device if self.budget_setup else None
-        self.model = load_model(source, self.device, self.dtype, config.quantization, load_device=load_device)
+        self.model = load_model(source, self.device, self.dtype, config.quantization, load_device=load_device,
+                                lm_head_bits=config.lm_head_bits)
         if config.fuse_projections:  # after loading/quantizing: checkpoints load into the unfused modules
             from vramwise.models.fuse import fuse_projections
 

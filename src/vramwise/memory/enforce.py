@@ -130,23 +130,29 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
 
 
-def planning_scheme(quantization: str | None, source: Any, device: torch.device, dtype: torch.dtype) -> Any:
+def planning_scheme(quantization: str | None, source: Any, device: torch.device, dtype: torch.dtype,
+                    lm_head_bits: int | None = None) -> Any:
     """The QuantScheme (memory/budget.py) of the weights as load_model will hold them on `device`."""
-    from vramwise.memory.budget import FP16, FP32, QuantScheme, resolve_quant
+    from dataclasses import replace
+
+    from vramwise.memory.budget import FP16, FP32, QuantScheme, WeightFormat, resolve_quant
     from vramwise.model_loader import parse_quantization
 
     float_fmt = FP32 if dtype == torch.float32 else FP16
     floats = QuantScheme(float_fmt, (), float_fmt, float_fmt)
     request = parse_quantization(quantization)
     if request.mode == "rtn":
-        s = resolve_quant(request.spec)
-        return QuantScheme(s.linear, (), float_fmt, float_fmt)
-    if request.mode == "none" or (request.mode == "auto" and device.type == "cpu"):
-        return floats
-    from vramwise.memory.cli import checkpoint_quant
+        scheme = QuantScheme(resolve_quant(request.spec).linear, (), float_fmt, float_fmt)
+    elif request.mode == "none" or (request.mode == "auto" and device.type == "cpu"):
+        scheme = floats
+    else:
+        from vramwise.memory.cli import checkpoint_quant
 
-    own = checkpoint_quant(source)
-    return own[0] if own is not None else floats
+        own = checkpoint_quant(source)
+        scheme = own[0] if own is not None else floats
+    if lm_head_bits is not None and not getattr(source.config, "tie_word_embeddings", False):
+        scheme = replace(scheme, lm_head=float_fmt if lm_head_bits == 16 else WeightFormat.for_bits(lm_head_bits))
+    return scheme
 
 
 def _kv_dtype(cache_dtype: str, dtype: torch.dtype) -> str:
@@ -206,7 +212,7 @@ def prepare_budget(config: EngineConfig, source: Any, model_config: ModelConfig,
     sc = config.scheduler
     # The planner picks the prefill chunk among CHUNK_CANDIDATES up to the configured bound.
     chunk = None if sc.max_num_batched_tokens >= max(CHUNK_CANDIDATES) else sc.max_num_batched_tokens
-    quant = planning_scheme(config.quantization, source, device, dtype)
+    quant = planning_scheme(config.quantization, source, device, dtype, getattr(config, "lm_head_bits", None))
     kw: dict[str, Any] = dict(
         max_model_len=max_model_len, max_num_seqs=sc.max_num_seqs,
         kv_dtype=_kv_dtype(config.cache.cache_dtype, dtype), max_num_batched_tokens=chunk,
