@@ -82,13 +82,24 @@ class DecodeGraphs:
         self.max_blocks = -(-max_model_len // block_size)
         self.context_bound = self.max_blocks * block_size  # fixed grid bound for the attention kernel
         self.scratch_block = scratch_block
-        bmax, dev = self.max_batch, device
-        self.input_ids = torch.zeros(bmax, dtype=torch.long, device=dev)
-        self.positions = torch.zeros(bmax, dtype=torch.long, device=dev)
-        self.slot_mapping = torch.full((bmax,), scratch_block * block_size, dtype=torch.long, device=dev)
-        self.block_tables = torch.zeros((bmax, self.max_blocks), dtype=torch.long, device=dev)
-        self.block_tables[:, 0] = scratch_block
-        self.context_lens = torch.ones(bmax, dtype=torch.int32, device=dev)
+        bmax, dev, mb = self.max_batch, device, self.max_blocks
+        # The static inputs are views of one int64 buffer, so that a step moves all of them with one copy from
+        # a pinned host twin (five separate pageable copies cost tens of us of host time between two
+        # replays, with the GPU idle):
+        #   [input_ids B | positions B | slot_mapping B | context_lens B int32 (B/2 words) | block_tables B x MB]
+        half = -(-bmax // 2)
+        self._bt_offset = 3 * bmax + half
+        size = self._bt_offset + bmax * mb
+        self._io = torch.zeros(size, dtype=torch.long, device=dev)
+        self._io_host = torch.zeros(size, dtype=torch.long, pin_memory=dev.type == "cuda")
+        (self.input_ids, self.positions, self.slot_mapping, self.context_lens,
+         self.block_tables) = self._views(self._io)
+        host = self._views(self._io_host)
+        self._host_np = [t.numpy() for t in host]  # numpy views: list -> buffer writes without torch.tensor()
+        for bufs in (host, (self.input_ids, self.positions, self.slot_mapping, self.context_lens, self.block_tables)):
+            bufs[2].fill_(scratch_block * block_size)
+            bufs[3].fill_(1)
+            bufs[4][:, 0] = scratch_block
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}  # B_pad -> the graph's output hidden states (B_pad, H)
         self.graph_pool_bytes = 0  # GPU memory the graphs' shared pool holds (measured around capture)
@@ -143,12 +154,23 @@ class DecodeGraphs:
             rows.append([scratch] + [0] * (width - 1))
         # Entries of block_tables past `width` keep stale values from earlier steps: the kernels never read
         # past a row's context length.
-        self.input_ids[:pad].copy_(torch.tensor(ids, dtype=torch.long), non_blocking=True)
-        self.positions[:pad].copy_(torch.tensor(pos, dtype=torch.long), non_blocking=True)
-        self.slot_mapping[:pad].copy_(torch.tensor(slots, dtype=torch.long), non_blocking=True)
-        self.block_tables[:pad, :width].copy_(torch.tensor(rows, dtype=torch.long), non_blocking=True)
-        self.context_lens[:pad].copy_(torch.tensor(ctx, dtype=torch.int32), non_blocking=True)
+        h_ids, h_pos, h_slots, h_ctx, h_bt = self._host_np
+        h_ids[:pad] = ids
+        h_pos[:pad] = pos
+        h_slots[:pad] = slots
+        h_ctx[:pad] = ctx
+        h_bt[:pad, :width] = rows
+        # One copy of the prefix that holds rows 0..pad-1 of everything. The pinned twin is not written again
+        # before this copy has run: the step after this one starts after the sampled tokens were read back.
+        end = self._bt_offset + pad * self.max_blocks
+        self._io[:end].copy_(self._io_host[:end], non_blocking=True)
         return ctx
+
+    def _views(self, buf: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(input_ids, positions, slot_mapping, context_lens int32, block_tables (B, MB)) views of buf."""
+        b = self.max_batch
+        return (buf[:b], buf[b:2 * b], buf[2 * b:3 * b], buf[3 * b:self._bt_offset].view(torch.int32)[:b],
+                buf[self._bt_offset:].view(b, self.max_blocks))
 
     def _meta(self, pad: int, context_lens: list[int]) -> AttentionMetadata:
         return AttentionMetadata(
