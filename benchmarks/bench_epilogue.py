@@ -6,9 +6,9 @@ Per Llama-2 shape (fused gate_up N x K and down_proj), in a CUDA graph that call
 several weight copies (working set > 3x L2, as in a model whose layers are each read once per token), replayed:
   down:     w4a16_matmul(h) then x + y (two kernels)        vs  w4a16_matmul_add(h, residual=x) (one)
   gate_up:  w4a16_matmul(x) then silu_and_mul (two kernels)  vs  w4a16_matmul_silu_mul(x) (one)
-for the fixed GEMV default (v1, what decode runs), v1 with 512-wide K-tiles and two v2 configs. Prints us per call, the saving, packed
-weight bytes as a share of the device-to-device copy ceiling, and the fused result's relative difference
-from the unfused one. CUDA only; ~1 min on an H100 (compiles included).
+for the fixed GEMV default (v1, what a decode step runs) and a few explicit tilings (see configs()). Prints
+us per call, the saving, packed weight bytes as a share of the device-to-device copy ceiling, and the fused
+result's relative difference from the unfused one. CUDA only; ~1 min on an H100 (compiles included).
 """
 
 from __future__ import annotations
@@ -37,12 +37,16 @@ SHAPES = {
 }
 
 
-def configs(group: int) -> list[tuple[str, GemvConfig | None]]:
-    """The fixed decode default (None: choose_config's pick, v1 at M <= GEMV_MAX_M), v1 with shorter K-tiles
-    (a SwiGLU program holds twice the columns of a plain one: gate and up) and two v2 tilings."""
-    return [("default", None), ("v1 8x512", GemvConfig(8, max(512, group), 4, None, 1)),
-            ("v2 8x1024", GemvConfig(8, max(1024, group), 4, None, 2)),
-            ("v2 16x1024", GemvConfig(16, max(1024, group), 4, None, 2))]
+def configs(shape: str, group: int) -> list[tuple[str, GemvConfig | None]]:
+    """The fixed decode default (None: choose_config's pick, v1 at M <= GEMV_MAX_M; a fused SwiGLU then halves
+    its K-tile, see w4a16._swiglu_tile), and explicit tilings run by both the unfused and the fused kernel:
+    for gate_up the v1 default's own 8 x 1024 (SwiGLU without the halving) and v2 with either K-tile."""
+    g = group
+    if shape == "gate_up":
+        return [("default", None), ("v1 8x1024", GemvConfig(8, max(1024, g), 4, None, 1)),
+                ("v2 8x512", GemvConfig(8, max(512, g), 4, None, 2)), ("v2 8x1024", GemvConfig(8, max(1024, g), 4, None, 2))]
+    return [("default", None), ("v2 8x1024", GemvConfig(8, max(1024, g), 4, None, 2)),
+            ("v2 16x1024", GemvConfig(16, max(1024, g), 4, None, 2))]
 
 
 def packed_bytes(qw: torch.Tensor, sc: torch.Tensor, mn: torch.Tensor) -> int:
@@ -59,7 +63,7 @@ def bench_shape(name: str, n: int, k: int, m: int, dtype: torch.dtype, group: in
     res = torch.randn(m, n, device="cuda", dtype=dtype)  # the residual stream (down only)
     g = pw.group_size
     rows = []
-    for label, cfg in configs(g):
+    for label, cfg in configs(name, g):
         if name == "down":
             def unfused(c, cfg=cfg):
                 return w4a16_matmul(x, c[0], c[1], c[2], g, config=cfg) + res

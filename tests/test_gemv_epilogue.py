@@ -249,6 +249,9 @@ _SWEEP = textwrap.dedent(
                            ys.dtype == dt and tuple(ys.shape) == (c["m"], half)]
             # against the unfused kernel's output + torch's op (the path the model took before)
             res["add_ulps"] = ulps(ya, y + r, dt)
+            if cfg is None:  # the default SwiGLU runs the default tile with half the K-tile: the same sums
+                cfg_s = w4a16._swiglu_tile(w4a16._default_gemv_config(c["m"], n, c["k"], g, x.device), g)
+                y = w4a16_matmul(x, pw.qweight, pw.scales, pw.mins, g, b, backend="triton", config=cfg_s)
             ref_s = F.silu(y[:, :half].float()).to(dt).float() * y[:, half:].float()  # F.silu's rounding, then *
             res["silu_ulps"] = ulps(ys.float(), ref_s.to(dt).float(), dt)
             # against fp64 math
@@ -358,7 +361,8 @@ w4a16.EPILOGUES = True
 got, got_tokens = run()
 n_layers = llm.engine.model_config.num_hidden_layers
 assert launches.count("add") == launches.count("swiglu") > n_layers, launches  # every layer, every step
-assert torch.equal(got, unf), (got - unf).abs().max()   # fp32: the fused epilogues give the unfused bits
+# fp32; the add is exact, the SwiGLU GEMV sums over K in shorter tiles (w4a16._swiglu_tile): rounding only
+torch.testing.assert_close(got, unf, rtol=1e-6, atol=1e-6)
 torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 assert got_tokens == unf_tokens == ref_tokens, (got_tokens, unf_tokens, ref_tokens)
 print("OK")
@@ -366,8 +370,8 @@ print("OK")
 
 
 def test_fused_epilogues_in_a_model_under_interpreter(tmp_path):
-    """Greedy tokens and logits of a tiny int4 model: fused epilogues == unfused Triton GEMVs (bit for bit in
-    fp32) == the torch path; the fused kernels ran in every layer."""
+    """Greedy tokens and logits of a tiny int4 model: fused epilogues == unfused Triton GEMVs (to fp32
+    rounding) == the torch path; the fused kernels ran in every layer."""
     pytest.importorskip("triton")
     out = subprocess.run([sys.executable, "-c", _INTERPRETED_MODEL, str(tmp_path / "m")], env=_env(),
                          capture_output=True, text=True, timeout=600)

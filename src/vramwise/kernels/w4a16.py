@@ -1293,6 +1293,17 @@ def _epilogue_config(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
     return cfg
 
 
+def _swiglu_tile(cfg: GemvConfig, group_size: int) -> GemvConfig:
+    """The chosen GEMV config with half the K-tile: a SwiGLU program holds the gate and the up columns, twice
+    a plain program's, and the half tile keeps its (BLOCK_K/8, 2 BLOCK_N) register tile the plain one's size.
+    ptxas for sm_90 (Triton 3.6, fp16, 4 warps): v1 8 x 1024 plain 40 registers; SwiGLU 95 at 1024, 64 at
+    512; v1 8 x 2048 (N < 8192) plain 66, SwiGLU 255. (benchmarks/bench_epilogue.py times both.)"""
+    half = cfg.block_k // 2
+    if half < group_size or half % group_size:
+        return cfg
+    return GemvConfig(cfg.block_n, half, cfg.num_warps, cfg.use_asm, cfg.version)
+
+
 def _rows(x: torch.Tensor) -> torch.Tensor:
     x2 = x.reshape(-1, x.shape[-1])  # (M, K)
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
@@ -1327,12 +1338,16 @@ def w4a16_matmul_silu_mul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.
     At decode sizes (M <= GEMV_MAX_M, Triton, I a multiple of 8) one GEMV: each program reads config.block_n
     gate channels' slabs and the matching up channels' slabs (the packed layout as it is) and stores
     silu(gate) * up, with the unfused path's roundings (products to x.dtype, silu to x.dtype, then the
-    multiply). Elsewhere exactly kernels.fused.silu_and_mul(w4a16_matmul(x, ...))."""
+    multiply). Without a config, the chosen GEMV config runs with half its K-tile (_swiglu_tile), so the sums
+    over K may round differently from the unfused GEMV's (fp32 accumulation; then the same roundings).
+    Elsewhere exactly kernels.fused.silu_and_mul(w4a16_matmul(x, ...))."""
     from . import fused as _fused  # the unfused SwiGLU (imported here: fused.py is torch + Triton only)
 
     n, _ = _check_args(x, qweight, scales, mins, group_size, bias)
     x2 = _rows(x)
     cfg = None if n % (2 * INT4_TILE_N) else _epilogue_config(x2, qweight, scales, mins, group_size, backend, config)
+    if cfg is not None and config is None:
+        cfg = _swiglu_tile(cfg, group_size)
     if cfg is None:
         return _fused.silu_and_mul(w4a16_matmul(x, qweight, scales, mins, group_size, bias, backend=backend,
                                                 config=config))
