@@ -1,6 +1,7 @@
 """Where a decode step's time goes: wall time per engine step vs GPU busy time, split by phase and kernel.
 
     python benchmarks/profile_decode.py --random-weights llama-2-7b --quantization int4 [--batch 1] [--steps 40]
+        [--no-gemv-epilogues]
 
 Prints (markdown): median wall ms per decode step (engine.step), the host time of its phases (schedule,
 runner.run, postprocess/detokenize), the GPU busy time per step from the torch profiler (sum of kernel
@@ -36,7 +37,13 @@ def main() -> None:
     ap.add_argument("--stream-buffers", type=int, default=2)
     ap.add_argument("--lm-head-bits", type=int, default=None, choices=(4, 8, 16))
     ap.add_argument("--trace", default=None, help="also write a Chrome trace of the profiled steps here")
+    ap.add_argument("--no-gemv-epilogues", action="store_true",
+                    help="separate kernels for the MLP's residual add and SwiGLU (w4a16.EPILOGUES = False)")
     args = ap.parse_args()
+    if args.no_gemv_epilogues:
+        from vramwise.kernels import w4a16
+
+        w4a16.EPILOGUES = False  # before the engine captures its decode graphs
 
     max_len = args.prompt_len + 2 * args.steps + 16
     budget = MemoryBudgetConfig(gpu_memory=size(args.gpu_memory)) if args.gpu_memory else MemoryBudgetConfig()

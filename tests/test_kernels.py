@@ -314,11 +314,21 @@ _SM90_COMPILE = textwrap.dedent(
     out = {}
     ints = dict(N="i32", K="i32")
     for dt in ("fp16", "bf16"):
-        sig = dict(xw_ptr="*i32", qw_ptr="*i32", s_ptr="*fp16", m_ptr="*fp16", b_ptr="*fp16", y_ptr="*" + dt, **ints,
-                   stride_xwm="i32", stride_ym="i32", G="constexpr", BLOCK_N="constexpr", BLOCK_K="constexpr",
-                   HAS_BIAS="constexpr", USE_ASM="constexpr", X_BF16="constexpr", EVEN_N="constexpr")
-        out["gemv2_" + dt] = build_or_mismatch(W._w4_gemv2_kernel, sig, dict(G=128, BLOCK_N=16, BLOCK_K=1024, HAS_BIAS=False,
-                                   USE_ASM=True, X_BF16=dt == "bf16", EVEN_N=True), 4, 1)
+        sig = dict(xw_ptr="*i32", qw_ptr="*i32", s_ptr="*fp16", m_ptr="*fp16", b_ptr="*fp16", r_ptr="*" + dt,
+                   y_ptr="*" + dt, **ints, stride_xwm="i32", stride_rm="i32", stride_ym="i32", G="constexpr",
+                   BLOCK_N="constexpr", BLOCK_K="constexpr", HAS_BIAS="constexpr", USE_ASM="constexpr",
+                   X_BF16="constexpr", EVEN_N="constexpr", EPILOGUE="constexpr")
+        # EPILOGUE 0: plain GEMV; 1: + residual; 2: SwiGLU (BLOCK_N = 2 x 8 gate + up columns)
+        for epi, name in ((0, ""), (1, "_add"), (2, "_swiglu")):
+            out["gemv2_" + dt + name] = build_or_mismatch(W._w4_gemv2_kernel, sig, dict(
+                G=128, BLOCK_N=16, BLOCK_K=1024, HAS_BIAS=False, USE_ASM=True, X_BF16=dt == "bf16", EVEN_N=True,
+                EPILOGUE=epi), 4, 1)
+    sig = dict(x_ptr="*fp16", qw_ptr="*i32", s_ptr="*fp16", m_ptr="*fp16", b_ptr="*fp16", r_ptr="*fp16", y_ptr="*fp16",
+               **ints, stride_xm="i32", stride_rm="i32", stride_ym="i32", G="constexpr", BLOCK_N="constexpr",
+               BLOCK_K="constexpr", HAS_BIAS="constexpr", USE_ASM="constexpr", EPILOGUE="constexpr")
+    for epi, name in ((1, "_add"), (2, "_swiglu")):
+        out["gemv1_fp16" + name] = build_or_mismatch(W._w4_gemv_kernel, sig, dict(
+            G=128, BLOCK_N=8 * (1 + (epi == 2)), BLOCK_K=1024, HAS_BIAS=True, USE_ASM=True, EPILOGUE=epi), 4, 1)
     sig = dict(x_ptr="*fp16", qw_ptr="*i32", s_ptr="*fp16", m_ptr="*fp16", b_ptr="*fp16", y_ptr="*fp16", M="i32",
                **ints, stride_xm="i32", stride_ym="i32", G="constexpr", BLOCK_M="constexpr", BLOCK_N="constexpr",
                BLOCK_K="constexpr", GROUP_M="constexpr", SPLIT_K="i32", SWAP_AB="constexpr", HAS_BIAS="constexpr",
@@ -332,8 +342,9 @@ _SM90_COMPILE = textwrap.dedent(
 
 
 def test_kernels_compile_for_sm90_without_a_gpu():
-    """ptxas (bundled with Triton's CUDA backend) assembles the inline PTX and the v2 kernels for sm_90 here,
-    with the divisibility a real 13B launch gets; the 256 x 128 prefill tile fits the H100's shared memory."""
+    """ptxas (bundled with Triton's CUDA backend) assembles the inline PTX and the v2 kernels (and the GEMV
+    epilogue variants of v1 and v2) for sm_90 here, with the divisibility a real 13B launch gets; the 256 x 128
+    prefill tile fits the H100's shared memory."""
     triton = pytest.importorskip("triton")
     bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     if not os.path.exists(os.path.join(bin_dir, "ptxas")):
@@ -348,6 +359,8 @@ def test_kernels_compile_for_sm90_without_a_gpu():
     assert proc.returncode == 0 and lines, f"sm_90 compile failed:\n{proc.stderr[-4000:]}"
     res = json.loads(lines[-1][len("RESULTS "):])
     assert res["gemv2_fp16"]["ptx_has_asm"] and res["gemv2_bf16"]["ptx_has_asm"]
+    # the fused epilogues (residual add, SwiGLU) keep the inline-PTX inner loop
+    assert all(res[k]["ptx_has_asm"] for k in res if k.startswith("gemv") and k.endswith(("_add", "_swiglu")))
     assert all(r["cubin"] > 0 for r in res.values())
     assert res["gemm2_fp16_256x128"]["shared"] <= 227 * 1024
 

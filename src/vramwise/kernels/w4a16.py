@@ -27,6 +27,11 @@ SASS of their loops (instruction counts from ptxas here, no GPU), and the choice
   codes fixed in place by an exact fma), a bf16x2 PTX path, the x row sum in PTX, 32-bit offsets with
   contiguity hints (128-bit weight loads) and no masks on even shapes: 23.5-26.6 instructions per word (fp16),
   25.5-27.7 (bf16), depending on BLOCK_N x BLOCK_K.
+* GEMV epilogues (both versions, EPILOGUE constexpr): 1 = the residual add after the projection (y = W x +
+  residual; the down_proj of a decoder layer), 2 = SwiGLU over a fused [gate | up] weight (a program reads
+  BLOCK_N gate channels' slabs and the matching up channels' slabs, layout unchanged, and stores
+  silu(gate) * up). Each saves a launch and a round trip of the activations per layer in a decode step; the
+  numerics are the unfused path's (``w4a16_matmul_add``, ``w4a16_matmul_silu_mul``).
 * ``_w4_gemm_kernel`` (v1) -- skinny batches and mid-size prefill: tl.dot on dequantized (BLOCK_K, BLOCK_N)
   tiles in the activation dtype, fp32 accumulation, optional split-K (fp32 atomics, then cast). Each word
   is addressed once per code it holds. BLOCK_K divides the group size (one scale/min per channel per tile).
@@ -64,8 +69,8 @@ if HAS_TRITON:
 
     from ._triton import grouped_tile
 
-__all__ = ["w4a16_reference", "w4a16_matmul", "w4a16_dequantize", "GemvConfig", "GemmConfig", "DequantConfig",
-           "choose_config", "AUTOTUNE",
+__all__ = ["w4a16_reference", "w4a16_matmul", "w4a16_matmul_add", "w4a16_matmul_silu_mul", "w4a16_dequantize",
+           "GemvConfig", "GemmConfig", "DequantConfig", "choose_config", "AUTOTUNE", "EPILOGUES",
            "GEMV_MAX_M", "SKINNY_MAX_M", "DEQUANT_MIN_M"]
 
 #: M (rows of x) up to which the GEMV kernel runs (one program row per x row; the weight is re-read from
@@ -267,21 +272,67 @@ if HAS_TRITON:
         return ((v & 0x00780000) | 0x3F800000).to(tl.float32, bitcast=True)
 
     @triton.jit
+    def _gemv_columns(pid_n, N, BLOCK_N: tl.constexpr, EPILOGUE: tl.constexpr):
+        # The BLOCK_N weight columns (output channels of W) program pid_n reads, and their mask.
+        # EPILOGUE == 2 (SwiGLU over W = [gate | up], N = 2I): gate channels [pid_n * HB, pid_n * HB + HB) and
+        # the matching up channels I + those (HB = BLOCK_N // 2, a multiple of 8: whole slabs, and I % 8 == 0,
+        # so every run of 8 columns is one slab and starts at a multiple of 8); the mask is on the gate index.
+        # Otherwise: columns [pid_n * BLOCK_N, pid_n * BLOCK_N + BLOCK_N).
+        if EPILOGUE == 2:
+            HB: tl.constexpr = BLOCK_N // 2
+            j = tl.arange(0, BLOCK_N)
+            ch = pid_n * HB + j % HB                                 # (BN,) gate channel of each column
+            half = N // 2
+            offs_n = tl.max_contiguous(tl.multiple_of(ch + (j // HB) * half, 8), 8)
+            n_mask = ch < half
+        else:
+            offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            n_mask = offs_n < N
+        return offs_n, n_mask
+
+    @triton.jit
+    def _gemv_epilogue(y, offs_n, n_mask, pid_m, pid_n, N, b_ptr, r_ptr, y_ptr, stride_rm, stride_ym,
+                       BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr):
+        # y (BN,) fp32 sums of the program's columns (see _gemv_columns) -> stores of one output row.
+        #   0: y (+ bias)                                   -> y_ptr[m, offs_n]
+        #   1: (y (+ bias)) + residual[m, offs_n]          -> y_ptr[m, offs_n]        (N outputs)
+        #   2: silu(gate) * up of (y (+ bias)) = [gate | up] -> y_ptr[m, ch]           (N / 2 outputs)
+        # Modes 1 and 2 round y to the output dtype first, as the unfused GEMV's store does, then do the
+        # unfused op's math (torch's add: fp32 sum, one rounding; kernels/fused.py's SwiGLU kernel), so a
+        # fused step gives the unfused step's bits.
+        out_ty = y_ptr.dtype.element_ty
+        if HAS_BIAS:
+            y += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        row = y_ptr + pid_m.to(tl.int64) * stride_ym
+        if EPILOGUE == 0:
+            tl.store(row + offs_n, y.to(out_ty), mask=n_mask)
+        elif EPILOGUE == 1:
+            r = tl.load(r_ptr + pid_m.to(tl.int64) * stride_rm + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+            tl.store(row + offs_n, (y.to(out_ty).to(tl.float32) + r).to(out_ty), mask=n_mask)
+        else:
+            HB: tl.constexpr = BLOCK_N // 2
+            yv = tl.reshape(y.to(out_ty).to(tl.float32), (2, HB))   # row 0: gate, row 1: up
+            g, u = tl.split(tl.permute(yv, (1, 0)))                  # (HB,), (HB,)
+            act = (g / (1.0 + tl.exp(-g))).to(out_ty).to(tl.float32)  # F.silu rounds before the multiply
+            ch = pid_n * HB + tl.arange(0, HB)
+            tl.store(row + ch, (act * u).to(out_ty), mask=ch < N // 2)
+
+    @triton.jit
     def _w4_gemv_kernel(
-        x_ptr, qw_ptr, s_ptr, m_ptr, b_ptr, y_ptr,
-        N, K, stride_xm, stride_ym,
+        x_ptr, qw_ptr, s_ptr, m_ptr, b_ptr, r_ptr, y_ptr,
+        N, K, stride_xm, stride_rm, stride_ym,
         G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr,
+        HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr, EPILOGUE: tl.constexpr,
     ):
-        # grid = (M, cdiv(N, BLOCK_N)): x rows fastest so programs sharing a slab run together (L2 reuse).
+        # grid = (M, cdiv(N, BLOCK_N)), or (M, cdiv(N / 2, BLOCK_N / 2)) for EPILOGUE == 2: x rows fastest so
+        # programs sharing a slab run together (L2 reuse). EPILOGUE: see _gemv_epilogue (r_ptr: the residual).
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         BKW: tl.constexpr = BLOCK_K // 8   # packed K-rows (words per channel) per tile
         RPG: tl.constexpr = G // 8         # packed K-rows per group
         K8 = K // 8
 
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)        # (BN,)
-        n_mask = offs_n < N
+        offs_n, n_mask = _gemv_columns(pid_n, N, BLOCK_N, EPILOGUE)  # (BN,)
         col = (offs_n // 8).to(tl.int64) * K + offs_n % 8        # (BN,) word offset of (k=0, n)
         offs_r = tl.arange(0, BKW)                               # (BKW,)
         x_row = x_ptr + pid_m.to(tl.int64) * stride_xm
@@ -336,9 +387,8 @@ if HAS_TRITON:
                 acc += sc16 * d + (mn - sc16) * xs[:, None]
 
         y = tl.sum(acc, axis=0)                                  # (BN,)
-        if HAS_BIAS:
-            y += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        tl.store(y_ptr + pid_m.to(tl.int64) * stride_ym + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_mask)
+        _gemv_epilogue(y, offs_n, n_mask, pid_m, pid_n, N, b_ptr, r_ptr, y_ptr, stride_rm, stride_ym,
+                       BLOCK_N, HAS_BIAS, EPILOGUE)
 
     @triton.jit
     def _w4_gemm_kernel(
@@ -570,26 +620,27 @@ if HAS_TRITON:
 
     @triton.jit
     def _w4_gemv2_kernel(
-        xw_ptr, qw_ptr, s_ptr, m_ptr, b_ptr, y_ptr,
-        N, K, stride_xwm, stride_ym,
+        xw_ptr, qw_ptr, s_ptr, m_ptr, b_ptr, r_ptr, y_ptr,
+        N, K, stride_xwm, stride_rm, stride_ym,
         G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr, X_BF16: tl.constexpr, EVEN_N: tl.constexpr,
+        EPILOGUE: tl.constexpr,
     ):
         # As _w4_gemv_kernel, with the per-word overhead cut (the loop is issue-bound, not memory-bound):
         #  * x (fp16/bf16) is read as int32 pair words: xw[m, 4r + j] = (x[8r + 2j], x[8r + 2j + 1]); 4 loads
         #    per packed row instead of 8, and the f16x2/bf16x2 operands are two bit operations per pair;
         #  * 32-bit offsets with contiguity hints (128-bit weight loads), no masks in the loop: it runs over the
         #    whole tiles (the prefetch after the last one re-reads it), a masked step does the K tail, and
-        #    EVEN_N (N % BLOCK_N == 0) drops the channel mask.
-        # grid = (M, cdiv(N, BLOCK_N)).
+        #    EVEN_N (no channel of the grid is past the end: N % BLOCK_N == 0, or (N / 2) % (BLOCK_N / 2) == 0
+        #    for EPILOGUE == 2) drops the channel mask.
+        # grid = (M, cdiv(N, BLOCK_N)), or (M, cdiv(N / 2, BLOCK_N / 2)) for EPILOGUE == 2 (see _gemv_epilogue).
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         BKW: tl.constexpr = BLOCK_K // 8
         RPG: tl.constexpr = G // 8
         K8 = K // 8
 
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)                          # (BN,)
-        n_mask = offs_n < N
+        offs_n, n_mask = _gemv_columns(pid_n, N, BLOCK_N, EPILOGUE)                # (BN,)
         col = (offs_n // 8) * K + offs_n % 8                                       # (BN,) word of (k=0, n)
         col = tl.max_contiguous(tl.multiple_of(col, 8), 8)
         offs_r = tl.arange(0, BKW)                                                 # (BKW,)
@@ -641,9 +692,8 @@ if HAS_TRITON:
             acc = _gemv2_tile(acc, p, sc, mn, w0, w1, w2, w3, BKW, BLOCK_N, USE_ASM, X_BF16)
 
         y = tl.sum(acc, axis=0)
-        if HAS_BIAS:
-            y += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        tl.store(y_ptr + pid_m * stride_ym + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_mask)
+        _gemv_epilogue(y, offs_n, n_mask, pid_m, pid_n, N, b_ptr, r_ptr, y_ptr, stride_rm, stride_ym,
+                       BLOCK_N, HAS_BIAS, EPILOGUE)
 
     @triton.jit
     def _unpack_words(p, BKW: tl.constexpr, BN: tl.constexpr, K_AXIS0: tl.constexpr):
@@ -799,8 +849,15 @@ def _dot_flags(x: torch.Tensor) -> tuple[bool, str]:
     return False, "tf32"
 
 
+#: GEMV epilogue modes (the kernels' EPILOGUE): plain store, + residual, SwiGLU over a fused [gate | up] weight.
+EPI_NONE, EPI_ADD, EPI_SWIGLU = 0, 1, 2
+
+
 def _launch_gemv(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_size: int,
-                 bias: torch.Tensor | None, cfg: GemvConfig) -> torch.Tensor:
+                 bias: torch.Tensor | None, cfg: GemvConfig, residual: torch.Tensor | None = None,
+                 swiglu: bool = False) -> torch.Tensor:
+    """x2 (M, K) -> (M, N), or (M, N) + residual (M, N), or SwiGLU (M, N / 2) when swiglu (W = [gate | up];
+    cfg.block_n gate channels per program, with their up channels). Output in x2.dtype."""
     m, k = x2.shape
     n = qweight.shape[0] * INT4_TILE_N
     if cfg.block_k % group_size or cfg.block_n % INT4_TILE_N:
@@ -808,9 +865,25 @@ def _launch_gemv(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
                          f"block_n={cfg.block_n} a multiple of {INT4_TILE_N}")
     if cfg.version not in (1, 2):
         raise ValueError(f"GEMV version must be 1 or 2, got {cfg.version}")
-    y = torch.empty(m, n, device=x2.device, dtype=x2.dtype)
-    grid = (m, triton.cdiv(n, cfg.block_n))
+    epilogue, r, stride_rm = EPI_NONE, scales, 0  # r: a placeholder pointer unless there is a residual
+    if residual is not None and swiglu:
+        raise ValueError("a GEMV epilogue is either a residual add or SwiGLU, not both")
+    if residual is not None:
+        if tuple(residual.shape) != (m, n) or residual.dtype != x2.dtype or residual.device != x2.device:
+            raise ValueError(f"residual must be {x2.dtype} ({m}, {n}) on {x2.device} like the output, got "
+                             f"{residual.dtype} {tuple(residual.shape)} on {residual.device}")
+        r = residual if residual.stride(-1) == 1 else residual.contiguous()
+        epilogue, stride_rm = EPI_ADD, r.stride(0)
+    cols, block_cols = n, cfg.block_n  # output channels, and weight columns per program
+    if swiglu:
+        if n % (2 * INT4_TILE_N):
+            raise ValueError(f"SwiGLU needs out_features = 2 * I with I a multiple of {INT4_TILE_N} (whole slabs "
+                             f"of gate and up), got {n}")
+        epilogue, cols, block_cols = EPI_SWIGLU, n // 2, 2 * cfg.block_n
+    y = torch.empty(m, cols, device=x2.device, dtype=x2.dtype)
+    grid = (m, triton.cdiv(cols, cfg.block_n))
     on_gpu = x2.is_cuda and not interpreting()
+    b = bias if bias is not None else scales
     if cfg.version == 2:
         if x2.dtype not in (torch.float16, torch.bfloat16):
             raise ValueError(f"GEMV version 2 needs float16 or bfloat16 activations, got {x2.dtype}")
@@ -820,20 +893,20 @@ def _launch_gemv(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
         except RuntimeError:                    # odd row stride or offset: not viewable as 32-bit words
             xw = x2.contiguous().view(torch.int32)
         _w4_gemv2_kernel[grid](
-            xw, qweight, scales, mins, bias if bias is not None else scales, y,
-            n, k, xw.stride(0), y.stride(0),
-            G=group_size, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, HAS_BIAS=bias is not None, USE_ASM=use_asm,
-            X_BF16=x2.dtype == torch.bfloat16, EVEN_N=n % cfg.block_n == 0,
+            xw, qweight, scales, mins, b, r, y,
+            n, k, xw.stride(0), stride_rm, y.stride(0),
+            G=group_size, BLOCK_N=block_cols, BLOCK_K=cfg.block_k, HAS_BIAS=bias is not None, USE_ASM=use_asm,
+            X_BF16=x2.dtype == torch.bfloat16, EVEN_N=cols % cfg.block_n == 0, EPILOGUE=epilogue,
             num_warps=cfg.num_warps, num_stages=1,
         )
         return y
     asm_ok = x2.dtype == torch.float16 and on_gpu
     use_asm = asm_ok if cfg.use_asm is None else (cfg.use_asm and asm_ok)
     _w4_gemv_kernel[grid](
-        x2, qweight, scales, mins, bias if bias is not None else scales, y,
-        n, k, x2.stride(0), y.stride(0),
-        G=group_size, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, HAS_BIAS=bias is not None, USE_ASM=use_asm,
-        num_warps=cfg.num_warps, num_stages=1,
+        x2, qweight, scales, mins, b, r, y,
+        n, k, x2.stride(0), stride_rm, y.stride(0),
+        G=group_size, BLOCK_N=block_cols, BLOCK_K=cfg.block_k, HAS_BIAS=bias is not None, USE_ASM=use_asm,
+        EPILOGUE=epilogue, num_warps=cfg.num_warps, num_stages=1,
     )
     return y
 
@@ -1160,6 +1233,12 @@ def choose_config(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     return cands[idx]
 
 
+def _auto_uses_triton(x: torch.Tensor) -> bool:
+    """backend="auto": the kernels for CUDA tensors, the torch reference elsewhere. (The model-level interpreter
+    tests replace this to run the kernels on CPU tensors.)"""
+    return x.is_cuda and triton_supports(x.device)
+
+
 def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_size: int,
                  bias: torch.Tensor | None = None, *, backend: str = "auto",
                  config: Config | None = None) -> torch.Tensor:
@@ -1176,7 +1255,7 @@ def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, m
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
     n, k = _check_args(x, qweight, scales, mins, group_size, bias)
-    if backend == "torch" or (backend == "auto" and not (x.is_cuda and triton_supports(x.device))):
+    if backend == "torch" or (backend == "auto" and not _auto_uses_triton(x)):
         return w4a16_reference(x, qweight, scales, mins, group_size, bias)
     if not triton_supports(x.device):
         raise RuntimeError(f"Triton kernels cannot run on {x.device} here (install triton, or set TRITON_INTERPRET=1 "
@@ -1192,3 +1271,95 @@ def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, m
     cfg = config if config is not None else choose_config(x2, qweight, scales, mins, group_size)
     y = _run_config(x2, qweight, scales, mins, group_size, bias, cfg)
     return y.reshape(*x.shape[:-1], n)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# GEMV epilogues: the decode step's residual add and SwiGLU in the projection's kernel
+# ------------------------------------------------------------------------------------------------------------
+
+#: Run the residual add (down_proj) and SwiGLU (fused gate_up_proj) in the decode GEMV's epilogue, saving a
+#: launch (and a round trip of the activations) each per layer. False: w4a16_matmul_add / w4a16_matmul_silu_mul
+#: compute the unfused way (tests and benchmarks compare both).
+EPILOGUES = True
+
+
+def _epilogue_config(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
+                     group_size: int, backend: str, config: Config | None) -> GemvConfig | None:
+    """The GEMV config a fused epilogue runs with for x2 (M, K), or None when this call takes the unfused
+    path: EPILOGUES off, the torch backend, more than GEMV_MAX_M rows, or a non-GEMV config chosen."""
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    if not EPILOGUES or backend == "torch" or (backend == "auto" and not _auto_uses_triton(x2)):
+        return None
+    m = x2.shape[0]
+    if not 1 <= m <= GEMV_MAX_M or x2.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return None
+    if not triton_supports(x2.device):
+        raise RuntimeError(f"Triton kernels cannot run on {x2.device} here (install triton, or set TRITON_INTERPRET=1 "
+                           "for CPU tensors)")
+    cfg = config if config is not None else choose_config(x2, qweight, scales, mins, group_size)
+    if not isinstance(cfg, GemvConfig) or (cfg.version == 2 and x2.dtype == torch.float32):
+        return None
+    return cfg
+
+
+def _swiglu_tile(cfg: GemvConfig, group_size: int) -> GemvConfig:
+    """The chosen GEMV config with half the K-tile: a SwiGLU program holds the gate and the up columns, twice
+    a plain program's, and the half tile keeps its (BLOCK_K/8, 2 BLOCK_N) register tile the plain one's size.
+    ptxas for sm_90 (Triton 3.6, fp16, 4 warps): v1 8 x 1024 plain 40 registers; SwiGLU 95 at 1024, 64 at
+    512; v1 8 x 2048 (N < 8192) plain 66, SwiGLU 255. (benchmarks/bench_epilogue.py times both.)"""
+    half = cfg.block_k // 2
+    if half < group_size or half % group_size:
+        return cfg
+    return GemvConfig(cfg.block_n, half, cfg.num_warps, cfg.use_asm, cfg.version)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    x2 = x.reshape(-1, x.shape[-1])  # (M, K)
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def w4a16_matmul_add(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
+                     group_size: int, bias: torch.Tensor | None, residual: torch.Tensor, *, backend: str = "auto",
+                     config: Config | None = None) -> torch.Tensor:
+    """w4a16_matmul(x, ...) + residual: x (..., K), residual (..., N) -> (..., N) in x.dtype.
+
+    At decode sizes (M <= GEMV_MAX_M rows, Triton) one GEMV with the add in its epilogue: the product is rounded
+    to x.dtype as the unfused kernel stores it, then added to the residual in fp32 and rounded once (torch's
+    add), so the result has the unfused bits. Elsewhere (or with a residual of another dtype or shape, which
+    torch would promote or broadcast) exactly w4a16_matmul(...) + residual. backend, config: as w4a16_matmul."""
+    n, _ = _check_args(x, qweight, scales, mins, group_size, bias)
+    x2 = _rows(x)
+    cfg = None
+    if residual.dtype == x.dtype and tuple(residual.shape) == (*x.shape[:-1], n) and residual.device == x.device:
+        cfg = _epilogue_config(x2, qweight, scales, mins, group_size, backend, config)
+    if cfg is None:
+        return w4a16_matmul(x, qweight, scales, mins, group_size, bias, backend=backend, config=config) + residual
+    y = _launch_gemv(x2, qweight, scales, mins, group_size, bias, cfg, residual=residual.reshape(-1, n))
+    return y.reshape(*x.shape[:-1], n)
+
+
+def w4a16_matmul_silu_mul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
+                          group_size: int, bias: torch.Tensor | None = None, *, backend: str = "auto",
+                          config: Config | None = None) -> torch.Tensor:
+    """SwiGLU of a fused gate+up projection: y = w4a16_matmul(x, ...) (..., 2I) = [gate | up] ->
+    silu(gate) * up (..., I), in x.dtype.
+
+    At decode sizes (M <= GEMV_MAX_M, Triton, I a multiple of 8) one GEMV: each program reads config.block_n
+    gate channels' slabs and the matching up channels' slabs (the packed layout as it is) and stores
+    silu(gate) * up, with the unfused path's roundings (products to x.dtype, silu to x.dtype, then the
+    multiply). Without a config, the chosen GEMV config runs with half its K-tile (_swiglu_tile), so the sums
+    over K may round differently from the unfused GEMV's (fp32 accumulation; then the same roundings).
+    Elsewhere exactly kernels.fused.silu_and_mul(w4a16_matmul(x, ...))."""
+    from . import fused as _fused  # the unfused SwiGLU (imported here: fused.py is torch + Triton only)
+
+    n, _ = _check_args(x, qweight, scales, mins, group_size, bias)
+    x2 = _rows(x)
+    cfg = None if n % (2 * INT4_TILE_N) else _epilogue_config(x2, qweight, scales, mins, group_size, backend, config)
+    if cfg is not None and config is None:
+        cfg = _swiglu_tile(cfg, group_size)
+    if cfg is None:
+        return _fused.silu_and_mul(w4a16_matmul(x, qweight, scales, mins, group_size, bias, backend=backend,
+                                                config=config))
+    y = _launch_gemv(x2, qweight, scales, mins, group_size, bias, cfg, swiglu=True)
+    return y.reshape(*x.shape[:-1], n // 2)

@@ -1,6 +1,9 @@
-"""Building blocks shared by decoder families: RMSNorm, rotary embedding, SwiGLU.
+"""Building blocks shared by decoder families: RMSNorm, rotary embedding, SwiGLU, and the projection + epilogue
+helpers linear_add / gate_up_silu.
 
 Each dispatches to the fused kernels of kernels/fused.py: Triton on CUDA, their torch references elsewhere.
+The helpers use a fused method where the projection module offers one (a quantized linear's GEMV with the
+residual add or SwiGLU in its epilogue); the model file calls them without knowing what the module is.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ import math
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _nn_module
 
 from vramwise.config import RopeScaling
 from vramwise.kernels import fused
@@ -102,3 +106,43 @@ def silu_and_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 def silu_and_mul_merged(gate_up: torch.Tensor) -> torch.Tensor:
     """SwiGLU on a fused gate+up projection's output (..., 2I) = [gate | up] -> (..., I)."""
     return fused.silu_and_mul(gate_up)
+
+
+def _called_plainly(module: nn.Module) -> bool:
+    """True when module(x) would run module.forward(x) and nothing else: no forward (pre-)hooks on it and no
+    global ones. The fused entry points below bypass __call__, so where hooks observe the call (GPTQ's
+    calibration collects each linear's inputs with forward hooks, quant/gptq.py) the unfused call runs."""
+    return not (module._forward_hooks or module._forward_pre_hooks
+                or getattr(_nn_module, "_global_forward_hooks", None)
+                or getattr(_nn_module, "_global_forward_pre_hooks", None))
+
+
+def linear_add(module: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """module(x) + residual: a projection followed by its residual connection. x (T, in), residual (T, out).
+
+    A module with a `forward_add(x, residual)` method (QuantLinear: the add in the decode GEMV's epilogue) is
+    called through it; a plain nn.Linear without bias on CUDA becomes one torch.addmm (cuBLAS adds the
+    residual in fp32 before its single rounding: within one rounding of the unfused result); anything else,
+    or a module with hooks, computes module(x) + residual."""
+    if _called_plainly(module):
+        fused = getattr(module, "forward_add", None)
+        if fused is not None:
+            return fused(x, residual)
+        if (type(module) is nn.Linear and module.bias is None and x.is_cuda and x.dim() == 2
+                and residual.shape == (x.shape[0], module.out_features) and residual.dtype == x.dtype
+                and module.weight.dtype == x.dtype):
+            return torch.addmm(residual, x, module.weight.t())
+    return module(x) + residual
+
+
+def gate_up_silu(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """silu_and_mul_merged(module(x)) for a fused gate+up projection (outputs [gate | up], (T, 2I)) -> (T, I).
+
+    A module with a `forward_silu_mul(x)` method (QuantLinear: one GEMV computing both halves of each output
+    channel and storing silu(gate) * up) is called through it; anything else, or a module with hooks, computes
+    silu_and_mul_merged(module(x))."""
+    if _called_plainly(module):
+        fused = getattr(module, "forward_silu_mul", None)
+        if fused is not None:
+            return fused(x)
+    return silu_and_mul_merged(module(x))

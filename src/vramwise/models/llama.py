@@ -14,7 +14,7 @@ from torch import nn
 
 from vramwise.config import ModelConfig
 from vramwise.models.attention import Attention, AttentionMetadata
-from vramwise.models.layers import RMSNorm, RotaryEmbedding, silu_and_mul, silu_and_mul_merged
+from vramwise.models.layers import RMSNorm, RotaryEmbedding, gate_up_silu, linear_add, silu_and_mul
 
 
 class LlamaAttention(nn.Module):
@@ -55,10 +55,16 @@ class LlamaMLP(nn.Module):
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x (T, hidden) -> (T, hidden); + residual (T, hidden) when given (the layer's residual connection,
+        which linear_add can fold into the down projection)."""
         if self.gate_up_proj is not None:
-            return self.down_proj(silu_and_mul_merged(self.gate_up_proj(x)))  # (T, 2I) -> (T, I)
-        return self.down_proj(silu_and_mul(self.gate_proj(x), self.up_proj(x)))
+            act = gate_up_silu(self.gate_up_proj, x)  # silu(gate) * up of the fused (T, 2I) output: (T, I)
+        else:
+            act = silu_and_mul(self.gate_proj(x), self.up_proj(x))
+        if residual is None:
+            return self.down_proj(act)
+        return linear_add(self.down_proj, act, residual)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -70,11 +76,12 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(cfg)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        # The residual add after attention is fused into the next norm: h, x = norm(h + x), h + x. The layer
-        # keeps its tensor-in, tensor-out contract (offload hooks and GPTQ run layers one at a time).
+        # The residual add after attention is fused into the next norm: h, x = norm(h + x), h + x; the one after
+        # the MLP into its down projection where the module can (x + down(act)). The layer keeps its
+        # tensor-in, tensor-out contract (offload hooks and GPTQ run layers one at a time).
         h = self.self_attn(positions, self.input_layernorm(x), meta)
         h, x = self.post_attention_layernorm(h, x)
-        return x + self.mlp(h)
+        return self.mlp(h, x)
 
 
 class LlamaModel(nn.Module):

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 # Module imports (not names): kernels import quant.formats, so names may not exist yet at this point.
+from ..kernels import fused as _fused
 from ..kernels import w4a16 as _w4a16
 from ..kernels import w8a16 as _w8a16
 from .formats import INT4_PER_WORD, INT4_TILE_N, SCALE_DTYPE, PackedWeight, QuantSpec
@@ -87,16 +88,41 @@ class QuantLinear(nn.Module):
 
     # -- use ----------------------------------------------------------------------------------------------
 
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"expected input with last dimension {self.in_features}, got shape {tuple(x.shape)}")
+
     def packed(self) -> PackedWeight:
         return PackedWeight(self.qweight, self.scales, self.mins, self.spec, self.in_features, self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in_features) in fp32/fp16/bf16 -> (..., out_features) in x.dtype."""
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"expected input with last dimension {self.in_features}, got shape {tuple(x.shape)}")
+        self._check_input(x)
         if self.spec.bits == 4:
             return _w4a16.w4a16_matmul(x, self.qweight, self.scales, self.mins, self.group_size, self.bias)
         return _w8a16.w8a16_matmul(x, self.qweight, self.scales, self.group_size, self.bias)
+
+    def forward_add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """self(x) + residual (a residual connection after this projection). 4-bit weights at decode sizes on
+        the GPU: one kernel, the add in the GEMV's epilogue (kernels/w4a16.w4a16_matmul_add; same bits as the
+        unfused add). Elsewhere self(x) + residual. Runs no forward hooks of this module on the fused path:
+        callers go through models/layers.linear_add, which takes it only when there are none."""
+        if self.spec.bits == 4 and type(self).forward is QuantLinear.forward:
+            self._check_input(x)
+            return _w4a16.w4a16_matmul_add(x, self.qweight, self.scales, self.mins, self.group_size, self.bias,
+                                           residual)
+        return self(x) + residual
+
+    def forward_silu_mul(self, x: torch.Tensor) -> torch.Tensor:
+        """SwiGLU of this fused gate+up projection: y = self(x) (..., 2I) = [gate | up] -> silu(gate) * up
+        (..., I). 4-bit weights at decode sizes on the GPU: one kernel (w4a16_matmul_silu_mul); elsewhere
+        kernels.fused.silu_and_mul(self(x)). Hooks: as forward_add."""
+        if self.out_features % 2:
+            raise ValueError(f"SwiGLU needs an even number of output features ([gate | up]), got {self.out_features}")
+        if self.spec.bits == 4 and type(self).forward is QuantLinear.forward:
+            self._check_input(x)
+            return _w4a16.w4a16_matmul_silu_mul(x, self.qweight, self.scales, self.mins, self.group_size, self.bias)
+        return _fused.silu_and_mul(self(x))
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The (out_features, in_features) weight this module computes with (fp32 math, then `dtype`)."""
