@@ -71,6 +71,7 @@ if HAS_TRITON:
 
 __all__ = ["w4a16_reference", "w4a16_matmul", "w4a16_matmul_add", "w4a16_matmul_silu_mul", "w4a16_dequantize",
            "GemvConfig", "GemmConfig", "DequantConfig", "choose_config", "AUTOTUNE", "EPILOGUES",
+           "SWIGLU_EPILOGUE",
            "GEMV_MAX_M", "SKINNY_MAX_M", "DEQUANT_MIN_M"]
 
 #: M (rows of x) up to which the GEMV kernel runs (one program row per x row; the weight is re-read from
@@ -1281,6 +1282,12 @@ def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, m
 #: launch (and a round trip of the activations) each per layer. False: w4a16_matmul_add / w4a16_matmul_silu_mul
 #: compute the unfused way (tests and benchmarks compare both).
 EPILOGUES = True
+#: Whether QuantLinear.forward_silu_mul (the model's gate+up projection) takes the SwiGLU epilogue. Off: on an
+#: H200 (benchmarks/bench_epilogue.py, M = 1, fp16, CUDA graph) the fused GEMV was slower than GEMV + the
+#: separate silu_and_mul kernel in every tiling tried (7B gate_up 21.9-35.4 vs 20.9-22.7 us, 13B 31.5-41.6 vs
+#: 28.8-31.6 us): a program holding gate and up slabs needs twice the registers, or half the K-tile. The
+#: residual-add epilogue stays on (down_proj: 12.1 vs 13.4 us for 7B, 17.6 vs 19.0 for 13B).
+SWIGLU_EPILOGUE = False
 
 
 def _epilogue_config(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,

@@ -119,7 +119,7 @@ class QuantLinear(nn.Module):
         kernels.fused.silu_and_mul(self(x)). Hooks: as forward_add."""
         if self.out_features % 2:
             raise ValueError(f"SwiGLU needs an even number of output features ([gate | up]), got {self.out_features}")
-        if self.spec.bits == 4 and type(self).forward is QuantLinear.forward:
+        if self.spec.bits == 4 and type(self).forward is QuantLinear.forward and _w4a16.SWIGLU_EPILOGUE:
             self._check_input(x)
             return _w4a16.w4a16_matmul_silu_mul(x, self.qweight, self.scales, self.mins, self.group_size, self.bias)
         return _fused.silu_and_mul(self(x))
