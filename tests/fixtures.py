@@ -319,3 +319,21 @@ def run_tests_under_interpreter(test_file: str, class_name: str) -> None:
     )
     assert proc.returncode == 0, f"interpreter run failed:\n{proc.stdout[-8000:]}\n{proc.stderr[-4000:]}"
     assert " passed" in proc.stdout, proc.stdout[-2000:]
+
+
+def run_script_under_interpreter(script: str, stdin: str = "", marker: str = "RESULTS ") -> Any:
+    """Run `script` with `python -c` under TRITON_INTERPRET=1 (src/ and tests/ importable), feeding it `stdin`;
+    assert it succeeded and return the JSON it printed after `marker` on its last such line."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    tests = Path(__file__).resolve().parent
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(tests.parent / "src"), str(tests), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-c", script], input=stdin, env=env, capture_output=True, text=True,
+                          timeout=600)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(marker)]
+    assert proc.returncode == 0 and lines, f"interpreter script failed:\n{proc.stderr[-4000:]}"
+    return json.loads(lines[-1][len(marker):])

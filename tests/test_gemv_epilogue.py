@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fixtures import make_tiny_hf_model
+from fixtures import make_tiny_hf_model, run_script_under_interpreter
 from vramwise.kernels import w4a16
 from vramwise.kernels.w4a16 import GemvConfig, w4a16_matmul_add, w4a16_matmul_silu_mul, w4a16_reference
 from vramwise.models import layers
@@ -293,11 +293,7 @@ _SWEEP = textwrap.dedent(
 @pytest.fixture(scope="module")
 def interp_results() -> dict:
     pytest.importorskip("triton")
-    proc = subprocess.run([sys.executable, "-c", _SWEEP], input=json.dumps(CASES), env=_env(),
-                          capture_output=True, text=True, timeout=600)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")]
-    assert proc.returncode == 0 and lines, f"interpreter sweep failed:\n{proc.stderr[-4000:]}"
-    return json.loads(lines[-1][len("RESULTS "):])
+    return run_script_under_interpreter(_SWEEP, json.dumps(CASES))
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])

@@ -16,6 +16,7 @@ import textwrap
 
 import pytest
 import torch
+from fixtures import run_script_under_interpreter
 
 from vramwise.kernels import w4a16_reference, w8a16_reference
 from vramwise.quant import QuantSpec, quantize_rtn
@@ -265,12 +266,7 @@ _SWEEP = textwrap.dedent(
 @pytest.fixture(scope="module")
 def interp_results() -> dict:
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-c", _SWEEP], input=json.dumps(CASES), env=env,
-                          capture_output=True, text=True, timeout=600)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")]
-    assert proc.returncode == 0 and lines, f"interpreter sweep failed:\n{proc.stderr[-4000:]}"
-    return json.loads(lines[-1][len("RESULTS "):])
+    return run_script_under_interpreter(_SWEEP, json.dumps(CASES))
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])
