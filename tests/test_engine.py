@@ -123,3 +123,17 @@ def test_offload_placement_flag_gives_identical_outputs(alone):
 def test_bad_offload_spec_is_a_clear_error():
     with pytest.raises(ValueError, match="placement"):
         LLM(device="cpu", offload="resident:99", show_progress=False)
+
+
+def test_frozen_gc_freezes_and_restores(monkeypatch):
+    import gc
+
+    from vramwise.engine.llm_engine import frozen_gc
+
+    gc.unfreeze()
+    with frozen_gc():
+        assert gc.get_freeze_count() > 0  # what was alive is out of the collector's walks
+    assert gc.get_freeze_count() == 0
+    monkeypatch.setenv("VRAMWISE_GC_FREEZE", "0")
+    with frozen_gc():
+        assert gc.get_freeze_count() == 0

@@ -207,8 +207,10 @@ def run_offline_bench(
 
     from rich.progress import Progress
 
+    from vramwise.engine.llm_engine import frozen_gc
+
     results: list[BatchResult] = []
-    with Progress(disable=not progress, transient=True) as bar:
+    with frozen_gc(), Progress(disable=not progress, transient=True) as bar:
         task = bar.add_task("bench", total=len(batch_sizes))
         for b in batch_sizes:
             bar.update(task, description=f"batch {b}")

@@ -148,5 +148,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         file=sys.stderr,
         flush=True,
     )
-    server.run(sockets=[sock])
+    from vramwise.engine.llm_engine import frozen_gc
+
+    with frozen_gc():  # the model and engine stay out of the collector's walks while serving
+        server.run(sockets=[sock])
     return 0
