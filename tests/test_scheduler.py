@@ -137,3 +137,15 @@ def test_abort_frees_blocks_immediately():
     assert s.block_manager.num_used_blocks == 3
     s.abort(a)
     assert s.block_manager.num_used_blocks == 0 and a.status is SequenceStatus.FINISHED_ABORTED
+
+
+def test_token_slice_equals_token_ids_slices():
+    from vramwise.engine.sequence import Sequence
+    from vramwise.sampling_params import SamplingParams
+
+    seq = Sequence("r", [1, 2, 3, 4], SamplingParams())
+    for t in (10, 11, 12):
+        seq.append_token(t)
+    for start in range(8):
+        for stop in range(start, 9):
+            assert seq.token_slice(start, stop) == seq.token_ids[start:stop], (start, stop)

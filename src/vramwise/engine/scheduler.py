@@ -180,7 +180,7 @@ class Scheduler:
         start = seq.num_computed_tokens
         return ScheduledSequence(
             seq=seq,
-            token_ids=seq.token_ids[start : start + n],
+            token_ids=seq.token_slice(start, start + n),
             start_pos=start,
             block_table=list(seq.block_table),
             sample=start + n == seq.num_tokens,
