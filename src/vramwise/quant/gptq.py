@@ -61,9 +61,9 @@ class GPTQConfig:
     damp: float = 0.01  # fraction of mean(diag H) added to the diagonal
     act_order: bool = True  # visit columns by decreasing diag(H) (static groups, see module doc)
     clip_search: bool = True  # per-group range shrink search for the scale/min (see _group_params)
-    refit: int = 0  # rounds of Hessian-weighted least-squares refit of each group's (scale, min) (see _refit)
+    refit: int = 1  # rounds of Hessian-weighted least-squares refit of each group's (scale, min) (see _refit)
     true_sequential: bool = True  # later linears of a layer see the already-quantized earlier ones' outputs
-    awq: bool = False  # activation-aware input scaling folded into the producer first (quant/awq.py)
+    awq: bool = True  # activation-aware input scaling folded into the producer first (quant/awq.py)
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
