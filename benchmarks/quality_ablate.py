@@ -41,13 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     from vramwise.quant.formats import QuantSpec
     from vramwise.quant.gptq import GPTQConfig, quantize_model_gptq
     from vramwise.quant.rtn import dequantize, quantize_rtn
+    from vramwise.weights import open_weights
 
     eng = LLMEngine(EngineConfig(model=None, device="cpu", show_progress=False, scheduler=SchedulerConfig(
         max_num_seqs=4, max_num_batched_tokens=args.context, max_model_len=max(args.context, 2048))))
-    model = eng.model
-    tok = eng.tokenizer if hasattr(eng, "tokenizer") else None
-    from vramwise.weights import open_weights
-
+    model = eng.model  # the engine's layout: q/k/v fused into qkv_proj, gate/up into gate_up_proj
     tok = open_weights(None, show_progress=False).load_tokenizer()
     ids = tok.encode(reference_text(args.text), add_special_tokens=False)
     calib = calibration_tokens(tok, args.calib_text, args.calib_samples, args.calib_seq_len)
@@ -56,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     base = QuantSpec.int4(128)
 
     def spec_for(name: str, lin: torch.nn.Linear, only: str | None = None):
-        if only is not None and not any(name.endswith(o) for o in only.split("+")):
+        if only is not None and not any(name.endswith("." + o) for o in only.split("+")):
             return None
         return spec_for_layer(base, name, lin.out_features, lin.in_features, True)
 
@@ -80,14 +78,15 @@ def main(argv: list[str] | None = None) -> int:
         "gptq-noclip": lambda: gptq(clip_search=False),
         "gptq-natural": lambda: gptq(act_order=False),
     }
-    for m in ("q_proj+k_proj+v_proj", "o_proj", "gate_proj+up_proj", "down_proj"):
+    for m in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
         variants[f"rtn-only-{m}"] = lambda m=m: rtn(m)
         variants[f"gptq-only-{m}"] = lambda m=m: gptq(m)
     for d in ("0.001", "0.003", "0.03", "0.1"):
         variants[f"gptq-damp{d}"] = lambda d=d: gptq(damp=float(d))
 
     def variant(key: str):
-        """A key of `variants`, or gptq/FIELD=VALUE/... with GPTQConfig fields (ints; damp a float)."""
+        """A key of `variants`, or gptq/FIELD=VALUE/... with GPTQConfig fields (ints; damp a float). Plain
+        `gptq` is GPTQConfig's defaults (AWQ, true-sequential, one refit)."""
         if key in variants:
             return variants[key]
         name, *kvs = key.split("/")
