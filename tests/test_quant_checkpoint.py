@@ -94,9 +94,14 @@ def test_gptq_quantize_writes_a_loadable_checkpoint(tiny, tmp_path):
                     calib_samples=4, calib_seq_len=64)
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["method"] == "gptq" and qc["calibration"]["samples"] == 4
+    assert {k: qc["calibration"][k] for k in ("refit", "awq", "true_sequential")} == {
+        "refit": 1, "awq": True, "true_sequential": True}
     eng = _engine(str(out), "native")
     assert len(_specs(eng.model)) == 14
     assert torch.isfinite(eng.score(PROMPT)).all()
+    # AWQ folded its input scales into the RMSNorm weights: the checkpoint must carry the folded norms.
+    src_norm = _engine(tiny).model.model.layers[0].input_layernorm.weight
+    assert not torch.equal(eng.model.model.layers[0].input_layernorm.weight, src_norm)
 
 
 def _no_leftovers(parent: Path, name: str) -> None:

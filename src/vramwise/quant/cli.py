@@ -85,6 +85,9 @@ def quantize_checkpoint(
     act_order: bool = True,
     clip_search: bool = True,
     damp: float = 0.01,
+    refit: int = 1,
+    awq: bool = True,
+    true_sequential: bool = True,
     overwrite: bool = False,
     progress: bool = True,
 ):
@@ -127,10 +130,12 @@ def quantize_checkpoint(
         def swap(parent: torch.nn.Module, child: str, packed, bias) -> None:
             setattr(parent, child, QuantLinear.from_packed(packed, bias))
 
-        cfg = GPTQConfig(damp=damp, act_order=act_order, clip_search=clip_search)
+        cfg = GPTQConfig(damp=damp, act_order=act_order, clip_search=clip_search, refit=refit, awq=awq,
+                         true_sequential=true_sequential)
         quantize_model_gptq(model, calib, spec_for, swap, cfg, progress=progress)
         extra["calibration"] = {"text": calib_text, "samples": int(calib.shape[0]), "seq_len": int(calib.shape[1]),
                                 "damp": damp, "act_order": act_order, "clip_search": clip_search,
+                                "refit": refit, "awq": awq, "true_sequential": true_sequential,
                                 "block_size": cfg.block_size}
     extra["seconds"] = round(time.perf_counter() - t0, 1)
     try:
@@ -146,7 +151,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         args.model, args.output, bits=args.bits, group_size=args.group_size, symmetric=args.sym,
         method=args.method, device=args.device, dtype=args.dtype, calib_text=args.calib_text,
         calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len, act_order=not args.no_act_order,
-        clip_search=not args.no_clip_search, damp=args.damp, overwrite=args.overwrite, progress=not args.quiet,
+        clip_search=not args.no_clip_search, damp=args.damp, refit=args.refit, awq=not args.no_awq,
+        true_sequential=not args.no_true_sequential, overwrite=args.overwrite, progress=not args.quiet,
     )
     print(f"wrote {path}", file=sys.stderr)
     return 0
@@ -179,6 +185,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-clip-search", action="store_true",
                    help="GPTQ: take each group's full [min, max] instead of searching a clipped range")
     p.add_argument("--damp", type=float, default=0.01, help="GPTQ dampening, fraction of mean(diag H) (default 0.01)")
+    p.add_argument("--refit", type=_int, default=1,
+                   help="GPTQ: rounds of least-squares refit of each group's scale/min to the calibration "
+                        "objective after the sweep (0: the sweep's own; default 1)")
+    p.add_argument("--no-awq", action="store_true",
+                   help="GPTQ: no activation-aware per-input scaling folded into the norms / up_proj first")
+    p.add_argument("--no-true-sequential", action="store_true",
+                   help="GPTQ: take every Hessian of a layer from its float inputs, instead of quantizing q/k/v, "
+                        "o, gate/up, down in turn, each against the outputs of those already quantized")
     p.add_argument("--device", default="auto", help="where to run: auto | cpu | cuda[:N]")
     p.add_argument("--dtype", default="auto", help="compute dtype for GPTQ's forward passes (default: auto)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (atomically)")

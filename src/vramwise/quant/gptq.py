@@ -22,10 +22,19 @@ are many columns left to absorb their error). Our packed format has contiguous g
 group parameters are computed up front from the unmodified weights in the natural order ("static groups")
 and only the visiting order changes; the stored layer needs no permutation at run time.
 
+refit (after the sweep): with the codes fixed, each row's dequantized weights are linear in its groups'
+(scale, min), so the (scale, min) that minimise the same layer objective tr(E H E^T) solve a small least-squares
+problem per row (`_refit`; the weighted refit llama.cpp's k-quants do with their importance matrix, here with
+the full Hessian). Static act-order groups are fixed before the sweep from weights the sweep then changes,
+which the refit corrects; further rounds re-run the sweep on the refitted grid. The best round is kept.
+
 `quantize_model_gptq` runs the whole model layer by layer: the calibration hidden states enter layer 0,
-forward hooks on every nn.Linear of the layer accumulate X^T X, the layer's linears are quantized and swapped
+forward hooks on the layer's nn.Linear modules accumulate X^T X, the layer's linears are quantized and swapped
 for QuantLinear, and the *quantized* layer's outputs become the next layer's inputs (so each layer corrects
-for the error of those before it).
+for the error of those before it). true_sequential (default) does the same inside a layer: q/k/v first, then
+o_proj against the attention output of the quantized q/k/v, then gate/up, then down_proj against the
+quantized gate/up (the GPTQ reference's --true-sequential). awq first folds activation-aware per-input
+scales into the float layer (quant/awq.py), so GPTQ quantizes the rescaled weights.
 """
 
 from __future__ import annotations
@@ -52,12 +61,17 @@ class GPTQConfig:
     damp: float = 0.01  # fraction of mean(diag H) added to the diagonal
     act_order: bool = True  # visit columns by decreasing diag(H) (static groups, see module doc)
     clip_search: bool = True  # per-group range shrink search for the scale/min (see _group_params)
+    refit: int = 1  # rounds of Hessian-weighted least-squares refit of each group's (scale, min) (see _refit)
+    true_sequential: bool = True  # later linears of a layer see the already-quantized earlier ones' outputs
+    awq: bool = True  # activation-aware input scaling folded into the producer first (quant/awq.py)
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
             raise ValueError(f"GPTQ block_size must be >= 1, got {self.block_size}")
         if not 0 <= self.damp < 1:
             raise ValueError(f"GPTQ damp must be in [0, 1), got {self.damp}")
+        if self.refit < 0:
+            raise ValueError(f"GPTQ refit must be >= 0 rounds, got {self.refit}")
 
 
 class HessianAccumulator:
@@ -140,7 +154,7 @@ _CLIP_STEPS = 32  # down to 1 - 31/40 = 22.5 % of the range
 @torch.no_grad()
 def _gptq(weight: torch.Tensor, H: torch.Tensor, spec: QuantSpec, config: GPTQConfig
           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """The GPTQ sweep: codes (N, K) fp32, scales (K/G, N) fp32, mins (K/G, N) fp32 or None (int8)."""
+    """GPTQ of one (N, K) weight: codes (N, K) fp32, scales (K/G, N) fp32, mins (K/G, N) fp32 or None (int8)."""
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D (out_features, in_features), got {tuple(weight.shape)}")
     n, k = weight.shape
@@ -149,12 +163,13 @@ def _gptq(weight: torch.Tensor, H: torch.Tensor, spec: QuantSpec, config: GPTQCo
         raise ValueError(f"Hessian must be ({k}, {k}) for a weight with {k} inputs, got {tuple(H.shape)}")
     g = spec.group_size_for(k)
     dev = weight.device
-    Wt = weight.detach().to(torch.float32).t().contiguous()  # (K, N), updated in place as errors move on
+    Wt = weight.detach().to(torch.float32).t().contiguous()  # (K, N), natural input order
     H = H.detach().to(dev, torch.float32).clone()
 
     dead = torch.diag(H) == 0  # inputs never active: their weights cannot matter, quantize them as 0
     H[dead, dead] = 1.0
     Wt[dead, :] = 0.0
+    H.diagonal().add_(config.damp * torch.mean(torch.diag(H)))  # (K, K) damped, natural order
 
     # Static group parameters (act_order, or per-channel int8 where the "group" is the whole row).
     static: list[_GroupParams] | None = None
@@ -162,14 +177,39 @@ def _gptq(weight: torch.Tensor, H: torch.Tensor, spec: QuantSpec, config: GPTQCo
         static = [_group_params(Wt[j : j + g], spec, config.clip_search) for j in range(0, k, g)]
 
     order = torch.argsort(torch.diag(H), descending=True) if config.act_order else torch.arange(k, device=dev)
-    Wt = Wt[order]
-    H = H[order][:, order]
+    U = _inverse_hessian_factor(H[order][:, order])  # (K, K) upper triangular, U^T U = H^-1 (visiting order)
+    codes, scales, mins = _sweep(Wt, U, order, static, spec, config)
+    if config.refit:
+        best = (_objective(Wt, codes, scales, mins, H, g), codes, scales, mins)
+        for r in range(config.refit):
+            if r:  # GPTQ again, on the refitted grid: the codes follow the better parameters
+                codes, scales, mins = _sweep(Wt, U, order, _params_list(scales, mins), spec, config)
+            scales, mins = _refit(Wt, codes, scales, mins, H, spec, g)
+            obj = _objective(Wt, codes, scales, mins, H, g)
+            if obj < best[0]:
+                best = (obj, codes, scales, mins)
+        _, codes, scales, mins = best
+    return codes.t(), scales, mins
 
-    damp = config.damp * torch.mean(torch.diag(H))
-    H.diagonal().add_(damp)
-    U = _inverse_hessian_factor(H)  # (K, K) upper triangular, U^T U = H^-1
+
+def _params_list(scales: torch.Tensor, mins: torch.Tensor | None) -> list[_GroupParams]:
+    """Static group parameters from (K/G, N) scales/mins."""
+    return [_GroupParams(s, None if mins is None else mins[j], torch.where(s == 0, torch.ones_like(s), s))
+            for j, s in enumerate(scales)]
+
+
+@torch.no_grad()
+def _sweep(Wt: torch.Tensor, U: torch.Tensor, order: torch.Tensor, static: list[_GroupParams] | None,
+           spec: QuantSpec, config: GPTQConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The GPTQ column sweep over Wt (K, N) (natural order, not modified) in the visiting `order`, with U the
+    upper Cholesky factor of H^-1 in that order. static: fixed parameters per group, or None to fix each
+    group's parameters when the sweep reaches its first input (natural order only).
+    Returns codes (K, N) in natural order, scales (K/G, N), mins (K/G, N) or None."""
+    k, n = Wt.shape
+    dev = Wt.device
+    g = spec.group_size_for(k)
+    Wt = Wt[order]  # (K, N) in visiting order, a copy updated in place as errors move on
     U_diag = torch.diagonal(U).tolist()
-
     codes = torch.zeros(k, n, dtype=torch.float32, device=dev)  # (K, N) in visiting order
     scales = torch.zeros(k // g, n, dtype=torch.float32, device=dev)
     mins = torch.zeros(k // g, n, dtype=torch.float32, device=dev) if spec.bits == 4 else None
@@ -216,10 +256,67 @@ def _gptq(weight: torch.Tensor, H: torch.Tensor, spec: QuantSpec, config: GPTQCo
             scales[j] = p.scale
             if mins is not None:
                 mins[j] = p.min  # type: ignore[index]
-    # Codes back to the natural input order, as (N, K).
     natural = torch.empty_like(codes)
     natural[order] = codes
-    return natural.t(), scales, mins
+    return natural, scales, mins
+
+
+def _dequant(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, g: int) -> torch.Tensor:
+    """(K, N) values of codes (K, N) on the grid scales/mins (K/G, N)."""
+    s = scales.repeat_interleave(g, dim=0)
+    return codes * s if mins is None else codes * s + mins.repeat_interleave(g, dim=0)
+
+
+def _objective(Wt: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
+               H: torch.Tensor, g: int) -> float:
+    """GPTQ's layer objective tr(E^T H E), E = Wt - dequant (K, N): the output error on the calibration inputs."""
+    E = Wt - _dequant(codes, scales, mins, g)
+    return float((E * (H @ E)).sum())
+
+
+@torch.no_grad()
+def _refit(Wt: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
+           H: torch.Tensor, spec: QuantSpec, g: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """With the codes fixed, the grid that minimises the layer objective: per output row, a least-squares
+    problem in that row's group parameters (the dequantized row is linear in them).
+
+    Row r's dequantized weights are w~ = A theta with theta = (scale_1..scale_P, min_1..min_P) of its P = K/G
+    groups and A (K, 2P): A[k, grp(k)] = code q_k, A[k, P + grp(k)] = 1. Minimising (w - A theta)^T H (w - A theta)
+    gives (A^T H A) theta = A^T H w, a (2P, 2P) system per row, built from block products without forming A.
+    Symmetric int4 (min = -8 * scale) has the basis q_k - 8 and int8 the basis q_k, with P unknowns. A small
+    ridge towards the current parameters keeps degenerate groups (a single code value) well posed. The
+    solution is rounded to fp16 as stored. Returns scales, mins (K/G, N) fp32 holding fp16 values.
+    """
+    k, n = Wt.shape
+    p = k // g
+    if spec.bits == 8:
+        bases = [codes.t()]  # (N, K)
+    elif spec.symmetric:
+        bases = [codes.t() - 8.0]
+    else:
+        bases = [codes.t(), torch.ones(n, k, device=Wt.device)]
+    W = Wt.t()  # (N, K)
+    m = len(bases) * p
+    A = torch.empty(n, m, m, device=Wt.device)  # rows of (A^T H A)
+    for jb, Bb in enumerate(bases):
+        for b in range(p):
+            P = Bb[:, b * g : (b + 1) * g] @ H[b * g : (b + 1) * g]  # (N, K): H times the b-group column
+            for ja, Ba in enumerate(bases):
+                A[:, ja * p : (ja + 1) * p, jb * p + b] = (Ba * P).view(n, p, g).sum(-1)
+    HW = W @ H  # (N, K)
+    rhs = torch.cat([(Ba * HW).view(n, p, g).sum(-1) for Ba in bases], dim=1)  # (N, m)
+    theta0 = scales.t() if len(bases) == 1 else torch.cat([scales.t(), mins.t()], dim=1)  # type: ignore[union-attr]
+    ridge = 1e-6 * A.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(1e-30)  # (N,)
+    A.diagonal(dim1=1, dim2=2).add_(ridge[:, None])
+    theta = torch.linalg.solve(A, (rhs + ridge[:, None] * theta0).unsqueeze(-1)).squeeze(-1)  # (N, m)
+    theta = torch.where(torch.isfinite(theta), theta, theta0).to(torch.float16).float()
+    theta = torch.where(torch.isfinite(theta), theta, theta0)  # fp16 overflow: keep the old values
+    new_scales = theta[:, :p].t().contiguous()
+    if spec.bits == 8:
+        return new_scales, None
+    if spec.symmetric:
+        return new_scales, (-8.0 * new_scales).to(torch.float16).float()
+    return new_scales, theta[:, p:].t().contiguous()
 
 
 def _pack(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, spec: QuantSpec, k: int
@@ -298,17 +395,26 @@ def _layer_meta(num_seqs: int, seq_len: int, block_size: int, device: torch.devi
     )
 
 
+class _StopForward(Exception):
+    """Raised by a hook once every hooked linear has seen its batch: the rest of the layer is not needed."""
+
+
 class _SharedInputHessians:
     """Forward hooks that accumulate one Hessian per distinct input of a layer's linears.
 
     q/k/v (and gate/up) see the very same input tensor: the first module to see a tensor owns the Hessian and
     the modules that then see the same object alias it, so X^T X is computed once per input, not per module.
+    owner_of lists the linears in the order the forward pass reaches them. accumulate=False only records who
+    shares an input with whom; stop=True ends each forward (with _StopForward) once every hooked linear ran.
     """
 
-    def __init__(self, linears: dict[str, nn.Linear], device: torch.device) -> None:
+    def __init__(self, linears: dict[str, nn.Linear], device: torch.device, accumulate: bool = True,
+                 stop: bool = False) -> None:
         self.owner_of: dict[str, str] = {}
         self.accs: dict[str, HessianAccumulator] = {}
         self._device = device
+        self._accumulate, self._stop = accumulate, stop
+        self._seen: set[str] = set()  # hooked linears that ran in the current forward
         self._last: tuple[torch.Tensor | None, str] = (None, "")  # previous hook's input and its owner
         self._hooks = [lin.register_forward_hook(self._hook_for(name)) for name, lin in linears.items()]
 
@@ -318,9 +424,13 @@ class _SharedInputHessians:
             if name not in self.owner_of:
                 self.owner_of[name] = self._last[1] if x is self._last[0] else name
             owner = self.owner_of[name]
-            if owner == name:
+            if owner == name and self._accumulate:
                 self.accs.setdefault(name, HessianAccumulator(x.shape[-1], self._device)).add(x)
             self._last = (x, owner)
+            self._seen.add(name)
+            if self._stop and len(self._seen) == len(self._hooks):
+                self._seen.clear()
+                raise _StopForward
         return hook
 
     def hessian(self, name: str) -> torch.Tensor:
@@ -332,6 +442,21 @@ class _SharedInputHessians:
         self._last = (None, "")
 
 
+def _collect(layer: nn.Module, xs: list[torch.Tensor], seq_len: int, block: int, linears: dict[str, nn.Linear],
+             device: torch.device, accumulate: bool = True, stop: bool = True) -> _SharedInputHessians:
+    """Run the layer over the calibration batches with hooks on `linears`; returns the filled hooks."""
+    hooks = _SharedInputHessians(linears, device, accumulate=accumulate, stop=stop)
+    try:
+        for x in xs:
+            try:
+                _run_layer(layer, [x], seq_len, block)
+            except _StopForward:
+                pass
+    finally:
+        hooks.remove()
+    return hooks
+
+
 def _run_layer(layer: nn.Module, xs: list[torch.Tensor], seq_len: int, block: int) -> list[torch.Tensor]:
     """One decoder layer over batches of calibration hidden states (b * seq_len, hidden) -> same shapes."""
     outs = []
@@ -340,6 +465,28 @@ def _run_layer(layer: nn.Module, xs: list[torch.Tensor], seq_len: int, block: in
         positions = torch.arange(seq_len, device=x.device).repeat(b)  # (b * seq_len,)
         outs.append(layer(positions, x, _layer_meta(b, seq_len, block, x.device)))
     return outs
+
+
+def _awq_layer(layer: nn.Module, hidden: list[torch.Tensor], seq_len: int, block: int,
+               linears: dict[str, nn.Linear], specs: dict[str, QuantSpec], device: torch.device
+               ) -> dict[str, torch.Tensor]:
+    """Search and fold the AWQ input scales of one float layer (before any of its linears is quantized: a
+    producer such as up_proj is itself quantized later, with its rows already scaled). Returns the Hessians
+    of the scaled inputs, {first linear of the input: H (K, K)}: x / s has Hessian H / (s s^T)."""
+    from .awq import fold_scale, scalable_inputs, search_scale
+
+    items = [it for it in scalable_inputs(layer) if all(n in specs for n in it.names)]
+    if not items:
+        return {}
+    hooks = _collect(layer, hidden, seq_len, block, {n: linears[n] for it in items for n in it.names}, device)
+    out = {}
+    for it in items:
+        H = hooks.hessian(it.names[0])
+        s, alpha = search_scale([linears[n].weight for n in it.names], H, specs[it.names[0]])
+        log.debug("AWQ %s: alpha %.2f", "+".join(it.names), alpha)
+        eff = fold_scale(layer, it, s).to(H.device, torch.float32)
+        out[it.names[0]] = H / (eff[:, None] * eff[None, :])
+    return out
 
 
 @torch.no_grad()
@@ -387,25 +534,33 @@ def quantize_model_gptq(
         linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
         specs = {n: s for n, s in ((n, spec_for(prefix + n, m)) for n, m in linears.items()) if s is not None}
         swaps: list[tuple[str, PackedWeight, torch.Tensor | None]] = []
+        scaled_H = _awq_layer(layer, hidden, seq_len, block, linears, specs, device) if specs and config.awq else {}
         if specs:
-            hooks = _SharedInputHessians({n: linears[n] for n in specs}, device)
-            try:
-                _run_layer(layer, hidden, seq_len, block)
-            finally:
-                hooks.remove()
-            groups: dict[tuple[str, QuantSpec], list[str]] = {}  # linears sharing an input and a spec
-            for n, spec in specs.items():
-                groups.setdefault((hooks.owner_of[n], spec), []).append(n)
-            for (owner, spec), names in groups.items():
-                packs = gptq_quantize_shared([linears[n].weight.data for n in names], hooks.hessian(owner), spec,
-                                             config)
+            hooked = {n: linears[n] for n in specs}
+            if config.true_sequential:  # who shares an input, in forward order: one sequence is enough
+                first = _collect(layer, [hidden[0][:seq_len]], seq_len, block, hooked, device, accumulate=False)
+            else:  # every Hessian from the float layer in one pass
+                first = _collect(layer, hidden, seq_len, block, hooked, device)
+            stages: dict[tuple[str, QuantSpec], list[str]] = {}  # linears sharing an input and a spec
+            for n, owner in first.owner_of.items():
+                stages.setdefault((owner, specs[n]), []).append(n)
+            for i, ((owner, spec), names) in enumerate(stages.items()):
+                if config.true_sequential and i == 0 and owner in scaled_H:
+                    H = scaled_H.pop(owner)  # the float layer's first input: AWQ has just measured it
+                elif config.true_sequential:
+                    # This stage's inputs as produced by the stages already quantized (q/k/v before o_proj,
+                    # gate/up before down_proj), the layer run only as far as these linears.
+                    H = _collect(layer, hidden, seq_len, block, {n: linears[n] for n in names}, device).hessian(owner)
+                else:
+                    H = first.hessian(owner)
+                packs = gptq_quantize_shared([linears[n].weight.data for n in names], H, spec, config)
                 for n, packed in zip(names, packs):
                     lin = linears[n]
                     # Until the layer's outputs are computed, run it in float with the quantized values: the
                     # same numbers as the QuantLinear, without its per-call dequantization on CPU.
                     lin.weight.data.copy_(packed.dequantize(lin.weight.dtype))
                     swaps.append((n, packed, None if lin.bias is None else lin.bias.data))
-            del hooks
+            del first, scaled_H
         hidden = _run_layer(layer, hidden, seq_len, block)  # the quantized layer's outputs feed the next layer
         for n, packed, bias in swaps:
             parent_name, _, child = n.rpartition(".")
