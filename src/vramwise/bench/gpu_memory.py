@@ -7,13 +7,20 @@ benchmarks poll NVML in a background thread and report the peak next to torch's 
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 
 
 class NvmlMonitor:
     """Polls this process's GPU memory (falls back to device-wide used memory where NVML cannot tell
-    processes apart, e.g. inside some containers) every `interval_s` and keeps the peak in bytes."""
+    processes apart, e.g. inside some containers) every `interval_s` and keeps the peak in bytes.
+
+    A process appears in NVML's list only once it has a CUDA context, so a monitor started before the context
+    cannot tell yet: while NVML lists processes and this one has no context (torch's CUDA not initialised) it
+    holds nothing and reads 0; once listed it reads its own figure (per_process becomes True). Device-wide
+    figures are used only where NVML cannot list processes or does not list this one after its context exists
+    (other processes then count too: per_process stays False)."""
 
     def __init__(self, device_index: int = 0, interval_s: float = 0.005) -> None:
         self.available = False
@@ -30,9 +37,22 @@ class NvmlMonitor:
             self._nv = pynvml
             self._h = pynvml.nvmlDeviceGetHandleByIndex(device_index)
             self.available = True
+            self._listing = self._list_ok()
             self.per_process = self._process_bytes() is not None
         except Exception as e:  # no driver, no pynvml, no GPU: report, don't fail
             self.error = f"{type(e).__name__}: {e}"
+
+    def _list_ok(self) -> bool:
+        try:
+            self._nv.nvmlDeviceGetComputeRunningProcesses(self._h)
+            return True
+        except Exception:
+            return False
+
+    @staticmethod
+    def _has_context() -> bool:
+        torch = sys.modules.get("torch")  # not imported: no CUDA context from torch either
+        return bool(torch is not None and torch.cuda.is_initialized())
 
     def _process_bytes(self) -> int | None:
         pid = os.getpid()
@@ -49,10 +69,12 @@ class NvmlMonitor:
         """Bytes this process holds now (device-wide used memory if per-process is unavailable)."""
         if not self.available:
             return -1
-        if self.per_process:
-            b = self._process_bytes()
-            if b is not None:
-                return b
+        b = self._process_bytes()
+        if b is not None:
+            self.per_process = True
+            return b
+        if self._listing and not self._has_context():
+            return 0  # no CUDA context yet: this process holds no GPU memory
         return int(self._nv.nvmlDeviceGetMemoryInfo(self._h).used)
 
     def total(self) -> int:
