@@ -137,3 +137,42 @@ def test_frozen_gc_freezes_and_restores(monkeypatch):
     monkeypatch.setenv("VRAMWISE_GC_FREEZE", "0")
     with frozen_gc():
         assert gc.get_freeze_count() == 0
+
+
+def test_failed_step_then_aborts_leave_a_healthy_engine(tmp_path, monkeypatch):
+    from fixtures import make_tiny_hf_model
+
+    from vramwise.config import EngineConfig, SchedulerConfig
+    from vramwise.engine.llm_engine import LLMEngine
+    from vramwise.sampling_params import SamplingParams
+
+    eng = LLMEngine(EngineConfig(model=make_tiny_hf_model(tmp_path / "m", "llama_gqa"), device="cpu",
+                                 show_progress=False, scheduler=SchedulerConfig(max_num_seqs=4, max_model_len=64)))
+    p = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+
+    def run(prompts):
+        for i, ids in enumerate(prompts):
+            eng.add_request(f"r{i}-{len(ids)}", ids, p)
+        out = {}
+        while eng.has_unfinished_requests():
+            for o in eng.step():
+                if o.finished:
+                    out[o.request_id] = o.outputs[0].token_ids
+        return out
+
+    prompts = [[5, 17, 99, 3], [9, 9, 2]]
+    want = run(prompts)
+    assert eng.check_health() is None
+    for i, ids in enumerate(prompts):
+        eng.add_request(f"x{i}", ids, p)
+    eng.step()  # both prefilled, blocks held
+    real = eng.runner.run
+    monkeypatch.setattr(eng.runner, "run", lambda out: (_ for _ in ()).throw(RuntimeError("simulated")))
+    with pytest.raises(RuntimeError, match="simulated"):
+        eng.step()
+    assert "still in the engine" in eng.check_health()
+    for i in range(len(prompts)):
+        assert eng.abort_request(f"x{i}")
+    assert eng.check_health() is None  # every block back, nothing scheduled
+    monkeypatch.setattr(eng.runner, "run", real)
+    assert run(prompts) == want  # and it serves the same answers again

@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from server_utils import FakeEngine, ThreadedServer
-from vramwise.engine.async_engine import AsyncEngine, EngineDeadError
+from vramwise.engine.async_engine import AsyncEngine, EngineDeadError, RequestFailedError
 from vramwise.sampling_params import SamplingParams
 from vramwise.server.app import ServerConfig, build_app
 
@@ -64,18 +64,42 @@ def test_async_engine_streams_validates_and_aborts() -> None:
     asyncio.run(main())
 
 
-def test_async_engine_crash_fails_streams_and_refuses_new_requests() -> None:
+def test_async_engine_step_failure_fails_its_requests_and_serves_on() -> None:
     async def main() -> None:
-        engine = AsyncEngine(FakeEngine(step_delay=0.01))  # type: ignore[arg-type]
+        fake = FakeEngine(step_delay=0.01)
+        engine = AsyncEngine(fake)  # type: ignore[arg-type]
         engine.start()
         try:
             stream = await engine.add_request("ok", "fine", SamplingParams(max_tokens=200))
-            with pytest.raises(EngineDeadError, match="simulated engine failure"):
+            with pytest.raises(RequestFailedError, match="simulated engine failure"):
                 async for _ in engine.generate("b", "boom", SamplingParams(max_tokens=50)):
                     pass
-            with pytest.raises(EngineDeadError):  # the innocent bystander fails too: the engine is gone
+            with pytest.raises(RequestFailedError):  # it was in the failed step too
                 async for _ in stream:
                     pass
+            assert engine.is_running and not fake.requests  # both aborted in the engine
+            texts = [o.outputs[0].text async for o in engine.generate("late", "x", SamplingParams(max_tokens=2))]
+            assert texts == ["a", "ab"]  # the process keeps serving
+        finally:
+            await engine.shutdown()
+
+    asyncio.run(main())
+
+
+def test_async_engine_unhealthy_after_a_failure_is_dead_and_refuses_new_requests() -> None:
+    async def main() -> None:
+        fake = FakeEngine(step_delay=0.01)
+        fake.check_health = lambda: "the GPU does not answer: simulated"  # type: ignore[attr-defined]
+        engine = AsyncEngine(fake)  # type: ignore[arg-type]
+        engine.start()
+        try:
+            with pytest.raises((EngineDeadError, RequestFailedError), match="simulated engine failure"):
+                async for _ in engine.generate("b", "boom", SamplingParams(max_tokens=50)):
+                    pass
+            for _ in range(500):  # bounded wait for the engine thread to stop
+                if not engine.is_running:
+                    break
+                await asyncio.sleep(0.01)
             assert not engine.is_running
             with pytest.raises(EngineDeadError):
                 await engine.add_request("late", "x", SamplingParams(max_tokens=2))
@@ -114,15 +138,38 @@ def test_no_api_key_mode_aliases_and_streaming() -> None:
         assert {c.choices[0].index for c in chunks[:-1]} == {0, 1}
 
 
-def test_mid_stream_failure_sends_error_event_then_done_and_health_turns_503() -> None:
+def test_mid_stream_failure_sends_error_event_then_done_and_the_server_serves_on() -> None:
     with ThreadedServer(_app(FakeEngine(step_delay=0.01))) as srv:
+        r = httpx.post(srv.base_url + "/v1/completions", json={"prompt": "boom", "max_tokens": 20, "stream": True}, timeout=10)
+        assert r.status_code == 200
+        events = _events(r.text)
+        assert json.loads(events[0])["choices"][0]["text"] == "a"  # the stream had begun
+        err = json.loads(events[-2])["error"]
+        assert err["type"] == "server_error" and "simulated engine failure" in err["message"]
+        assert events[-1] == "[DONE]"
+        r = httpx.post(srv.base_url + "/v1/completions", json={"prompt": "boom", "max_tokens": 20}, timeout=10)
+        assert r.status_code == 500 and "simulated engine failure" in r.json()["error"]["message"]
+        assert httpx.get(srv.base_url + "/health").status_code == 200  # the engine checked itself and goes on
+        r = httpx.post(srv.base_url + "/v1/completions", json={"prompt": "x", "max_tokens": 2})
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == "ab"
+        assert "vramwise:engine_up 1.0" in httpx.get(srv.base_url + "/metrics").text
+
+
+def test_mid_stream_failure_of_an_unhealthy_engine_turns_health_503() -> None:
+    fake = FakeEngine(step_delay=0.01)
+    fake.check_health = lambda: "the GPU does not answer: simulated"  # type: ignore[attr-defined]
+    with ThreadedServer(_app(fake)) as srv:
         assert httpx.get(srv.base_url + "/health").status_code == 200
         r = httpx.post(srv.base_url + "/v1/completions", json={"prompt": "boom", "max_tokens": 20, "stream": True}, timeout=10)
         assert r.status_code == 200
         events = _events(r.text)
         assert json.loads(events[0])["choices"][0]["text"] == "a"  # the stream had begun
-        assert json.loads(events[-2])["error"]["type"] == "service_unavailable"
+        assert json.loads(events[-2])["error"]["type"] in ("service_unavailable", "server_error")
         assert events[-1] == "[DONE]"
+        for _ in range(500):  # bounded wait for the engine thread to stop
+            if httpx.get(srv.base_url + "/health").status_code == 503:
+                break
+            time.sleep(0.01)
         health = httpx.get(srv.base_url + "/health")
         assert health.status_code == 503 and health.json()["error"]["type"] == "service_unavailable"
         r = httpx.post(srv.base_url + "/v1/completions", json={"prompt": "x", "max_tokens": 2})

@@ -8,8 +8,11 @@ back to the event loop with `loop.call_soon_threadsafe`, one hop per step, into 
     RequestStream  <--outputs---- call_soon_threadsafe <-------------'
 
 Validation errors (ValueError from add_request) come back to the caller of `add_request` before any output,
-so an HTTP handler can answer 400 before it starts a stream. If a step raises, the engine is dead: every
-open stream fails with EngineDeadError and new requests are refused (the server reports 503 on /health).
+so an HTTP handler can answer 400 before it starts a stream. If a step raises, every request in the engine
+fails with RequestFailedError naming the error (they may all have been in that step), and the engine checks
+itself (LLMEngine.check_health: nothing left scheduled, the KV pool whole, the GPU still answering); healthy, it
+goes on serving new requests. Otherwise, or if the failure is not an Exception, the engine is dead: every open
+stream fails with EngineDeadError and new requests are refused (the server reports 503 on /health).
 """
 
 from __future__ import annotations
@@ -33,6 +36,10 @@ log = logging.getLogger(__name__)
 
 class EngineDeadError(RuntimeError):
     """The engine thread stopped (a step raised, or the engine was shut down); no request can be served."""
+
+
+class RequestFailedError(RuntimeError):
+    """An engine step raised while this request was in the engine; the engine itself may go on serving."""
 
 
 class RequestAbortedError(RuntimeError):
@@ -264,6 +271,12 @@ class AsyncEngine:
             if out.finished:
                 del self._streams[out.request_id]
 
+    def _fail(self, request_ids: list[str], error: BaseException) -> None:
+        for rid in request_ids:
+            stream = self._streams.pop(rid, None)
+            if stream is not None:
+                stream._put(error)
+
     def _fail_all(self, error: BaseException) -> None:
         streams, self._streams = self._streams, {}
         for stream in streams.values():
@@ -311,7 +324,12 @@ class AsyncEngine:
                         return
                     self._handle(cmd, loop)
                 if self._live:
-                    outputs = self.engine.step()
+                    try:
+                        outputs = self.engine.step()
+                    except Exception as e:  # noqa: BLE001 - its requests fail; the engine goes on if healthy
+                        if not self._recover(e, loop):
+                            raise
+                        continue
                     steps += 1
                     for out in outputs:
                         if out.finished:
@@ -338,6 +356,26 @@ class AsyncEngine:
                         loop.call_soon_threadsafe(self._resolve, cmd.done, None, err)
             except RuntimeError:  # the loop is closed: nobody is waiting
                 pass
+
+    def _recover(self, error: Exception, loop: asyncio.AbstractEventLoop) -> bool:
+        """After a failed step: fail and abort every request in the engine, then say whether the engine is
+        healthy enough to serve new requests (LLMEngine.check_health; True for an engine without one)."""
+        ids = list(self._live)
+        log.exception("engine step failed; failing its %d request(s)", len(ids))
+        err = RequestFailedError(f"the request failed in an engine step: {type(error).__name__}: {error}")
+        for rid in ids:
+            self.engine.abort_request(rid)
+        self._live.clear()
+        try:
+            loop.call_soon_threadsafe(self._fail, ids, err)
+        except RuntimeError:  # the loop is closed: nobody is waiting
+            pass
+        check = getattr(self.engine, "check_health", None)
+        problem = check() if callable(check) else None
+        if problem is not None:
+            log.error("the engine is not healthy after the failed step: %s", problem)
+            return False
+        return True
 
     def _stop(self, loop: asyncio.AbstractEventLoop, steps: int, pending: list[_Command]) -> None:
         for rid in list(self._live):

@@ -264,6 +264,23 @@ class LLMEngine:
         self._seq_to_req.pop(seq.seq_id, None)
         self.runner.release(seq.seq_id)
 
+    def check_health(self) -> str | None:
+        """None when the engine can serve new requests, else what is wrong: called after a failed step (whose
+        requests were aborted) to decide whether the engine goes on. Checks that no sequence is left in the
+        scheduler, that every KV block is back in the pool, and that the GPU still completes work (a sticky CUDA
+        error makes every later call fail)."""
+        if self._requests or self.scheduler.num_unfinished:
+            return f"{max(len(self._requests), self.scheduler.num_unfinished)} request(s) still in the engine"
+        bm = self.block_manager
+        if bm.num_free_blocks != bm.num_blocks:
+            return f"{bm.num_blocks - bm.num_free_blocks} KV block(s) not returned to the pool"
+        if self.device.type == "cuda":
+            try:
+                torch.cuda.synchronize(self.device)
+            except Exception as e:  # noqa: BLE001 - any CUDA failure here means the context is unusable
+                return f"the GPU does not answer: {type(e).__name__}: {e}"
+        return None
+
     def has_unfinished_requests(self) -> bool:
         return bool(self._requests)
 

@@ -29,7 +29,13 @@ from starlette.types import Receive, Scope, Send
 from tokenizers.decoders import ByteLevel as ByteLevelDecoder
 
 from vramwise import __version__
-from vramwise.engine.async_engine import AsyncEngine, EngineDeadError, RequestAbortedError, RequestStream
+from vramwise.engine.async_engine import (
+    AsyncEngine,
+    EngineDeadError,
+    RequestAbortedError,
+    RequestFailedError,
+    RequestStream,
+)
 from vramwise.engine.outputs import Logprob, RequestOutput
 from vramwise.sampling_params import SamplingParams
 from vramwise.server.errors import (
@@ -571,6 +577,8 @@ class _ClientGone(Exception):
 def _stream_error(e: Exception) -> ErrorInfo:
     if isinstance(e, (EngineDeadError, RequestAbortedError)):
         return ErrorInfo(message=str(e), type=UNAVAILABLE)
+    if isinstance(e, RequestFailedError):  # the engine logged it and serves on
+        return ErrorInfo(message=str(e), type="server_error")
     log.exception("error while streaming")
     return ErrorInfo(message=f"internal server error: {type(e).__name__}: {e}", type="server_error")
 

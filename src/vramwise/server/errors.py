@@ -17,7 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from vramwise.engine.async_engine import EngineDeadError
+from vramwise.engine.async_engine import EngineDeadError, RequestFailedError
 from vramwise.server.protocol import ErrorInfo, ErrorResponse
 
 log = logging.getLogger(__name__)
@@ -125,6 +125,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(EngineDeadError)
     async def _dead(_: Request, e: EngineDeadError) -> JSONResponse:
         return error_json(503, ErrorInfo(message=str(e), type=UNAVAILABLE))
+
+    @app.exception_handler(RequestFailedError)
+    async def _failed(_: Request, e: RequestFailedError) -> JSONResponse:
+        return error_json(500, ErrorInfo(message=str(e), type=SERVER_ERROR))
 
     @app.exception_handler(Exception)
     async def _internal(_: Request, e: Exception) -> JSONResponse:
