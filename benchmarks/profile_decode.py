@@ -32,7 +32,7 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--enforce-eager", action="store_true")
-    ap.add_argument("--gpu-memory", default=None, help="budget, e.g. 6GiB (the planner places the layers)")
+    ap.add_argument("--gpu-memory", type=size, default=None, help="budget, e.g. 6GiB (the planner places the layers)")
     ap.add_argument("--kv-cache-dtype", default="auto")
     ap.add_argument("--stream-buffers", type=int, default=2)
     ap.add_argument("--lm-head-bits", type=int, default=None, choices=(4, 8, 16))
@@ -46,7 +46,7 @@ def main() -> None:
         w4a16.EPILOGUES = False  # before the engine captures its decode graphs
 
     max_len = args.prompt_len + 2 * args.steps + 16
-    budget = MemoryBudgetConfig(gpu_memory=size(args.gpu_memory)) if args.gpu_memory else MemoryBudgetConfig()
+    budget = MemoryBudgetConfig(gpu_memory=args.gpu_memory) if args.gpu_memory else MemoryBudgetConfig()
     eng = LLMEngine(EngineConfig(
         model=f"random:{args.random_weights}", device="cuda", quantization=args.quantization, show_progress=False,
         enforce_eager=args.enforce_eager, memory=budget, num_stream_buffers=args.stream_buffers,

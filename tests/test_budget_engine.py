@@ -277,3 +277,15 @@ def test_budget_below_the_cuda_context_is_refused_before_loading(monkeypatch):
         le.LLMEngine(EngineConfig(model="random:llama-2-13b", device="cuda", quantization="int4",
                                   show_progress=False, memory=MemoryBudgetConfig(gpu_memory=256 * MiB)))
     assert "CUDA context" in str(e.value) and e.value.budget.cuda_context > 0
+
+
+def test_context_allowance_env_is_read_and_checked(monkeypatch):
+    from vramwise.memory.enforce import MODULE_LOADING_ALLOWANCE, module_loading_allowance
+
+    monkeypatch.delenv("VRAMWISE_CONTEXT_ALLOWANCE", raising=False)
+    assert module_loading_allowance() == MODULE_LOADING_ALLOWANCE
+    monkeypatch.setenv("VRAMWISE_CONTEXT_ALLOWANCE", "256MiB")
+    assert module_loading_allowance() == 256 << 20
+    monkeypatch.setenv("VRAMWISE_CONTEXT_ALLOWANCE", "lots")
+    with pytest.raises(ValueError, match="VRAMWISE_CONTEXT_ALLOWANCE"):
+        module_loading_allowance()

@@ -273,10 +273,15 @@ def module_loading_allowance() -> int:
     measured per machine (memory_report's context_after_warmup shows what the warm-up really added)."""
     import os
 
-    from vramwise.argtypes import size
+    from vramwise.config import parse_size
 
     text = os.environ.get("VRAMWISE_CONTEXT_ALLOWANCE")
-    return size(text) if text else MODULE_LOADING_ALLOWANCE
+    if not text:
+        return MODULE_LOADING_ALLOWANCE
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise ValueError(f"VRAMWISE_CONTEXT_ALLOWANCE: {e}") from None
 
 
 def _stop_quietly(monitor: Any) -> None:
