@@ -94,12 +94,9 @@ class DecodeGraphs:
         self._io_host = torch.zeros(size, dtype=torch.long, pin_memory=dev.type == "cuda")
         (self.input_ids, self.positions, self.slot_mapping, self.context_lens,
          self.block_tables) = self._views(self._io)
-        host = self._views(self._io_host)
-        self._host_np = [t.numpy() for t in host]  # numpy views: list -> buffer writes without torch.tensor()
-        for bufs in (host, (self.input_ids, self.positions, self.slot_mapping, self.context_lens, self.block_tables)):
-            bufs[2].fill_(scratch_block * block_size)
-            bufs[3].fill_(1)
-            bufs[4][:, 0] = scratch_block
+        self._host_np = [t.numpy() for t in self._views(self._io_host)]  # list -> buffer writes, no torch.tensor()
+        self._reset_padding()
+        self._io_host.copy_(self._io)  # the twin starts as the device buffers: every row a padding row
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}  # B_pad -> the graph's output hidden states (B_pad, H)
         self.graph_pool_bytes = 0  # GPU memory the graphs' shared pool holds (measured around capture)
