@@ -847,13 +847,12 @@ def _candidates(s: _Setup, policy: str, chunk: int, batch: int, fail: dict[str, 
                 if r is None:
                     miss([off] * n, head, "cpu", buffers)
                     continue
-                layers = [RESIDENT] * r + [off] * (n - r)
                 if off == STREAMED:
-                    spread = _spread_resident(n, r)
-                    if _memory(s, _Candidate(policy, tuple(spread), head, "cpu", buffers, chunk, batch, kv_min),
-                               fixed).total <= s.limit:  # equal for equal-sized layers; checked for others
-                        layers = spread
-                yield emit(layers, head, "cpu", buffers)
+                    spread = emit(_spread_resident(n, r), head, "cpu", buffers)
+                    if spread[1].total <= s.limit:  # equal for equal-sized layers; checked for others
+                        yield spread
+                        continue
+                yield emit([RESIDENT] * r + [off] * (n - r), head, "cpu", buffers)
         return
 
     # mixed: r resident, the tail of x = n - r split into `st` streamed layers and x - st CPU layers,
