@@ -321,19 +321,25 @@ def run_tests_under_interpreter(test_file: str, class_name: str) -> None:
     assert " passed" in proc.stdout, proc.stdout[-2000:]
 
 
-def run_script_under_interpreter(script: str, stdin: str = "", marker: str = "RESULTS ") -> Any:
-    """Run `script` with `python -c` under TRITON_INTERPRET=1 (src/ and tests/ importable), feeding it `stdin`;
-    assert it succeeded and return the JSON it printed after `marker` on its last such line."""
-    import json
+def interpreter_env() -> dict[str, str]:
+    """os.environ with TRITON_INTERPRET=1 and src/ and tests/ importable, for a child Python process."""
     import os
-    import subprocess
-    import sys
 
     tests = Path(__file__).resolve().parent
     env = dict(os.environ, TRITON_INTERPRET="1")
     env["PYTHONPATH"] = os.pathsep.join([str(tests.parent / "src"), str(tests), env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, "-c", script], input=stdin, env=env, capture_output=True, text=True,
-                          timeout=600)
+    return env
+
+
+def run_script_under_interpreter(script: str, stdin: str = "", marker: str = "RESULTS ") -> Any:
+    """Run `script` with `python -c` under TRITON_INTERPRET=1 (src/ and tests/ importable), feeding it `stdin`;
+    assert it succeeded and return the JSON it printed after `marker` on its last such line."""
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", script], input=stdin, env=interpreter_env(), capture_output=True,
+                          text=True, timeout=600)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(marker)]
     assert proc.returncode == 0 and lines, f"interpreter script failed:\n{proc.stderr[-4000:]}"
     return json.loads(lines[-1][len(marker):])

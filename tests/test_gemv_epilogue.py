@@ -12,18 +12,16 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fixtures import make_tiny_hf_model, run_script_under_interpreter
+from fixtures import interpreter_env, make_tiny_hf_model, run_script_under_interpreter
 from vramwise.kernels import w4a16
 from vramwise.kernels.w4a16 import GemvConfig, w4a16_matmul_add, w4a16_matmul_silu_mul, w4a16_reference
 from vramwise.models import layers
@@ -31,13 +29,6 @@ from vramwise.quant import QuantLinear, QuantSpec, quantize_rtn
 
 # Relative Frobenius error allowed against an fp64 product (as tests/test_kernels.py).
 TOL = {"float32": 2e-5, "float16": 3e-3, "bfloat16": 2e-2}
-
-
-def _env() -> dict:
-    tests = Path(__file__).parent
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    env["PYTHONPATH"] = os.pathsep.join([str(tests.parent / "src"), str(tests), env.get("PYTHONPATH", "")])
-    return env
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -370,7 +361,7 @@ def test_fused_epilogues_in_a_model_under_interpreter(tmp_path):
     """Greedy tokens and logits of a tiny int4 model: fused epilogues == unfused Triton GEMVs (to fp32
     rounding) == the torch path; the fused kernels ran in every layer."""
     pytest.importorskip("triton")
-    out = subprocess.run([sys.executable, "-c", _INTERPRETED_MODEL, str(tmp_path / "m")], env=_env(),
+    out = subprocess.run([sys.executable, "-c", _INTERPRETED_MODEL, str(tmp_path / "m")], env=interpreter_env(),
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
 
