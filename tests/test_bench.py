@@ -63,7 +63,7 @@ def test_bench_int4_reports_weight_bandwidth_and_decode_path(tmp_path, capsys):
             "--gen-len", "3", "--enforce-eager", "--json", str(js), "--no-progress"]
     assert main(argv) == 0
     data = json.loads(js.read_text())
-    assert data["decode_path"] == "eager (--enforce-eager)"
+    assert data["decode_path"] == "eager (--enforce-eager), async scheduling"
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     h, v = cfg["hidden_size"], cfg["vocab_size"]
     layer_weights = cfg["num_hidden_layers"] * (3 * h * h + 3 * h * cfg["intermediate_size"])  # q,o + k,v (half: GQA) + mlp

@@ -166,13 +166,19 @@ def test_failed_step_then_aborts_leave_a_healthy_engine(tmp_path, monkeypatch):
     for i, ids in enumerate(prompts):
         eng.add_request(f"x{i}", ids, p)
     eng.step()  # both prefilled, blocks held
-    real = eng.runner.run
-    monkeypatch.setattr(eng.runner, "run", lambda out: (_ for _ in ()).throw(RuntimeError("simulated")))
+    real = eng.runner.run, eng.runner.launch
+
+    def fail(*args):
+        raise RuntimeError("simulated")
+
+    monkeypatch.setattr(eng.runner, "run", fail)  # the synchronous path and the launched one (async scheduling)
+    monkeypatch.setattr(eng.runner, "launch", fail)
     with pytest.raises(RuntimeError, match="simulated"):
         eng.step()
     assert "still in the engine" in eng.check_health()
     for i in range(len(prompts)):
         assert eng.abort_request(f"x{i}")
     assert eng.check_health() is None  # every block back, nothing scheduled
-    monkeypatch.setattr(eng.runner, "run", real)
+    monkeypatch.setattr(eng.runner, "run", real[0])
+    monkeypatch.setattr(eng.runner, "launch", real[1])
     assert run(prompts) == want  # and it serves the same answers again

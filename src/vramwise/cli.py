@@ -47,6 +47,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "(default: as loaded; a head tied to the embeddings stays float)")
     g.add_argument("--enforce-eager", action="store_true",
                    help="run decode steps eagerly: no CUDA-graph capture (less startup time and GPU memory)")
+    g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
+                   help="launch each step before the previous one's tokens are read back, so that the host's work "
+                        "overlaps the GPU (default: on; same greedy and seeded outputs either way)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 256) -> None:
@@ -99,6 +102,7 @@ def make_engine_config(args: argparse.Namespace, show_progress: bool = True):
         offload=getattr(args, "offload", None),
         num_stream_buffers=getattr(args, "stream_buffers", 2),
         enforce_eager=bool(getattr(args, "enforce_eager", False)),
+        async_scheduling=bool(getattr(args, "async_scheduling", True)),
         **extra,
     )
 

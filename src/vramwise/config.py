@@ -226,6 +226,9 @@ class EngineConfig:
     # graph path's bookkeeping, testable on CPU; on CUDA the eager twin of the captured steps), "off".
     enforce_eager: bool = False
     decode_graphs: str = "auto"
+    # Launch step N+1 before reading step N's sampled ids back (engine/llm_engine.py): the host's work between
+    # two steps overlaps the GPU. Same greedy/seeded outputs either way; False runs one step at a time.
+    async_scheduling: bool = True
     # One matmul for q/k/v and one for gate/up (models/fuse.py), applied after loading; False keeps them apart.
     fuse_projections: bool = True
     memory: MemoryBudgetConfig = field(default_factory=MemoryBudgetConfig)  # --gpu-memory and friends

@@ -20,8 +20,8 @@ class LLM:
 
     Extra keyword arguments: device, dtype, seed, max_model_len, max_num_seqs, max_num_batched_tokens,
     num_kv_blocks, kv_cache_memory (bytes), block_size, show_progress, quantization (see model_loader),
-    offload (layer placement, see memory/offload.py), num_stream_buffers, enforce_eager, decode_graphs, fuse_projections
-    (see EngineConfig), kv_cache_dtype (auto | fp16 | bf16 | int8), swap_space (bytes of host memory for preempted
+    offload (layer placement, see memory/offload.py), num_stream_buffers, enforce_eager, decode_graphs,
+    async_scheduling, fuse_projections (see EngineConfig), kv_cache_dtype (auto | fp16 | bf16 | int8), swap_space (bytes of host memory for preempted
     sequences' KV; 0 = recompute); or a whole engine_config.
     """
 
@@ -44,6 +44,7 @@ class LLM:
         num_stream_buffers: int = 2,
         enforce_eager: bool = False,
         decode_graphs: str = "auto",
+        async_scheduling: bool = True,
         fuse_projections: bool = True,
         kv_cache_dtype: str = "auto",
         swap_space: int = 0,
@@ -71,6 +72,7 @@ class LLM:
             num_stream_buffers=num_stream_buffers,
             enforce_eager=enforce_eager,
             decode_graphs=decode_graphs,
+            async_scheduling=async_scheduling,
             fuse_projections=fuse_projections,
         )
         self.engine = LLMEngine(cfg)

@@ -95,12 +95,21 @@ class Sampler:
         if any(r.params.logprobs is not None for r in rows):
             raw_logprobs = torch.log_softmax(logits, dim=-1)
         logits = apply_penalties(logits.clone(), rows)
-        tokens: list[int] = [0] * len(rows)
-        greedy = [i for i, r in enumerate(rows) if r.params.greedy]
-        if greedy:
-            am = torch.argmax(logits[greedy], dim=-1).tolist()
-            for i, t in zip(greedy, am):
-                tokens[i] = t
+        tokens: list[int] = self.draw(logits, rows).tolist()  # the step's one host sync
+
+        lps: list[tuple[float, list[tuple[int, float]]] | None] = [None] * len(rows)
+        if raw_logprobs is not None:
+            for i, r in enumerate(rows):
+                if r.params.logprobs is None:
+                    continue
+                lps[i] = token_logprobs(raw_logprobs[i], tokens[i], r.params.logprobs)
+        return SamplerOutput(tokens, lps)
+
+    def draw(self, logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
+        """Next token per row, (B,) int64 on the logits' device, without a host sync: greedy rows take the
+        argmax, the others an exponential-race draw from their truncated distribution. `logits` (B, vocab) are
+        final (penalties already applied); rows that need no penalties can pass the raw logits."""
+        tokens = torch.argmax(logits, dim=-1)  # (B,): every greedy row's answer; sampled rows overwritten below
         for i, r in enumerate(rows):
             if r.params.greedy:
                 continue
@@ -110,15 +119,8 @@ class Sampler:
             probs = torch.softmax(row.masked_fill(~keep, float("-inf")), dim=-1)
             gen = r.generator if r.generator is not None else self._shared_gen(logits.device)
             q = torch.empty_like(probs).exponential_(generator=gen)
-            tokens[i] = int(torch.argmax(probs / q))
-
-        lps: list[tuple[float, list[tuple[int, float]]] | None] = [None] * len(rows)
-        if raw_logprobs is not None:
-            for i, r in enumerate(rows):
-                if r.params.logprobs is None:
-                    continue
-                lps[i] = token_logprobs(raw_logprobs[i], tokens[i], r.params.logprobs)
-        return SamplerOutput(tokens, lps)
+            tokens[i] = torch.argmax(probs / q)  # a device-side write: no .item()
+        return tokens
 
 
 def token_logprobs(logprobs_row: torch.Tensor, token: int, top_n: int) -> tuple[float, list[tuple[int, float]]]:

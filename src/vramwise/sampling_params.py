@@ -67,3 +67,16 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def history_free(self) -> bool:
+        """True when a token is drawn from the logits alone: no penalty reads the tokens produced so far and no
+        logprobs are reported. Such a sequence can run one step ahead of the host (the engine's asynchronous
+        scheduling feeds the sampled token to the next step on the device, before the host has seen it)."""
+        return (
+            self.logprobs is None
+            and self.prompt_logprobs is None
+            and self.repetition_penalty == 1.0
+            and self.presence_penalty == 0.0
+            and self.frequency_penalty == 0.0
+        )

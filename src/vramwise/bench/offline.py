@@ -136,6 +136,12 @@ def d2d_copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, reps: int = 
 
 
 def decode_path(engine: LLMEngine) -> str:
+    """How decode steps ran: the graph path (or why eager), and whether steps were launched ahead."""
+    sched = "async scheduling" if getattr(engine, "async_scheduling", False) else "one step at a time"
+    return f"{_graph_path(engine)}, {sched}"
+
+
+def _graph_path(engine: LLMEngine) -> str:
     graphs = getattr(engine.runner, "graphs", None)
     if graphs is not None:
         kind = "cuda graphs" if graphs.mode == "cuda" else "emulated graphs"

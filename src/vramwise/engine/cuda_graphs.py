@@ -86,17 +86,27 @@ class DecodeGraphs:
         # The static inputs are views of one int64 buffer, so that a step moves all of them with one copy from
         # a pinned host twin (five separate pageable copies cost tens of us of host time between two
         # replays, with the GPU idle):
-        #   [input_ids B | positions B | slot_mapping B | context_lens B int32 (B/2 words) | block_tables B x MB]
+        #   [input_ids B | positions B | slot_mapping B | context_lens B int32 (B/2 words) | prev_rows B |
+        #    block_tables B x MB]
+        # prev_rows: for a lookahead step (asynchronous scheduling), the row of the previous step's sampled ids
+        # that becomes each row's input id, gathered on the device after the copy.
         half = -(-bmax // 2)
-        self._bt_offset = 3 * bmax + half
+        self._rows_offset = 3 * bmax + half
+        self._bt_offset = self._rows_offset + bmax
         size = self._bt_offset + bmax * mb
         self._io = torch.zeros(size, dtype=torch.long, device=dev)
-        self._io_host = torch.zeros(size, dtype=torch.long, pin_memory=dev.type == "cuda")
-        (self.input_ids, self.positions, self.slot_mapping, self.context_lens,
+        (self.input_ids, self.positions, self.slot_mapping, self.context_lens, self.prev_rows,
          self.block_tables) = self._views(self._io)
-        self._host_np = [t.numpy() for t in self._views(self._io_host)]  # list -> buffer writes, no torch.tensor()
         self._reset_padding()
-        self._io_host.copy_(self._io)  # the twin starts as the device buffers: every row a padding row
+        # Two pinned twins, used in turn: with asynchronous scheduling step N+1's inputs are written while step
+        # N's copy may not have run yet. A twin is written again only once its last copy completed (its event).
+        pinned = dev.type == "cuda"
+        self._io_host = [torch.zeros(size, dtype=torch.long, pin_memory=pinned) for _ in range(2)]
+        for twin in self._io_host:
+            twin.copy_(self._io)  # every twin starts as the device buffers: every row a padding row
+        self._host_np = [[t.numpy() for t in self._views(twin)] for twin in self._io_host]  # list -> buffer writes
+        self._twin_copied: list[torch.cuda.Event | None] = [None, None]
+        self._next_twin = 0
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}  # B_pad -> the graph's output hidden states (B_pad, H)
         self.graph_pool_bytes = 0  # GPU memory the graphs' shared pool holds (measured around capture)
@@ -125,9 +135,11 @@ class DecodeGraphs:
 
     # -- static buffers ---------------------------------------------------------------------------------
 
-    def _fill(self, out: SchedulerOutput, pad: int) -> list[int]:
-        """Write this step's batch into the static buffers (rows 0..B-1) and padding (B..pad-1).
-        Returns the context lengths of the pad rows."""
+    def _fill(self, out: SchedulerOutput, pad: int, prev_tokens: torch.Tensor | None = None,
+              prev_rows: list[int] | None = None) -> list[int]:
+        """Write this step's batch into the static buffers (rows 0..B-1) and padding (B..pad-1); with
+        prev_tokens (the previous step's sampled ids on the device, (B_prev,) int64), row i's input id is
+        prev_tokens[prev_rows[i]]. Returns the context lengths of the pad rows."""
         bs, scratch = self.block_size, self.scratch_block
         n = len(out.scheduled)
         ids: list[int] = []
@@ -136,9 +148,12 @@ class DecodeGraphs:
         ctx: list[int] = []
         width = max(len(s.block_table) for s in out.scheduled)
         rows: list[list[int]] = []
+        lookahead = prev_tokens is not None
+        if lookahead and (prev_rows is None or len(prev_rows) != n):
+            raise ValueError("a lookahead step needs one previous row per scheduled sequence")
         for s in out.scheduled:
             p = s.start_pos
-            ids.append(s.token_ids[0])
+            ids.append(0 if lookahead else s.token_ids[0])
             pos.append(p)
             slots.append(s.block_table[p // bs] * bs + p % bs)
             ctx.append(s.context_len)
@@ -151,23 +166,36 @@ class DecodeGraphs:
             rows.append([scratch] + [0] * (width - 1))
         # Entries of block_tables past `width` keep stale values from earlier steps: the kernels never read
         # past a row's context length.
-        h_ids, h_pos, h_slots, h_ctx, h_bt = self._host_np
+        k = self._next_twin
+        self._next_twin = 1 - k
+        ev = self._twin_copied[k]
+        if ev is not None:
+            ev.synchronize()  # the twin's previous copy has run (long ago: two steps back)
+        h_ids, h_pos, h_slots, h_ctx, h_rows, h_bt = self._host_np[k]
         h_ids[:pad] = ids
         h_pos[:pad] = pos
         h_slots[:pad] = slots
         h_ctx[:pad] = ctx
+        if lookahead:
+            h_rows[:n] = prev_rows
         h_bt[:pad, :width] = rows
-        # One copy of the prefix that holds rows 0..pad-1 of everything. The pinned twin is not written again
-        # before this copy has run: the step after this one starts after the sampled tokens were read back.
+        # One copy of the prefix that holds rows 0..pad-1 of everything.
         end = self._bt_offset + pad * self.max_blocks
-        self._io[:end].copy_(self._io_host[:end], non_blocking=True)
+        self._io[:end].copy_(self._io_host[k][:end], non_blocking=True)
+        if self.device.type == "cuda":
+            if ev is None:
+                ev = self._twin_copied[k] = torch.cuda.Event()
+            ev.record()
+        if lookahead:  # input ids from the previous step's sampled ids, on the device: (n,) int64
+            torch.index_select(prev_tokens, 0, self.prev_rows[:n], out=self.input_ids[:n])
         return ctx
 
     def _views(self, buf: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """(input_ids, positions, slot_mapping, context_lens int32, block_tables (B, MB)) views of buf."""
+        """(input_ids, positions, slot_mapping, context_lens int32, prev_rows, block_tables (B, MB)) views of
+        buf."""
         b = self.max_batch
-        return (buf[:b], buf[b:2 * b], buf[2 * b:3 * b], buf[3 * b:self._bt_offset].view(torch.int32)[:b],
-                buf[self._bt_offset:].view(b, self.max_blocks))
+        return (buf[:b], buf[b:2 * b], buf[2 * b:3 * b], buf[3 * b:self._rows_offset].view(torch.int32)[:b],
+                buf[self._rows_offset:self._bt_offset], buf[self._bt_offset:].view(b, self.max_blocks))
 
     def _meta(self, pad: int, context_lens: list[int]) -> AttentionMetadata:
         return AttentionMetadata(
@@ -224,13 +252,15 @@ class DecodeGraphs:
         self.block_tables[:, 0] = self.scratch_block
         self.context_lens.fill_(1)
 
-    def run(self, out: SchedulerOutput) -> torch.Tensor:
-        """Hidden states (B, hidden) of an eligible step's B sequences, in scheduled order."""
+    def run(self, out: SchedulerOutput, prev_tokens: torch.Tensor | None = None,
+            prev_rows: list[int] | None = None) -> torch.Tensor:
+        """Hidden states (B, hidden) of an eligible step's B sequences, in scheduled order. For a lookahead
+        step, prev_tokens/prev_rows give the input ids on the device (see _fill)."""
         n = len(out.scheduled)
         pad = self.padded_size(n)
         if pad is None:
             raise ValueError(f"a batch of {n} sequences is past the captured ladder {self.sizes}")
-        ctx = self._fill(out, pad)
+        ctx = self._fill(out, pad, prev_tokens, prev_rows)
         self.num_replays += 1
         if self.mode == "cuda":
             self.graphs[pad].replay()

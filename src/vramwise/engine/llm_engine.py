@@ -2,8 +2,16 @@
 
     out = scheduler.schedule(); result = runner.run(out); scheduler.postprocess(out, result.sampled)
 
-then detokenize, apply stop strings, and report what changed. Synchronous; the server wraps it in an
-async loop (engine/async_engine.py).
+then detokenize, apply stop strings, and report what changed. The server wraps it in an async loop
+(engine/async_engine.py).
+
+Asynchronous scheduling (EngineConfig.async_scheduling, on by default): a step whose sequences all sample with
+history-free parameters is launched rather than run, and before its sampled ids are read back the scheduler
+plans the next step (Scheduler.schedule_lookahead) and the runner launches it, feeding the ids on the device.
+So step() returns step N's outputs while step N+1 already runs, and the host's bookkeeping (postprocess,
+detokenizing, stop strings, the next step's inputs) overlaps the GPU instead of leaving it idle between two
+steps. Greedy and seeded outputs are the same as with it off; a sequence that stops at step N has computed
+one more token, which is dropped.
 """
 
 from __future__ import annotations
@@ -21,8 +29,8 @@ import torch
 from vramwise.config import EngineConfig, ModelConfig, SchedulerConfig
 from vramwise.engine.block_manager import BlockManager
 from vramwise.engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
-from vramwise.engine.runner import KVCache, ModelRunner
-from vramwise.engine.scheduler import Scheduler
+from vramwise.engine.runner import KVCache, ModelRunner, PendingStep, RunnerOutput
+from vramwise.engine.scheduler import Scheduler, SchedulerOutput
 from vramwise.engine.sequence import Sequence, SequenceStatus
 from vramwise.kernels.kv_quant import QUANTIZED_KV_DTYPES, resolve_kv_cache_dtype
 from vramwise.model_loader import load_model, resolve_device, resolve_dtype
@@ -147,6 +155,9 @@ class LLMEngine:
             self.scheduler.swap_manager = self.swap_block_manager
         self._requests: dict[str, _RequestState] = {}
         self._seq_to_req: dict[int, _RequestState] = {}
+        self.async_scheduling = config.async_scheduling
+        self._pending: PendingStep | None = None  # the step launched ahead (asynchronous scheduling)
+        self.num_lookahead_steps = 0  # steps launched before the previous step's ids were read back
         if self.budget_setup is not None:  # warm-up of the largest steps, then NVML against the budget
             enforce.check_budget(self.budget_setup, self)
 
@@ -258,6 +269,7 @@ class LLMEngine:
             if not st.seq.is_finished:
                 self.scheduler.abort(st.seq)
             self._forget(st.seq)
+        self._drop_stale_pending()
         return True
 
     def _forget(self, seq: Sequence) -> None:
@@ -290,10 +302,40 @@ class LLMEngine:
 
     # -- the step ---------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        out = self.scheduler.schedule()
-        if out.is_empty and not out.has_swaps:
-            return []
-        result = self.runner.run(out)
+        try:
+            return self._step()
+        except BaseException:
+            self._pending = None  # a step launched ahead of a failed one is dropped with it
+            raise
+
+    def _step(self) -> list[RequestOutput]:
+        pending = self._pending
+        if pending is None:
+            out = self.scheduler.schedule()
+            if out.is_empty and not out.has_swaps:
+                return []
+            if not (self.async_scheduling and self.runner.can_launch(out)):
+                return self._process(out, self.runner.run(out))
+            pending = self.runner.launch(out)
+        # Step N (pending) is queued on the device. Launch N+1 behind it before reading N's ids back.
+        self._pending = None
+        nxt = self.scheduler.schedule_lookahead(pending.out)
+        if nxt is not None:
+            self._pending = self.runner.launch(nxt, pending)
+            self.num_lookahead_steps += 1
+        outputs = self._process(pending.out, self.runner.collect(pending))
+        self._drop_stale_pending()
+        return outputs
+
+    def _drop_stale_pending(self) -> None:
+        """Forget a launched step none of whose sequences still runs (all stopped or were aborted): its ids
+        would be dropped anyway, and the next step should be planned afresh."""
+        p = self._pending
+        if p is not None and not any(s.seq.status is SequenceStatus.RUNNING for s in p.out.scheduled):
+            self._pending = None
+
+    def _process(self, out: SchedulerOutput, result: RunnerOutput) -> list[RequestOutput]:
+        """Apply one step's results: prompt logprobs, tokens, stop conditions, outputs of touched requests."""
         for seq_id, plps in result.prompt_logprobs.items():
             req = self._seq_to_req.get(seq_id)
             if req is None or req.seqs[0].seq.seq_id != seq_id:
@@ -422,7 +464,7 @@ class LLMEngine:
             raise RuntimeError("score() needs an idle engine")
         if not token_ids or len(token_ids) > self.max_model_len:
             raise ValueError(f"score() takes 1 to {self.max_model_len} tokens, got {len(token_ids)}")
-        from vramwise.engine.scheduler import ScheduledSequence, SchedulerOutput
+        from vramwise.engine.scheduler import ScheduledSequence
 
         seq = Sequence("score", list(token_ids), SamplingParams(max_tokens=1))
         if not self.block_manager.can_allocate(seq, len(token_ids)):

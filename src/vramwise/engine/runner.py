@@ -2,6 +2,15 @@
 
 Batch tensors for T flattened tokens of B sequences:
   input_ids (T,), positions (T,), slot_mapping (T,), block_tables (B, max_blocks), query_start_loc (B+1).
+
+Two ways to run a step:
+  run(out)             model, logits, sampling, then the sampled ids on the host: one call, one sync.
+  launch(out[, prev])  the same work queued on the device, ending with a non-blocking copy of the sampled ids
+  collect(pending)     into pinned memory; collect() waits for it. The engine launches step N+1 before it
+                       collects step N (asynchronous scheduling): a lookahead step's input ids are step N's
+                       sampled ids, taken on the device (out.prev_rows), so the GPU goes from one step to
+                       the next while the host does N's bookkeeping. launch() serves steps whose every
+                       sequence samples with history-free parameters (SamplingParams.history_free).
 """
 
 from __future__ import annotations
@@ -22,6 +31,16 @@ from vramwise.models.attention import AttentionMetadata
 from vramwise.sampler import Sampler, SampleRow, token_logprobs
 
 Logprob = tuple[float, list[tuple[int, float]]]  # (chosen token's logprob, top-N pairs)
+
+
+@dataclass
+class PendingStep:
+    """A launched step: its sampled ids are on the device now and on the host once `ready` has completed."""
+
+    out: SchedulerOutput
+    tokens: torch.Tensor  # (B,) int64 on the device: next token of out.scheduled[i]
+    host: torch.Tensor  # (B,) int64 on the host (pinned when the device is CUDA): filled by a non-blocking copy
+    ready: torch.cuda.Event | None  # recorded after that copy; None on the CPU (the copy is synchronous)
 
 
 @dataclass
@@ -175,6 +194,13 @@ class ModelRunner:
                 scratch_block=num_blocks, mode=graphs,
             )
             self.graphs.capture()  # after the KV pool: the graphs bake in its addresses
+        # Pinned landing buffers for launched steps' sampled ids: two, so that step N+1 can be launched while
+        # step N's copy is still to be read; each reused only after its last copy completed.
+        pinned = device.type == "cuda"
+        width = max(max_num_seqs, 1)
+        self._token_host = [torch.zeros(width, dtype=torch.long, pin_memory=pinned) for _ in range(2)]
+        self._token_ready: list[torch.cuda.Event | None] = [None, None]
+        self._next_token_buf = 0
 
     @property
     def graph_pool_bytes(self) -> int:
@@ -234,18 +260,18 @@ class ModelRunner:
             ctx_lens.append(s.context_len)
         max_blocks = max(len(s.block_table) for s in out.scheduled)
         bt = [s.block_table + [0] * (max_blocks - len(s.block_table)) for s in out.scheduled]
-        dev = self.device
+        up = self._upload
         meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            block_tables=torch.tensor(bt, dtype=torch.long, device=dev),
+            slot_mapping=up(slots, torch.long),
+            block_tables=up(bt, torch.long),
             query_start_loc=qsl,
             context_lens=ctx_lens,
-            context_lens_t=torch.tensor(ctx_lens, dtype=torch.int32, device=dev),
+            context_lens_t=up(ctx_lens, torch.int32),
             max_context_len=max(ctx_lens),
             all_decode=all(s.num_new_tokens == 1 for s in out.scheduled),
         )
-        ids = torch.tensor(input_ids, dtype=torch.long, device=dev)
-        pos_t = torch.tensor(positions, dtype=torch.long, device=dev)
+        ids = up(input_ids, torch.long)
+        pos_t = up(positions, torch.long)
         if self._host_layers:
             from vramwise.memory.offload import HOST_STEP_KEY, HostStep, host_metadata
 
@@ -259,6 +285,72 @@ class ModelRunner:
             step.tensors[id(pos_t)] = (pos_t, torch.tensor(positions, dtype=torch.long))
             meta.prepared[HOST_STEP_KEY] = step
         return ids, pos_t, meta
+
+    def _upload(self, values: list, dtype: torch.dtype) -> torch.Tensor:
+        """A host list as a tensor on the device. On CUDA through pinned memory with a non-blocking copy:
+        torch.tensor(values, device="cuda") copies from pageable memory and then waits for the whole stream,
+        which would stall the host behind the step still running (the pinned block is kept alive by torch's
+        host allocator until the copy has run)."""
+        if self.device.type != "cuda":
+            return torch.tensor(values, dtype=dtype, device=self.device)
+        return torch.tensor(values, dtype=dtype).pin_memory().to(self.device, non_blocking=True)
+
+    # -- asynchronous steps -----------------------------------------------------------------------------
+
+    def can_launch(self, out: SchedulerOutput) -> bool:
+        """True when launch() can run this step: every scheduled sequence samples with history-free params."""
+        return bool(out.scheduled) and all(s.sample and s.seq.sampling_params.history_free for s in out.scheduled)
+
+    @torch.inference_mode()
+    def launch(self, out: SchedulerOutput, prev: PendingStep | None = None) -> PendingStep:
+        """Queue the step's model run, logits and sampling on the device, then a non-blocking copy of the
+        sampled ids to the host. A lookahead step (out.prev_rows set) takes its input ids from prev.tokens."""
+        if not self.can_launch(out):
+            raise ValueError("launch() needs a step whose every sequence samples with history-free parameters")
+        if out.prev_rows is not None and prev is None:
+            raise ValueError("a lookahead step needs the pending step whose sampled ids it continues")
+        if out.has_swaps:
+            self.swap(out)
+        n = len(out.scheduled)
+        if self.graphs is not None and self.graphs.eligible(out):
+            prev_ids = prev.tokens if out.prev_rows is not None else None  # type: ignore[union-attr]
+            hidden = self.graphs.run(out, prev_ids, out.prev_rows)  # (B, hidden)
+            last = list(range(n))
+        else:
+            ids, positions, meta = self.prepare(out)
+            if out.prev_rows is not None:
+                ids = prev.tokens.index_select(0, self._upload(out.prev_rows, torch.long))  # type: ignore[union-attr]
+            hidden = self.model(ids, positions, meta)  # (T, hidden)
+            last = [meta.query_start_loc[j + 1] - 1 for j in range(n)]
+        logits = self.model.compute_logits(_take_rows(hidden, last))  # (B, vocab) fp32
+        rows = [
+            SampleRow(s.seq.sampling_params, s.seq.prompt_token_ids, s.seq.output_token_ids,
+                      self._generator(s.seq.seq_id, s.seq.sampling_params.seed, s.seq.index))
+            for s in out.scheduled
+        ]
+        tokens = self.sampler.draw(logits, rows)  # (B,) int64, no host sync
+        k = self._next_token_buf
+        self._next_token_buf = 1 - k
+        if self.device.type != "cuda":
+            return PendingStep(out, tokens, tokens, None)
+        ev = self._token_ready[k]
+        if ev is not None:
+            ev.synchronize()  # its previous copy has landed (and was read, or its step was dropped)
+        else:
+            ev = self._token_ready[k] = torch.cuda.Event()
+        host = self._token_host[k][:n]
+        host.copy_(tokens, non_blocking=True)
+        ev.record()
+        return PendingStep(out, tokens, host, ev)
+
+    def collect(self, pending: PendingStep) -> RunnerOutput:
+        """Wait for a launched step's sampled ids and return them as run() would."""
+        if pending.ready is not None:
+            pending.ready.synchronize()
+        result = RunnerOutput()
+        for s, tok in zip(pending.out.scheduled, pending.host.tolist()):
+            result.sampled[s.seq.seq_id] = tok
+        return result
 
     @torch.inference_mode()
     def run(self, out: SchedulerOutput) -> RunnerOutput:

@@ -11,6 +11,15 @@ back (blocks_to_swap_in: (cpu_block, gpu_block) pairs) before any new admission,
 that preempted nothing.
 
 The step loop:  out = scheduler.schedule(); tokens = runner.run(out); scheduler.postprocess(out, tokens)
+
+Asynchronous scheduling (the engine's one-step lookahead): while step N runs on the device, `schedule_lookahead`
+plans step N+1 before N's sampled tokens are known on the host: every sequence of step N that samples and is not
+certain to finish by length continues with one token, whose id the runner takes on the device from step N's
+output (`SchedulerOutput.prev_rows`). Sequences that then finish at step N (eos, stop token or string, abort)
+have computed one token in vain: postprocess skips them, and the KV they wrote went into blocks that are freed
+and reused later in stream order. It plans nothing (None) when anything else could happen in N+1: requests
+waiting or swapped out, a running sequence left out of step N, a sampling parameter that reads the output history, or
+too few free blocks (the regular schedule() then preempts as usual).
 """
 
 from __future__ import annotations
@@ -21,6 +30,9 @@ from dataclasses import dataclass, field
 from vramwise.config import SchedulerConfig
 from vramwise.engine.block_manager import BlockManager
 from vramwise.engine.sequence import Sequence, SequenceStatus
+
+
+LOOKAHEAD_TOKEN = -1  # placeholder in a lookahead step's token_ids: the real id is only on the device
 
 
 @dataclass
@@ -53,6 +65,9 @@ class SchedulerOutput:
     # swap-in pairs are (cpu_block, gpu_block), swap-out pairs (gpu_block, cpu_block); outs go first.
     blocks_to_swap_in: list[tuple[int, int]] = field(default_factory=list)
     blocks_to_swap_out: list[tuple[int, int]] = field(default_factory=list)
+    # A lookahead step (schedule_lookahead): scheduled[i]'s input token is the token the previous step sampled
+    # for its row prev_rows[i]; token_ids then hold LOOKAHEAD_TOKEN, not a real id. None for regular steps.
+    prev_rows: list[int] | None = None
 
     @property
     def num_batched_tokens(self) -> int:
@@ -244,6 +259,45 @@ class Scheduler:
                 out.scheduled.append(self._schedule_one(seq, n))
                 budget -= n
         return out
+
+    def schedule_lookahead(self, prev: SchedulerOutput) -> SchedulerOutput | None:
+        """Step N+1 planned while step `prev` (N) is still running: see the module doc. Allocates the blocks
+        the new tokens need; returns None (allocating nothing) when the regular schedule() must decide."""
+        if self.waiting or self.swapped or not prev.scheduled:
+            return None
+        live = [sch.seq.status is SequenceStatus.RUNNING for sch in prev.scheduled]
+        if sum(live) != len(self.running):
+            return None  # some running sequence sat step N out (token budget): let schedule() pick
+        rows: list[int] = []
+        next_pos: list[int] = []
+        need = 0
+        for j, sch in enumerate(prev.scheduled):
+            seq = sch.seq
+            if not live[j]:
+                continue  # stopped (or aborted) after step N was planned: its token there is dropped
+            if not sch.sample or not seq.sampling_params.history_free:
+                return None
+            if sch.start_pos + sch.num_new_tokens != seq.num_tokens:
+                return None  # not the sequence's last chunk (cannot happen when sample is set; kept as a guard)
+            if self._finishes_by_length(seq):
+                continue  # certain to stop at step N: not in N+1 (the regular schedule would not run it either)
+            pos = seq.num_tokens  # the token step N samples sits at this position
+            rows.append(j)
+            next_pos.append(pos)
+            need += self.block_manager.num_blocks_needed(seq, pos + 1)
+        if not rows or len(rows) > self.config.max_num_batched_tokens or need > self.block_manager.num_free_blocks:
+            return None
+        out = SchedulerOutput(prev_rows=rows)
+        for j, pos in zip(rows, next_pos):
+            seq = prev.scheduled[j].seq
+            self.block_manager.allocate(seq, pos + 1)
+            out.scheduled.append(ScheduledSequence(seq, [LOOKAHEAD_TOKEN], pos, list(seq.block_table), True))
+        return out
+
+    def _finishes_by_length(self, seq: Sequence) -> bool:
+        """True when the token now being sampled for seq is its last (max_tokens or max_model_len)."""
+        return (seq.num_output_tokens + 1 >= seq.sampling_params.max_tokens
+                or seq.num_tokens + 1 >= self.config.max_model_len)
 
     def _swap_in(self, seq: Sequence, out: SchedulerOutput) -> None:
         assert self.swap_manager is not None
