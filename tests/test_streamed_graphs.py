@@ -67,12 +67,11 @@ def reference(path: str, kv: str, device: str = "cpu") -> list[list[int]]:
 # ---- engine policy --------------------------------------------------------------------------------------
 
 
-def _mode(placements: list[str] | None, kv_dtype: torch.dtype, device: str = "cuda") -> tuple[str, str | None]:
-    fake = SimpleNamespace(
-        config=SimpleNamespace(decode_graphs="auto", enforce_eager=False), kv_dtype=kv_dtype,
-        device=torch.device(device), placement_name="test",
-        offload=None if placements is None else SimpleNamespace(layers_with=lambda p: [i for i, x in enumerate(placements) if x == p]),
-    )
+def _mode(placements: list[str] | None, kv_dtype: torch.dtype, blocker: str | None = None) -> tuple[str, str | None]:
+    offload = None if placements is None else SimpleNamespace(
+        layers_with=lambda p: [i for i, x in enumerate(placements) if x == p], capture_blocker=lambda: blocker)
+    fake = SimpleNamespace(config=SimpleNamespace(decode_graphs="auto", enforce_eager=False), kv_dtype=kv_dtype,
+                           device=torch.device("cuda"), placement_name="test", offload=offload)
     return LLMEngine._graph_mode(fake)  # type: ignore[arg-type]
 
 
@@ -83,6 +82,16 @@ def test_graph_mode_captures_streamed_models_and_int8_kv():
     assert _mode(None, torch.int8) == ("cuda", None)
     mode, why = _mode(["streamed", "cpu", "resident"], torch.float16)  # CPU-computed layers stay eager
     assert mode == "off" and "CPU" in why
+    assert _mode(["streamed"] * 3, torch.float16, blocker="not pinned") == ("off", "not pinned")
+
+
+def test_capture_blocker_names_cpu_layers(deep_path):
+    _, driver = laid_out(deep_path, "s,c,r,s,s,r,s", 2, "off")
+    assert "CPU" in driver.capture_blocker()
+    with pytest.raises(ValueError, match="computed on the CPU"):
+        laid_out(deep_path, "s,c,r,s,s,r,s", 2, "emulate")
+    _, driver = laid_out(deep_path, "streamed", 2, "off")
+    assert driver.capture_blocker() is None  # on the CPU nothing is pinned, and nothing needs to be
 
 
 # ---- emulated replays on the CPU ----------------------------------------------------------------------------
@@ -312,3 +321,12 @@ def test_cuda_graphs_stream_a_real_shaped_model():
     driver = graphs.engine.offload
     assert graphs.engine.runner.graphs.num_replays > 0
     assert driver.stats.replayed_loads == 17 * graphs.engine.runner.graphs.num_replays
+
+
+@pytest.mark.gpu
+def test_pageable_host_buffers_keep_decode_eager(gpu_path):
+    """A copy from pageable memory cannot be captured: such a placement is refused by the graphs, named."""
+    from vramwise.memory import placement as pl
+
+    with pytest.raises(ValueError, match="not pinned"):
+        laid_out(gpu_path, "streamed", 2, "cuda", device="cuda", host_allocator=pl.pageable_allocator)

@@ -93,8 +93,9 @@ class DecodeGraphs:
         # Streamed layers / embeddings on the host: the offload driver's ring runs inside the captured step
         # (module doc, "Streamed models"). Layers computed on the CPU cannot be captured.
         self.offload = driver_of(model)
-        if self.offload is not None and CPU in self.offload.placements:
-            raise ValueError("decode graphs cannot include layers computed on the CPU; run them eagerly")
+        blocker = self.offload.capture_blocker() if self.offload is not None else None
+        if blocker is not None and (mode == "cuda" or CPU in self.offload.placements):  # type: ignore[union-attr]
+            raise ValueError(f"decode graphs cannot be used with this placement: {blocker}; run eagerly")
         self.schedules: dict[int, StepSchedule] = {}  # B_pad -> what its graph does to the streaming ring
         self.block_size = block_size
         self.sizes = graph_ladder(max_num_seqs)

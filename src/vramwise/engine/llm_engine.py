@@ -172,6 +172,9 @@ class LLMEngine:
             return "emulate", None
         if self.device.type != "cuda":
             return "off", None
+        blocker = self.offload.capture_blocker() if self.offload is not None else None
+        if blocker is not None:
+            return "off", blocker
         from vramwise.kernels.attention_backend import HAS_TRITON
 
         if not HAS_TRITON:

@@ -72,6 +72,8 @@ state. The schedule a captured step follows:
   the replay), not just the first slot's; at most one layer's compute of copy-engine idle time per step.
   The copies are cudaMemcpyAsync nodes from host-registered memory (PinnedHostMemory uses cudaHostRegister,
   not torch's caching host allocator, so a captured non_blocking copy records no host-allocator event).
+  CUDA refuses a copy from pageable memory inside a capture: with pageable host buffers (file_backed_allocator,
+  pageable_allocator) capture_blocker() says so and decode steps stay eager, as with CPU-computed layers.
   Embeddings on the host (embed_on_cpu): the lookup needs the ids on the host (a sync), which a graph
   cannot do. Inside a captured step the embedding's hooks feed it dummy host ids and replace its output by a
   static device buffer (prepare_step_capture(max_tokens): (max_tokens, hidden) in the table's dtype, counted
@@ -693,6 +695,16 @@ class OffloadDriver:
         return out.to(self.device)
 
     # -- captured decode steps (module doc, "Captured decode steps") --------------------------------------
+    def capture_blocker(self) -> str | None:
+        """Why this placement's decode steps cannot be captured as CUDA graphs (None: they can): layers
+        computed on the CPU, or streamed units whose host buffers are pageable (file-backed, or a pageable
+        allocator): CUDA refuses a copy from pageable memory inside a capture."""
+        if CPU in self.placements:
+            return "layers computed on the CPU cannot be part of a CUDA graph"
+        if self.device.type == "cuda" and not all(st.host.is_pinned() for st in self._streamed):
+            return "streamed layers' host buffers are not pinned (a pageable copy cannot be captured)"
+        return None
+
     def prepare_step_capture(self, max_tokens: int) -> int:
         """Allocate what captured steps of up to max_tokens tokens need beyond the ring: with embeddings on
         the host, the device rows the graph reads (max_tokens, hidden) and two pinned host staging buffers.
