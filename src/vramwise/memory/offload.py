@@ -294,8 +294,7 @@ class _StepRecorder:
     live: bool
     start_owner: list[int | None]
     start_stats: StreamStats
-    deferred: list[int] = field(default_factory=list)
-    schedule: StepSchedule | None = None
+    deferred: list[int] = field(default_factory=list)  # slots whose wrap-around copy was held back
 
 
 class _SlotRing:
