@@ -19,12 +19,25 @@ well defined (no empty softmax). The attention kernel's grid is sized from a fix
 (max_blocks * block_size) instead of this step's longest context, so the launch shape is the same on
 every replay.
 
+Streamed models (memory/offload.py, "Captured decode steps"): the offload driver laid over the model
+(offload.driver_of) takes part in capture and replay. Before each capture and each replay it brings the
+streaming ring to its step-start state and orders the copy stream's earlier work before the graph
+(ensure_step_start); around the captured forward, begin_step_capture()/end_step_capture() switch its hooks to
+the in-step schedule (the copies of units N..S-1 are graph nodes on the forked copy stream, joined before the
+capture ends; no wrap-around prefetch inside) and record a StepSchedule per rung; after each replay,
+after_replay(schedule) sets the ring's host state to the schedule's end and issues the deferred wrap-around
+copies eagerly. With embeddings on the host, stage_embeddings(ids) puts the step's rows into a static device
+buffer the graph reads (ids from the pinned twin of input_ids that _fill wrote). Layers computed on the CPU
+keep the whole step eager (ModelRunner and the engine refuse graphs for them). int8 KV pages are captured
+like float ones (quantize-on-write is fixed-shape torch ops, the decode kernel reads the scale pools).
+
 Steps that run eagerly: any step with a prefill chunk (more than one new token for some sequence), steps
 that need prompt logprobs, more sequences than the largest rung, block tables longer than the bound.
 
 mode "emulate" (CPU, tests): the same ladder, padding and static buffers, but the padded batch runs eagerly
 through the model instead of a replay; so a CPU test shows that padding, the scratch block and the buffer
-bookkeeping leave outputs unchanged, the parts a graph replay does not change.
+bookkeeping leave outputs unchanged, the parts a graph replay does not change. With a driver, the emulated
+step runs the captured step's ring schedule for real (begin_step_capture(live=True)).
 """
 
 from __future__ import annotations
@@ -36,6 +49,7 @@ import torch
 from torch import nn
 
 from vramwise.engine.scheduler import SchedulerOutput
+from vramwise.memory.offload import CPU, StepSchedule, driver_of
 from vramwise.models.attention import AttentionMetadata
 
 log = logging.getLogger(__name__)
@@ -76,6 +90,13 @@ class DecodeGraphs:
         self.model = model
         self.device = device
         self.mode = mode
+        # Streamed layers / embeddings on the host: the offload driver's ring runs inside the captured step
+        # (module doc, "Streamed models"). Layers computed on the CPU cannot be captured.
+        self.offload = driver_of(model)
+        blocker = self.offload.capture_blocker() if self.offload is not None else None
+        if blocker is not None and (mode == "cuda" or CPU in self.offload.placements):  # type: ignore[union-attr]
+            raise ValueError(f"decode graphs cannot be used with this placement: {blocker}; run eagerly")
+        self.schedules: dict[int, StepSchedule] = {}  # B_pad -> what its graph does to the streaming ring
         self.block_size = block_size
         self.sizes = graph_ladder(max_num_seqs)
         self.max_batch = self.sizes[-1]
@@ -215,6 +236,8 @@ class DecodeGraphs:
         """Capture one graph per rung, largest first, all in one memory pool. Call after the KV pool exists
         (the graphs bake in its addresses) and before serving."""
         if self.mode != "cuda":
+            if self.offload is not None:
+                self.offload.prepare_step_capture(self.max_batch)
             return
         # Captured with every context length at the bound: the host-side list only tells the attention
         # backend how many sequences there are and (through its max) the grid bound; the kernels read the
@@ -228,12 +251,26 @@ class DecodeGraphs:
         torch.cuda.synchronize(self.device)
         torch.cuda.empty_cache()
         before = torch.cuda.memory_reserved(self.device)
+        drv = self.offload
+        if drv is not None:  # the embedding rows a step reads when the table is on the host: counted as pool
+            drv.prepare_step_capture(self.max_batch)
         pool = torch.cuda.graph_pool_handle()
         try:
             for b in reversed(self.sizes):  # largest first: smaller graphs reuse its pool blocks
                 g = torch.cuda.CUDAGraph()
+                if drv is not None:
+                    drv.ensure_step_start()  # eager: the ring in its step-start state, copies joined
                 with torch.cuda.graph(g, pool=pool):
-                    self.outputs[b] = self.model(self.input_ids[:b], self.positions[:b], metas[b])
+                    if drv is not None:
+                        drv.begin_step_capture()
+                    try:
+                        self.outputs[b] = self.model(self.input_ids[:b], self.positions[:b], metas[b])
+                    except BaseException:
+                        if drv is not None:
+                            drv.abort_step_capture()
+                        raise
+                    if drv is not None:
+                        self.schedules[b] = drv.end_step_capture()  # joins the copy stream, inside the capture
                 self.graphs[b] = g
         except RuntimeError as e:
             raise RuntimeError(f"CUDA-graph capture of the decode step failed ({e}); run with --enforce-eager") from e
@@ -262,8 +299,22 @@ class DecodeGraphs:
             raise ValueError(f"a batch of {n} sequences is past the captured ladder {self.sizes}")
         ctx = self._fill(out, pad, prev_tokens, prev_rows)
         self.num_replays += 1
+        drv = self.offload
+        if drv is not None:
+            drv.stage_embeddings(torch.from_numpy(self._host_np[0][:pad]))  # host ids: the twin _fill just wrote
+            drv.ensure_step_start()
         if self.mode == "cuda":
             self.graphs[pad].replay()
+            if drv is not None:
+                drv.after_replay(self.schedules[pad])
             return self.outputs[pad][:n]
-        hidden = self.model(self.input_ids[:pad], self.positions[:pad], self._meta(pad, ctx))
+        if drv is None:
+            return self.model(self.input_ids[:pad], self.positions[:pad], self._meta(pad, ctx))[:n]
+        # Emulated with a driver: the same in-step schedule as the capture, run for real.
+        drv.begin_step_capture(live=True)
+        try:
+            hidden = self.model(self.input_ids[:pad], self.positions[:pad], self._meta(pad, ctx))
+        finally:
+            sched = drv.end_step_capture()
+        drv.after_replay(sched)
         return hidden[:n]

@@ -32,7 +32,7 @@ from vramwise.engine.outputs import CompletionOutput, Logprob, RequestMetrics, R
 from vramwise.engine.runner import KVCache, ModelRunner, PendingStep, RunnerOutput
 from vramwise.engine.scheduler import Scheduler, SchedulerOutput
 from vramwise.engine.sequence import Sequence, SequenceStatus
-from vramwise.kernels.kv_quant import QUANTIZED_KV_DTYPES, resolve_kv_cache_dtype
+from vramwise.kernels.kv_quant import resolve_kv_cache_dtype
 from vramwise.model_loader import load_model, resolve_device, resolve_dtype
 from vramwise.sampling_params import SamplingParams
 from vramwise.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -176,18 +176,16 @@ class LLMEngine:
             return "off", None
         if self.offload is not None and self.offload.layers_with("cpu"):
             return "off", "layers computed on the CPU cannot be part of a CUDA graph"
-        if self.kv_dtype in QUANTIZED_KV_DTYPES:
-            # the int8 KV write (quantize per token and head) is plain torch ops, not yet checked under capture
-            return "off", f"the {str(self.kv_dtype).removeprefix('torch.')} KV cache runs decode steps eagerly"
+        # Streamed layers and embeddings on the host are captured with the step (the ring's copies are graph
+        # nodes; memory/offload.py "Captured decode steps"); the int8 KV write and read are capturable too
+        # (fixed-shape torch ops and the decode kernel with its scale pools; no host sync).
         if cfg.decode_graphs == "emulate":
             return "emulate", None
         if self.device.type != "cuda":
             return "off", None
-        if self.offload is not None:
-            # The streaming ring decides per call, on the host, which slot to fill and whether a copy is
-            # already in flight (its prefetch also crosses step boundaries); a graph would freeze one
-            # step's decisions. Streamed models keep eager decode steps.
-            return "off", f"layers are streamed ({self.placement_name}); CUDA graphs are bypassed for this model"
+        blocker = self.offload.capture_blocker() if self.offload is not None else None
+        if blocker is not None:
+            return "off", blocker
         from vramwise.kernels.attention_backend import HAS_TRITON
 
         if not HAS_TRITON:

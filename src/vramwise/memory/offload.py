@@ -17,8 +17,8 @@ modules; module names, state_dict keys and the model's own forward stay as they 
 Streaming, step by step (S streamed layers in model order j = 0..S-1, N slots, prefetch depth N - 1):
   * Slot assignment is fixed: streamed layer j always runs from slot j % N. Its parameters and buffers are
     re-pointed ONCE, at apply time, at views into that slot (same byte layout as its host buffer), so a
-    layer's tensor addresses never change between steps: a captured CUDA graph can replay the same kernels
-    and the same in-place H2D copies into the same slots (issue 5's later CUDA-graph work relies on this).
+    layer's tensor addresses never change between steps: a captured CUDA graph replays the same kernels
+    and the same in-place H2D copies into the same slots (see "Captured decode steps" below).
   * Two CUDA events per slot: `loaded[s]`, recorded on the copy stream after the copy into s, and `freed[s]`,
     recorded on the compute stream after the layer that read s returned (its kernels are queued by then, so
     the event completes exactly when they have finished reading the slot).
@@ -35,6 +35,53 @@ Streaming, step by step (S streamed layers in model order j = 0..S-1, N slots, p
     that one copy cannot start before the last streamed layer finishes (it still overlaps the end of the
     step). The planner can pick N dividing S when the budget allows.
 On the CPU (no GPU, tests) the very same code runs with CPU slots and synchronous copies; events are no-ops.
+
+Captured decode steps (engine/cuda_graphs.py replays the all-decode step as a CUDA graph; the ring's copies
+are nodes of that graph). A graph must be self-contained: inside a capture a stream may wait only on events
+recorded in the same capture, a side stream takes part only once it waited on such an event (the fork), and
+the capture may end only after the capture stream waited on every forked stream's last work (the join).
+Host decisions (which slot to fill) are frozen at capture, so every replay must start from the same ring
+state. The schedule a captured step follows:
+  * Step-start state: slot s holds unit s (s < N), the state the wrap-around prefetch leaves after every
+    step. ensure_step_start(), eager, before each capture and each replay: loads any slot not in that state
+    (a miss; none in normal running), then the compute stream waits on an event recorded on the copy stream
+    after its last copy (join_copies). So the graph may read slots 0..N-1 without waiting inside, and no copy
+    issued before the replay (the previous step's wrap-around, an eager prefill's copies) races the graph's.
+  * Inside the capture (begin_step_capture / end_step_capture, called by DecodeGraphs around the model's
+    forward): the hooks run as in an eager step but on a separate set of events (cap_freed / cap_loaded):
+    the post-hook of unit j records cap_freed[s] on the capture stream and, when unit j + N exists, issues
+    its copy on the copy stream after waiting on that event (that wait forks the copy stream into the graph);
+    the pre-hook of unit j >= N waits on cap_loaded[s]; units j < N wait on nothing inside (ordered by the
+    join before the replay). A miss inside a capture records cap_freed[s] first, at that point of the capture
+    stream. The wrap-around copy (the next step's first units) is NOT issued: its copy would outlive the
+    graph. end_step_capture() makes the capture stream wait on an event recorded after the copy stream's last
+    captured copy, so the replay ends with no copy in flight; it returns a StepSchedule: the slots' owners at
+    the end of the step, the slots whose wrap-around was deferred, the copies per replay; and restores the
+    host state (owner, stats) to the step start, since the capture executed nothing.
+  * after_replay(schedule), eager, right after graph.replay(): owner becomes the schedule's end state, every
+    slot's `freed` is re-recorded on the compute stream (after the whole graph: a later copy into any slot,
+    eager or deferred, waits for it), the stats count the replayed copies, and the deferred wrap-around
+    copies are issued, overlapping the logits, sampling and the host's work between steps, as in an eager step.
+  * A streamed lm_head is the ring's last unit but runs after the graph (the logits stay eager): its copy is
+    issued inside the graph by unit S-1-N (and joined at its end), its own wrap-around by its eager post-hook;
+    after_replay never touches its slot.
+  * Eager steps (prefill) between replays keep working unchanged: they start from the step-start state and
+    leave it; the `freed` events after_replay re-records order their copies after the last replay.
+  * S <= N: every unit keeps its slot, the graph has no copy and the stream is never forked.
+  Cost against an eager step: the graph starts only once all N wrap-around copies landed (one join before
+  the replay), not just the first slot's; at most one layer's compute of copy-engine idle time per step.
+  The copies are cudaMemcpyAsync nodes from host-registered memory (PinnedHostMemory uses cudaHostRegister,
+  not torch's caching host allocator, so a captured non_blocking copy records no host-allocator event).
+  CUDA refuses a copy from pageable memory inside a capture: with pageable host buffers (file_backed_allocator,
+  pageable_allocator) capture_blocker() says so and decode steps stay eager, as with CPU-computed layers.
+  Embeddings on the host (embed_on_cpu): the lookup needs the ids on the host (a sync), which a graph
+  cannot do. Inside a captured step the embedding's hooks feed it dummy host ids and replace its output by a
+  static device buffer (prepare_step_capture(max_tokens): (max_tokens, hidden) in the table's dtype, counted
+  with the graph pool); before each replay stage_embeddings(ids) gathers the step's rows on the host into one
+  of two pinned staging buffers and copies them into that buffer with one non_blocking H2D copy on the
+  compute stream (a staging buffer is reused only after its previous copy finished: an event per buffer).
+  begin_step_capture(live=True) runs the same schedule eagerly (emulate mode, CPU tests): copies really run,
+  so a schedule that left a slot holding the wrong unit changes the output there too.
 
 CPU-computed layers: weights in `cpu_dtype` (default float32, see DEFAULT_CPU_DTYPE for the measurement),
 quantized linears dequantized once at apply time (the packed CPU path dequantizes on every call); the KV
@@ -216,10 +263,38 @@ def host_step(meta: AttentionMetadata) -> HostStep:
 
 @dataclass
 class StreamStats:
-    loads: int = 0  # whole-layer H2D copies issued into a slot
+    loads: int = 0  # whole-layer H2D copies issued into a slot (a replayed graph's copies included)
     prefetches: int = 0  # of which issued ahead, by the post-hook of the slot's previous user
     misses: int = 0  # of which issued by the layer that needed it (first use, out-of-order call)
     bytes_copied: int = 0
+    replays: int = 0  # captured steps replayed (their copies are counted in loads from the step's schedule)
+    replayed_loads: int = 0  # of loads, those a graph replay performed
+
+
+@dataclass
+class StepSchedule:
+    """What one captured step does to the ring, recorded at capture (module doc, "Captured decode steps").
+
+    end_owner: the streamed unit each slot holds when the step ends (the graph's copies, replayed);
+    deferred: slots whose wrap-around copy (the next step's first units) after_replay() issues eagerly;
+    loads / prefetches / misses / bytes: the copies inside the graph, counted into StreamStats per replay;
+    live: the step ran eagerly (emulate mode, CPU tests): its copies really ran and counted themselves."""
+
+    end_owner: list[int | None]
+    deferred: list[int]
+    loads: int = 0
+    prefetches: int = 0
+    misses: int = 0
+    bytes: int = 0
+    live: bool = False
+
+
+@dataclass
+class _StepRecorder:
+    live: bool
+    start_owner: list[int | None]
+    start_stats: StreamStats
+    deferred: list[int] = field(default_factory=list)  # slots whose wrap-around copy was held back
 
 
 class _SlotRing:
@@ -247,11 +322,35 @@ class _SlotRing:
                 # The block may have been freed by the compute stream a moment ago with kernels still
                 # reading it: the first copy into the slot must wait for those.
                 ev.record(compute)
+            # A second set of events for graph capture (see "Captured decode steps" in the module doc): the
+            # graph's fork/join edges. Kept apart from the eager ones so that an event recorded inside a
+            # capture is never waited on outside it, and the reverse.
+            self.cap_loaded = [torch.cuda.Event() for _ in range(num_slots)]
+            self.cap_freed = [torch.cuda.Event() for _ in range(num_slots)]
+            self.cap_join = torch.cuda.Event()
+            self.eager_join = torch.cuda.Event()
+        # Capture state: None outside a captured step; else the slots whose cap_freed / cap_loaded event was
+        # recorded in this capture (an event may be waited on only after it was recorded in the same capture).
+        self._cap_freed: set[int] | None = None
+        self._cap_loaded: set[int] = set()
+
+    @property
+    def capturing(self) -> bool:
+        return self._cap_freed is not None
 
     def copy_in(self, s: int, dst: torch.Tensor, src: torch.Tensor) -> None:
         """dst (a view of slot s) <- src (host bytes), after the slot's last reader finished."""
         if self.copy_stream is None:
             dst.copy_(src)
+            return
+        if self._cap_freed is not None:  # inside a graph capture: fork the copy stream off the capture stream
+            if s not in self._cap_freed:  # a miss: the slot's readers so far are all behind this point
+                self.mark_free(s)
+            self.copy_stream.wait_event(self.cap_freed[s])
+            with torch.cuda.stream(self.copy_stream):
+                dst.copy_(src, non_blocking=True)  # host-registered source: a memcpy node, no host-allocator event
+            self.cap_loaded[s].record(self.copy_stream)
+            self._cap_loaded.add(s)
             return
         self.copy_stream.wait_event(self.freed[s])
         with torch.cuda.stream(self.copy_stream):
@@ -259,12 +358,52 @@ class _SlotRing:
         self.loaded[s].record(self.copy_stream)
 
     def wait_loaded(self, s: int) -> None:
-        if self.is_async:
-            torch.cuda.current_stream(self.device).wait_event(self.loaded[s])
+        if not self.is_async:
+            return
+        if self._cap_freed is not None:
+            # Loaded in this capture: wait on that copy. Otherwise the slot was loaded before the step began
+            # and join_copies() ordered that copy before the replay (an eager event cannot be waited on here).
+            if s in self._cap_loaded:
+                torch.cuda.current_stream(self.device).wait_event(self.cap_loaded[s])
+            return
+        torch.cuda.current_stream(self.device).wait_event(self.loaded[s])
 
     def mark_free(self, s: int) -> None:
-        if self.is_async:
-            self.freed[s].record(torch.cuda.current_stream(self.device))
+        if not self.is_async:
+            return
+        if self._cap_freed is not None:
+            self.cap_freed[s].record(torch.cuda.current_stream(self.device))
+            self._cap_freed.add(s)
+            return
+        self.freed[s].record(torch.cuda.current_stream(self.device))
+
+    # -- captured steps (module doc, "Captured decode steps") -------------------------------------------
+    def join_copies(self) -> None:
+        """Eager, before a replay: the compute stream waits for every copy issued so far (the previous step's
+        wrap-around prefetch), so the graph's reads of the slots it does not load itself are ordered."""
+        if self.is_async and self.copy_stream is not None:
+            self.eager_join.record(self.copy_stream)
+            torch.cuda.current_stream(self.device).wait_event(self.eager_join)
+
+    def begin_capture(self) -> None:
+        self._cap_freed = set()
+        self._cap_loaded = set()
+
+    def end_capture(self, join: bool) -> None:
+        """Leave capture mode; with join (inside the capture still), the capture stream waits for the copy
+        stream's last captured copy, so the graph ends with no copy in flight (CUDA refuses to end a capture
+        with a forked stream left unjoined)."""
+        if join and self.is_async and self._cap_loaded:
+            self.cap_join.record(self.copy_stream)
+            torch.cuda.current_stream(self.device).wait_event(self.cap_join)
+        self._cap_freed = None
+        self._cap_loaded = set()
+
+    def after_replay(self) -> None:
+        """Eager, after a replay: every slot's readers are in the graph just launched, so a later copy into
+        any slot must wait for the whole graph (re-record each `freed` past it)."""
+        for s in range(len(self.slots)):
+            self.mark_free(s)
 
     def close(self) -> None:
         if self.copy_stream is not None:
@@ -333,6 +472,13 @@ class OffloadDriver:
         self.cpu_dtype = cpu_dtype  # compute dtype (and KV dtype) of CPU layers
         self.stats = StreamStats()
         self.released = False
+        # Captured decode steps (module doc): the in-step schedule's state while one is captured or emulated.
+        self._step: _StepRecorder | None = None
+        self._emb: nn.Module | None = None
+        self._emb_rows: torch.Tensor | None = None  # (max_tokens, hidden) device rows a captured step reads
+        self._emb_stage: list[torch.Tensor] = []  # two (max_tokens, hidden) pinned host buffers, used in turn
+        self._emb_stage_done: list[torch.cuda.Event | None] = []  # H2D copy out of each buffer finished
+        self._emb_turn = 0
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._host_clones: dict[int, nn.Module] = {}  # id(shared module) -> its host clone for CPU units
         self._restore: list[tuple[nn.Module, str, nn.Module]] = []  # (parent, attribute, original module)
@@ -386,10 +532,11 @@ class OffloadDriver:
             emb_refs = pl.owned_tensors(emb)
             pl.move(emb_refs, HOST)
             self.bytes_cpu += pl.tensor_bytes(emb_refs)
-            # Token ids (T,) to the host for the lookup, the rows (T, hidden) back to the device.
-            self._hooks.append(emb.register_forward_pre_hook(lambda m, args: tuple(
-                a.to(HOST) if isinstance(a, torch.Tensor) else a for a in args)))
-            self._hooks.append(emb.register_forward_hook(lambda m, args, out: out.to(self.device)))
+            # Token ids (T,) to the host for the lookup, the rows (T, hidden) back to the device; inside a
+            # captured step the rows come from the staging buffer instead (stage_embeddings).
+            self._emb = emb
+            self._hooks.append(emb.register_forward_pre_hook(self._emb_pre))
+            self._hooks.append(emb.register_forward_hook(self._emb_post))
 
         # 3. The ring: N slots (fewer when fewer units stream), each unit re-pointed at its slot for good.
         n = min(num_stream_buffers, len(self._streamed))
@@ -518,10 +665,162 @@ class OffloadDriver:
             s = j % n
             self._ring.mark_free(s)  # type: ignore[union-attr]
             nxt = j + n if j + n < count else s  # the slot's next user: later this step, or next step's
-            if self._ring.owner[s] != nxt:  # type: ignore[union-attr]
-                self._load(nxt, prefetch=True)
+            if self._ring.owner[s] == nxt:  # type: ignore[union-attr]
+                return
+            if nxt == s and self._step is not None:
+                # A captured step issues no wrap-around copy (it would outlive the graph): after_replay()
+                # issues it eagerly once the replay is queued.
+                self._step.deferred.append(s)
+                return
+            self._load(nxt, prefetch=True)
 
         return post
+
+    # -- embeddings on the host -------------------------------------------------------------------------
+    def _emb_pre(self, module: nn.Module, args: tuple) -> tuple:
+        if self._step is not None and not self._step.live:
+            # Capturing: the lookup must not read device ids (a sync). It runs once, now, on dummy host ids;
+            # its rows are discarded for the staging buffer's (_emb_post), which the graph reads by address.
+            return (torch.zeros(args[0].shape[0], dtype=torch.long), *args[1:])
+        return tuple(a.to(HOST) if isinstance(a, torch.Tensor) else a for a in args)
+
+    def _emb_post(self, module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+        if self._step is not None:
+            # A captured (or emulated) step reads the rows stage_embeddings() put on the device: (T, hidden).
+            if self._emb_rows is None or out.shape[0] > self._emb_rows.shape[0]:
+                raise RuntimeError(f"a captured step of {out.shape[0]} tokens has no embedding staging buffer that "
+                                   "large; call prepare_step_capture(max_tokens) first")
+            return self._emb_rows[: out.shape[0]]
+        return out.to(self.device)
+
+    # -- captured decode steps (module doc, "Captured decode steps") --------------------------------------
+    def capture_blocker(self) -> str | None:
+        """Why this placement's decode steps cannot be captured as CUDA graphs (None: they can): layers
+        computed on the CPU, or streamed units whose host buffers are pageable (file-backed, or a pageable
+        allocator): CUDA refuses a copy from pageable memory inside a capture."""
+        if CPU in self.placements:
+            return "layers computed on the CPU cannot be part of a CUDA graph"
+        if self.device.type == "cuda" and not all(st.host.is_pinned() for st in self._streamed):
+            return "streamed layers' host buffers are not pinned (a pageable copy cannot be captured)"
+        return None
+
+    def prepare_step_capture(self, max_tokens: int) -> int:
+        """Allocate what captured steps of up to max_tokens tokens need beyond the ring: with embeddings on
+        the host, the device rows the graph reads (max_tokens, hidden) and two pinned host staging buffers.
+        Returns the device bytes allocated (the caller counts them with its graphs)."""
+        if not self.embed_on_cpu or (self._emb_rows is not None and self._emb_rows.shape[0] >= max_tokens):
+            return 0
+        weight = self._emb.weight  # type: ignore[union-attr]  # (vocab, hidden) on the host
+        # In the table's dtype: the eager path's out.to(device) keeps it too.
+        self._emb_rows = torch.zeros(max_tokens, weight.shape[1], dtype=weight.dtype, device=self.device)
+        pin = self.device.type == "cuda"
+        self._emb_stage = [torch.empty(max_tokens, weight.shape[1], dtype=weight.dtype, pin_memory=pin)
+                           for _ in range(2)]
+        self._emb_stage_done = [None, None]
+        return self._emb_rows.numel() * self._emb_rows.element_size()
+
+    def stage_embeddings(self, ids: torch.Tensor) -> None:
+        """Before a replay: look up the step's token ids (T,) (a host tensor) on the host and copy the rows
+        into the device buffer the captured step reads, on the compute stream (so ordered before the replay).
+        Two host buffers are used in turn: a buffer is reused only after its previous copy finished."""
+        if not self.embed_on_cpu:
+            return
+        t = ids.shape[0]
+        if self._emb_rows is None or t > self._emb_rows.shape[0]:
+            raise RuntimeError(f"no embedding staging buffer for {t} tokens; call prepare_step_capture first")
+        k = self._emb_turn = 1 - self._emb_turn
+        stage = self._emb_stage[k][:t]
+        done = self._emb_stage_done[k]
+        if done is not None:
+            done.synchronize()  # recorded two steps ago: normally complete, no wait
+        with torch.no_grad():
+            torch.index_select(self._emb.weight, 0, ids.to(HOST, torch.long), out=stage)  # type: ignore[union-attr]
+            rows = self._emb_rows[:t]
+            if self.device.type == "cuda":
+                rows.copy_(stage, non_blocking=True)  # same values as the eager path's out.to(device)
+                done = self._emb_stage_done[k] = done or torch.cuda.Event()
+                done.record(torch.cuda.current_stream(self.device))
+            else:
+                rows.copy_(stage)
+
+    def begin_step_capture(self, live: bool = False) -> None:
+        """Hooks switch to the in-step schedule for one forward of the model: copies for units loaded by
+        earlier units of the step, none for the next step (deferred to after_replay), embedding rows from the
+        staging buffer. live=False: inside a CUDA-graph capture (nothing executes; the host-side state is
+        restored by end_step_capture); live=True: the step runs eagerly (emulate mode) with the same schedule.
+        The ring must be in the state every step starts from (ensure_step_start)."""
+        if self._step is not None:
+            raise RuntimeError("a captured step is already being recorded")
+        if self._ring is not None:
+            if any(self._ring.owner[s] != s for s in range(self.num_slots)):
+                raise RuntimeError("the ring is not in its step-start state; call ensure_step_start() first")
+            if not live:
+                self._ring.begin_capture()
+        self._step = _StepRecorder(live, list(self._ring.owner) if self._ring else [], replace(self.stats))
+
+    def end_step_capture(self) -> StepSchedule:
+        """Close begin_step_capture; inside a CUDA capture, call it before the capture ends (it joins the copy
+        stream into the capture stream). Returns the step's schedule for after_replay()."""
+        rec = self._step
+        if rec is None:
+            raise RuntimeError("end_step_capture without begin_step_capture")
+        self._step = None
+        ring = self._ring
+        st, st0 = self.stats, rec.start_stats
+        sched = StepSchedule(list(ring.owner) if ring else [], sorted(set(rec.deferred)), st.loads - st0.loads,
+                             st.prefetches - st0.prefetches, st.misses - st0.misses,
+                             st.bytes_copied - st0.bytes_copied, rec.live)
+        if ring is not None and not rec.live:
+            ring.end_capture(join=True)
+            # Nothing ran: the slots still hold what they held at the start, and the stats count only copies
+            # that ran (a replay adds the schedule's).
+            ring.owner = list(rec.start_owner)
+            self._restore_stats(rec.start_stats)
+        return sched
+
+    def abort_step_capture(self) -> None:
+        """Leave capture mode after a failed capture (no join: the capture is being thrown away)."""
+        rec, self._step = self._step, None
+        if rec is not None and self._ring is not None and not rec.live:
+            self._ring.end_capture(join=False)
+            self._ring.owner = list(rec.start_owner)
+            self._restore_stats(rec.start_stats)
+
+    def _restore_stats(self, saved: StreamStats) -> None:
+        for f in fields(StreamStats):  # in place: callers may hold the stats object
+            setattr(self.stats, f.name, getattr(saved, f.name))
+
+    def ensure_step_start(self) -> None:
+        """Eager, before a captured step (its capture or a replay): slot s holds unit s for every slot (the
+        state the wrap-around prefetch leaves; a miss loads it otherwise), and the compute stream waits for
+        all copies issued so far, so that the graph may read the slots it does not load itself."""
+        ring = self._ring
+        if ring is None:
+            return
+        for s in range(self.num_slots):
+            if ring.owner[s] != s:
+                self._load(s, prefetch=False)
+        ring.join_copies()
+
+    def after_replay(self, sched: StepSchedule) -> None:
+        """Eager, right after a replay (or an emulated step): the ring's state becomes the schedule's end
+        state, later copies wait for the graph, and the deferred wrap-around copies are issued."""
+        ring = self._ring
+        self.stats.replays += 1
+        if ring is None:
+            return
+        if not sched.live:
+            ring.owner = list(sched.end_owner)
+            st = self.stats
+            st.loads += sched.loads
+            st.prefetches += sched.prefetches
+            st.misses += sched.misses
+            st.bytes_copied += sched.bytes
+            st.replayed_loads += sched.loads
+        ring.after_replay()
+        for s in sched.deferred:
+            if ring.owner[s] != s:
+                self._load(s, prefetch=True)
 
     # -- CPU-unit hooks ---------------------------------------------------------------------------------
     def _cpu_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -575,6 +874,13 @@ class OffloadDriver:
 
 #: The driver currently laid over each model, so that a second placement is not stacked on the first.
 _ACTIVE: weakref.WeakKeyDictionary[nn.Module, OffloadDriver] = weakref.WeakKeyDictionary()
+
+
+def driver_of(model: nn.Module) -> OffloadDriver | None:
+    """The offload driver laid over `model` (None when it has none, or it was released): what the decode
+    graphs (engine/cuda_graphs.py) consult to capture streamed steps."""
+    driver = _ACTIVE.get(model)
+    return driver if driver is not None and not driver.released else None
 
 
 def apply_placement(

@@ -1,0 +1,332 @@
+"""Streamed layers inside the captured decode step (engine/cuda_graphs.py + memory/offload.py "Captured decode
+steps"): the ring's host-to-device copies are part of the graph, embeddings on the host are staged before the
+replay, int8 KV is captured too.
+
+CPU: "emulate" mode runs the captured step's schedule for real (in-step copies only, the wrap-around deferred
+to after the replay, embedding rows from the staging buffer) and gives the all-resident eager tokens exactly;
+the CUDA branch of the capture (events, fork and join of the copy stream) runs against fakes that enforce
+CUDA's capture rules. GPU (marked gpu, < 2 min on an H100/H200): replayed graphs of streamed models give the
+tokens of the same steps run eagerly, and the ring's stats show the replays' copies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from types import SimpleNamespace
+
+import pytest
+import torch
+from test_offload import PROMPTS, make_deep_tiny_model
+
+from vramwise.engine.llm_engine import LLMEngine
+from vramwise.engine.runner import ModelRunner
+from vramwise.llm import LLM
+from vramwise.memory.offload import OffloadDriver, apply_placement
+from vramwise.models.attention import AttentionMetadata
+from vramwise.sampling_params import SamplingParams
+
+SHORT = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+MAX_LEN, MAX_SEQS = 128, 4
+
+
+def tokens(llm: LLM, prompts=PROMPTS[:3], params=SHORT) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+
+
+def laid_out(path: str, placements, buffers: int, graphs: str, device: str = "cpu", kv: str = "auto",
+             dtype: str = "float32", **extra) -> tuple[LLM, OffloadDriver]:
+    """An engine whose model the driver lays out as asked (embed_on_cpu and lm_head are not engine flags),
+    with its runner rebuilt for that placement and the given graph mode."""
+    llm = LLM(path, device=device, dtype=dtype, max_model_len=MAX_LEN, max_num_seqs=MAX_SEQS, kv_cache_dtype=kv,
+              enforce_eager=True, show_progress=False)
+    eng = llm.engine
+    driver = apply_placement(eng.model, placements, eng.device, buffers, **extra)
+    eng.runner = ModelRunner(eng.model, eng.model_config, eng.device, eng.kv_dtype, eng.block_manager.num_blocks,
+                             eng.block_manager.block_size, eng.config.seed, kv_layers=driver.kv_layers(eng.kv_dtype),
+                             graphs=graphs, max_model_len=MAX_LEN, max_num_seqs=MAX_SEQS)
+    return llm, driver
+
+
+@pytest.fixture(scope="module")
+def deep_path(tmp_path_factory) -> str:
+    return make_deep_tiny_model(tmp_path_factory.mktemp("deep_sg"))  # 7 layers: 2 or 3 slots do not divide them
+
+
+_REFS: dict[tuple[str, str], list[list[int]]] = {}
+
+
+def reference(path: str, kv: str, device: str = "cpu") -> list[list[int]]:
+    """All-resident, eager: the tokens every placement and graph mode must give."""
+    key = (kv, device)
+    if key not in _REFS:
+        _REFS[key] = tokens(LLM(path, device=device, dtype="float32", max_model_len=MAX_LEN, max_num_seqs=MAX_SEQS,
+                                kv_cache_dtype=kv, enforce_eager=True, show_progress=False))
+    return _REFS[key]
+
+
+# ---- engine policy --------------------------------------------------------------------------------------
+
+
+def _mode(placements: list[str] | None, kv_dtype: torch.dtype, blocker: str | None = None) -> tuple[str, str | None]:
+    offload = None if placements is None else SimpleNamespace(
+        layers_with=lambda p: [i for i, x in enumerate(placements) if x == p], capture_blocker=lambda: blocker)
+    fake = SimpleNamespace(config=SimpleNamespace(decode_graphs="auto", enforce_eager=False), kv_dtype=kv_dtype,
+                           device=torch.device("cuda"), placement_name="test", offload=offload)
+    return LLMEngine._graph_mode(fake)  # type: ignore[arg-type]
+
+
+def test_graph_mode_captures_streamed_models_and_int8_kv():
+    pytest.importorskip("triton")
+    assert _mode(["resident", "streamed", "streamed"], torch.float16) == ("cuda", None)
+    assert _mode(["streamed"] * 3, torch.int8) == ("cuda", None)
+    assert _mode(None, torch.int8) == ("cuda", None)
+    mode, why = _mode(["streamed", "cpu", "resident"], torch.float16)  # CPU-computed layers stay eager
+    assert mode == "off" and "CPU" in why
+    assert _mode(["streamed"] * 3, torch.float16, blocker="not pinned") == ("off", "not pinned")
+
+
+def test_capture_blocker_names_cpu_layers(deep_path):
+    _, driver = laid_out(deep_path, "s,c,r,s,s,r,s", 2, "off")
+    assert "CPU" in driver.capture_blocker()
+    with pytest.raises(ValueError, match="computed on the CPU"):
+        laid_out(deep_path, "s,c,r,s,s,r,s", 2, "emulate")
+    _, driver = laid_out(deep_path, "streamed", 2, "off")
+    assert driver.capture_blocker() is None  # on the CPU nothing is pinned, and nothing needs to be
+
+
+# ---- emulated replays on the CPU ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "placements, buffers, kv, extra",
+    [
+        ("streamed", 2, "auto", {}),  # S = 7 over N = 2: the wrap-around shares a slot across steps
+        ("streamed", 8, "auto", {}),  # S <= N: each unit keeps its slot, no copy after priming
+        ("r,s,r,s,s,r,s", 3, "int8", {"lm_head": "streamed", "embed_on_cpu": True}),  # head streamed after the graph
+        ("streamed", 3, "int8", {"embed_on_cpu": True}),
+    ],
+)
+def test_emulated_streamed_steps_equal_eager(deep_path, placements, buffers, kv, extra):
+    llm, driver = laid_out(deep_path, placements, buffers, "emulate", kv=kv, **extra)
+    g = llm.engine.runner.graphs
+    assert g is not None and g.offload is driver
+    assert tokens(llm) == reference(deep_path, kv)
+    assert g.num_replays > 0 and driver.stats.replays == g.num_replays
+    assert driver.stats.misses == 0  # every step started from the state the schedule expects
+    assert driver._ring.owner == list(range(driver.num_slots))  # the next step's first units, loaded
+    if extra.get("embed_on_cpu"):
+        assert driver._emb_rows is not None and driver._emb_rows.shape[0] == MAX_SEQS
+
+
+def test_emulated_steps_copy_every_streamed_unit_once(deep_path):
+    """7 streamed layers over 2 slots: each step (eager or emulated replay) loads all 7 units exactly once."""
+    llm, driver = laid_out(deep_path, "streamed", 2, "emulate")
+    before = driver.stats.loads
+    out = llm.generate(PROMPTS[:1], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    assert out[0].outputs[0].token_ids == reference(deep_path, "auto")[0][:4]
+    assert llm.engine.runner.graphs.num_replays == 3  # prefill eager, 3 decode steps emulated
+    assert driver.stats.loads - before == 4 * 7
+
+
+# ---- the CUDA branch of a capture, against fakes that enforce capture rules ---------------------------------
+
+
+class _Capture:
+    """Stands in for CUDA streams and events on the CPU and enforces what stream capture allows: inside a
+    capture, a stream waits only on events recorded in the same capture, a side stream records only after it
+    was forked (it waited on a captured event); outside, nothing waits on an event recorded in a capture."""
+
+    def __init__(self) -> None:
+        self.epoch: int | None = None
+        self.ops: list[tuple[str, str, str]] = []
+
+
+class _Ev:
+    def __init__(self, cap: _Capture, name: str) -> None:
+        self.cap, self.name, self.epoch = cap, name, None
+
+    def record(self, stream: _St) -> None:
+        if self.cap.epoch is not None:
+            assert stream.forked(), f"{stream.name} records {self.name} in a capture it is not part of"
+        self.epoch = self.cap.epoch
+        self.cap.ops.append(("record", stream.name, self.name))
+
+
+class _St:
+    def __init__(self, cap: _Capture, name: str) -> None:
+        self.cap, self.name, self.fork_epoch = cap, name, None
+
+    def forked(self) -> bool:
+        return self.name == "compute" or self.fork_epoch == self.cap.epoch
+
+    def wait_event(self, ev: _Ev) -> None:
+        if self.cap.epoch is not None:
+            assert ev.epoch == self.cap.epoch, f"{self.name} waits on {ev.name}, recorded outside this capture"
+            self.fork_epoch = self.cap.epoch
+        else:
+            assert ev.epoch is None, f"eager {self.name} waits on {ev.name}, recorded inside a capture"
+        self.cap.ops.append(("wait", self.name, ev.name))
+
+    def synchronize(self) -> None:
+        pass
+
+
+def _fake_ring(driver: OffloadDriver, monkeypatch) -> _Capture:
+    cap = _Capture()
+    ring, n = driver._ring, driver.num_slots
+    compute = _St(cap, "compute")
+    ring.is_async, ring.copy_stream = True, _St(cap, "copy")
+    for name in ("loaded", "freed", "cap_loaded", "cap_freed"):
+        setattr(ring, name, [_Ev(cap, f"{name}[{s}]") for s in range(n)])
+    ring.cap_join, ring.eager_join = _Ev(cap, "cap_join"), _Ev(cap, "eager_join")
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: compute)
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    return cap
+
+
+@pytest.mark.parametrize(
+    "placements, buffers, extra, end_owner, deferred",
+    [
+        ("streamed", 2, {}, [6, 5], [0, 1]),  # units 2..6 loaded in the graph; 0 and 1 after it
+        # units 0..3 (layers 1, 3, 4, 6) then the head (4) over 3 slots: the graph loads 3 and the head;
+        # slot 1's wrap-around is the head's own, issued when it runs after the replay; slot 2 only ever holds unit 2.
+        ("r,s,r,s,s,r,s", 3, {"lm_head": "streamed", "embed_on_cpu": True}, [3, 4, 2], [0]),
+        ("streamed", 8, {}, list(range(7)), []),  # S <= N: no copy in the graph
+    ],
+)
+def test_capture_protocol_follows_cuda_rules(deep_path, monkeypatch, placements, buffers, extra, end_owner, deferred):
+    llm, driver = laid_out(deep_path, placements, buffers, "off", **extra)
+    model = llm.engine.model
+    n, units = driver.num_slots, len(driver._streamed)
+    in_graph = units - (extra.get("lm_head") == "streamed")  # the head runs after the replay, eagerly
+    driver.prepare_step_capture(MAX_SEQS)
+    cap = _fake_ring(driver, monkeypatch)
+    stats0 = (driver.stats.loads, driver.stats.bytes_copied)
+    meta = AttentionMetadata(slot_mapping=torch.tensor([0, 1]), block_tables=torch.tensor([[0], [0]]),
+                             query_start_loc=[0, 1, 2], context_lens=[1, 2],
+                             context_lens_t=torch.tensor([1, 2], dtype=torch.int32), max_context_len=MAX_LEN,
+                             all_decode=True)
+    with torch.inference_mode():
+        driver.ensure_step_start()
+        assert cap.ops[-2:] == [("record", "copy", "eager_join"), ("wait", "compute", "eager_join")]
+        cap.epoch, start = 1, len(cap.ops)
+        driver.begin_step_capture()
+        hidden = model(torch.tensor([5, 9]), torch.tensor([0, 1]), meta)
+        sched = driver.end_step_capture()
+        captured, cap.epoch = cap.ops[start:], None
+
+        copies = [op for op in captured if op[:2] == ("record", "copy") and op[2].startswith("cap_loaded")]
+        assert sched.loads == len(copies) == max(0, units - n)  # unit j + N after unit j, no wrap-around
+        assert sched.end_owner == end_owner and sched.deferred == deferred
+        if copies:  # the graph ends joined: the capture stream waits for the copy stream's last copy
+            assert captured[-2:] == [("record", "copy", "cap_join"), ("wait", "compute", "cap_join")]
+        else:
+            assert not any(op[1] == "copy" for op in captured)
+        # Nothing ran: the host state is the step start again, the stats unchanged.
+        assert driver._ring.owner == list(range(n)) and (driver.stats.loads, driver.stats.bytes_copied) == stats0
+        assert driver._step is None and not driver._ring.capturing
+
+        # "Replay": the schedule's end state, then the eager wrap-around; the head (if streamed) runs eagerly.
+        driver.after_replay(sched)
+        model.compute_logits(hidden)
+    assert driver._ring.owner == list(range(n))
+    assert driver.stats.replayed_loads == sched.loads and driver.stats.replays == 1
+    wraps = len(deferred) + (1 if in_graph < units and units > n else 0)
+    assert driver.stats.loads == stats0[0] + sched.loads + wraps
+    assert driver.stats.misses == 0
+
+
+def test_embedding_staging_reads_the_staged_rows(deep_path):
+    llm, driver = laid_out(deep_path, "streamed", 2, "off", embed_on_cpu=True)
+    emb = llm.engine.model.model.embed_tokens
+    driver.prepare_step_capture(MAX_SEQS)
+    ids = torch.tensor([3, 17, 0, 42])
+    driver.stage_embeddings(ids)
+    driver.ensure_step_start()
+    driver.begin_step_capture(live=True)
+    try:
+        rows = emb(torch.tensor([0, 0, 0, 0]))  # the step's own ids are ignored: the graph reads the staged rows
+    finally:
+        driver.end_step_capture()
+    assert torch.equal(rows, emb.weight[ids])
+    with pytest.raises(RuntimeError, match="staging buffer"):
+        driver.stage_embeddings(torch.zeros(MAX_SEQS + 1, dtype=torch.long))
+
+
+# ---- GPU --------------------------------------------------------------------------------------------------
+
+GPU_PROMPTS = [[(17 * i + j) % 200 + 3 for j in range(3 + 5 * i)] for i in range(5)]
+GPU_MAX_TOKENS = [3, 12, 7, 16, 9]  # sequences finish mid-run: batches 5 -> 4 -> ... (non-ladder sizes)
+
+
+def gpu_tokens(llm: LLM) -> list[list[int]]:
+    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in GPU_MAX_TOKENS]
+    return [o.outputs[0].token_ids for o in llm.generate(GPU_PROMPTS, params)]
+
+
+@pytest.fixture(scope="module")
+def gpu_path(tmp_path_factory) -> str:
+    # head_dim 64 (the bundled model's), GQA group 2, 7 layers
+    return make_deep_tiny_model(tmp_path_factory.mktemp("deep_sg_gpu"), num_layers=7, hidden=256, intermediate=512,
+                                heads=4, kv_heads=2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "placements, buffers, kv, extra",
+    [
+        ("streamed", 2, "auto", {}),  # S = 7 not divisible by N = 2
+        ("streamed", 3, "int8", {}),  # int8 KV captured too
+        ("streamed", 8, "auto", {}),  # S <= N: no copies after priming
+        ("r,s,r,s,s,r,s", 3, "auto", {"lm_head": "streamed", "embed_on_cpu": True}),
+        ("s,s,r,s,s,s,s", 2, "int8", {"embed_on_cpu": True}),
+    ],
+)
+def test_cuda_graphs_with_streamed_layers_equal_eager(gpu_path, placements, buffers, kv, extra):
+    """fp32 (random weights give flat logits; no near-tie hides in fp32 rounding). The replayed graphs give
+    the tokens of the same padded steps run eagerly with the same placement (emulate: same kernels, shapes and
+    slot addresses) and of the all-resident eager engine. Each layer's weights differ, so equal tokens also
+    prove that the replayed copies put the right layer into each slot."""
+    graphs, driver = laid_out(gpu_path, placements, buffers, "cuda", device="cuda", kv=kv, **extra)
+    g = graphs.engine.runner.graphs
+    assert g.mode == "cuda" and set(g.graphs) == set(g.sizes) and g.offload is driver
+    emulated, _ = laid_out(gpu_path, placements, buffers, "emulate", device="cuda", kv=kv, **extra)
+    got = gpu_tokens(graphs)
+    assert got == gpu_tokens(emulated)
+    eager = LLM(gpu_path, device="cuda", dtype="float32", max_model_len=MAX_LEN, max_num_seqs=MAX_SEQS,
+                kv_cache_dtype=kv, enforce_eager=True, show_progress=False)
+    assert got == gpu_tokens(eager)
+    assert g.num_replays > 0 and driver.stats.replays == g.num_replays
+    per_step = g.schedules[g.sizes[0]].loads
+    assert per_step == max(0, len(driver._streamed) - driver.num_slots)
+    assert driver.stats.replayed_loads == per_step * g.num_replays
+    assert driver.stats.misses == 0
+    if extra.get("embed_on_cpu"):
+        assert graphs.engine.runner.graph_pool_bytes >= driver._emb_rows.numel() * driver._emb_rows.element_size()
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_stream_a_real_shaped_model():
+    """The bundled model's shape (30 layers) with random weights, 20 layers streamed over 3 slots (20 % 3 != 0),
+    int8 KV, through the engine's own flags: graphs on, their tokens equal the eager engine's."""
+    kw = {"device": "cuda", "dtype": "float32", "max_model_len": 256, "max_num_seqs": 6, "show_progress": False,
+          "offload": "r:5,s:20,r:5", "num_stream_buffers": 3, "kv_cache_dtype": "int8"}
+    graphs = LLM("random:smollm2-135m", **kw)
+    assert graphs.engine.graph_mode == "cuda" and graphs.engine.graph_bypass_reason is None
+    eager = LLM("random:smollm2-135m", enforce_eager=True, **kw)
+    prompts = [[(17 * i + j) % 1000 + 3 for j in range(5 + 7 * i)] for i in range(5)]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    got = [o.outputs[0].token_ids for o in graphs.generate(prompts, params)]
+    assert got == [o.outputs[0].token_ids for o in eager.generate(prompts, params)]
+    driver = graphs.engine.offload
+    assert graphs.engine.runner.graphs.num_replays > 0
+    assert driver.stats.replayed_loads == 17 * graphs.engine.runner.graphs.num_replays
+
+
+@pytest.mark.gpu
+def test_pageable_host_buffers_keep_decode_eager(gpu_path):
+    """A copy from pageable memory cannot be captured: such a placement is refused by the graphs, named."""
+    from vramwise.memory import placement as pl
+
+    with pytest.raises(ValueError, match="not pinned"):
+        laid_out(gpu_path, "streamed", 2, "cuda", device="cuda", host_allocator=pl.pageable_allocator)
