@@ -112,6 +112,7 @@ def test_emulated_streamed_steps_equal_eager(deep_path, placements, buffers, kv,
     assert g is not None and g.offload is driver
     assert tokens(llm) == reference(deep_path, kv)
     assert g.num_replays > 0 and driver.stats.replays == g.num_replays
+    assert llm.engine.num_lookahead_steps > 0  # async scheduling: input ids from the device (host-side lookup too)
     assert driver.stats.misses == 0  # every step started from the state the schedule expects
     assert driver._ring.owner == list(range(driver.num_slots))  # the next step's first units, loaded
     if extra.get("embed_on_cpu"):

@@ -128,6 +128,7 @@ class DecodeGraphs:
         self._host_np = [[t.numpy() for t in self._views(twin)] for twin in self._io_host]  # list -> buffer writes
         self._twin_copied: list[torch.cuda.Event | None] = [None, None]
         self._next_twin = 0
+        self._last_twin = 0  # the twin the last _fill wrote
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}  # B_pad -> the graph's output hidden states (B_pad, H)
         self.graph_pool_bytes = 0  # GPU memory the graphs' shared pool holds (measured around capture)
@@ -187,7 +188,7 @@ class DecodeGraphs:
             rows.append([scratch] + [0] * (width - 1))
         # Entries of block_tables past `width` keep stale values from earlier steps: the kernels never read
         # past a row's context length.
-        k = self._next_twin
+        k = self._last_twin = self._next_twin
         self._next_twin = 1 - k
         ev = self._twin_copied[k]
         if ev is not None:
@@ -301,7 +302,13 @@ class DecodeGraphs:
         self.num_replays += 1
         drv = self.offload
         if drv is not None:
-            drv.stage_embeddings(torch.from_numpy(self._host_np[0][:pad]))  # host ids: the twin _fill just wrote
+            if prev_tokens is None:
+                ids = torch.from_numpy(self._host_np[self._last_twin][0][:pad])  # host ids: the twin _fill wrote
+            else:
+                # A lookahead step's ids exist only on the device: reading them waits for the step before, so
+                # with embeddings on the host the lookahead gains nothing (but stays correct).
+                ids = self.input_ids[:pad].to("cpu")
+            drv.stage_embeddings(ids)
             drv.ensure_step_start()
         if self.mode == "cuda":
             self.graphs[pad].replay()
