@@ -298,7 +298,8 @@ _SM90_COMPILE = textwrap.dedent(
                  if v != "constexpr" and k not in ("M", "SPLIT_K")}
         src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
         k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
-        return {"shared": k.metadata.shared, "ptx_has_asm": "lop3.b32" in k.asm["ptx"], "cubin": len(k.asm["cubin"])}
+        return {"shared": k.metadata.shared, "ptx_has_asm": "lop3.b32" in k.asm["ptx"], "cubin": len(k.asm["cubin"]),
+                "ptx_has_gdc": "griddepcontrol.wait" in k.asm["ptx"]}
 
     def build_or_mismatch(*args):
         try:
@@ -313,18 +314,19 @@ _SM90_COMPILE = textwrap.dedent(
         sig = dict(xw_ptr="*i32", qw_ptr="*i32", s_ptr="*fp16", m_ptr="*fp16", b_ptr="*fp16", r_ptr="*" + dt,
                    y_ptr="*" + dt, **ints, stride_xwm="i32", stride_rm="i32", stride_ym="i32", G="constexpr",
                    BLOCK_N="constexpr", BLOCK_K="constexpr", HAS_BIAS="constexpr", USE_ASM="constexpr",
-                   X_BF16="constexpr", EVEN_N="constexpr", EPILOGUE="constexpr")
+                   X_BF16="constexpr", EVEN_N="constexpr", EPILOGUE="constexpr", PDL="constexpr")
         # EPILOGUE 0: plain GEMV; 1: + residual; 2: SwiGLU (BLOCK_N = 2 x 8 gate + up columns)
         for epi, name in ((0, ""), (1, "_add"), (2, "_swiglu")):
             out["gemv2_" + dt + name] = build_or_mismatch(W._w4_gemv2_kernel, sig, dict(
                 G=128, BLOCK_N=16, BLOCK_K=1024, HAS_BIAS=False, USE_ASM=True, X_BF16=dt == "bf16", EVEN_N=True,
-                EPILOGUE=epi), 4, 1)
+                EPILOGUE=epi, PDL=W.HAS_PDL), 4, 1)
     sig = dict(x_ptr="*fp16", qw_ptr="*i32", s_ptr="*fp16", m_ptr="*fp16", b_ptr="*fp16", r_ptr="*fp16", y_ptr="*fp16",
                **ints, stride_xm="i32", stride_rm="i32", stride_ym="i32", G="constexpr", BLOCK_N="constexpr",
-               BLOCK_K="constexpr", HAS_BIAS="constexpr", USE_ASM="constexpr", EPILOGUE="constexpr")
+               BLOCK_K="constexpr", HAS_BIAS="constexpr", USE_ASM="constexpr", EPILOGUE="constexpr", PDL="constexpr")
     for epi, name in ((1, "_add"), (2, "_swiglu")):
         out["gemv1_fp16" + name] = build_or_mismatch(W._w4_gemv_kernel, sig, dict(
-            G=128, BLOCK_N=8 * (1 + (epi == 2)), BLOCK_K=1024, HAS_BIAS=True, USE_ASM=True, EPILOGUE=epi), 4, 1)
+            G=128, BLOCK_N=8 * (1 + (epi == 2)), BLOCK_K=1024, HAS_BIAS=True, USE_ASM=True, EPILOGUE=epi,
+            PDL=False), 4, 1)
     sig = dict(x_ptr="*fp16", qw_ptr="*i32", s_ptr="*fp16", m_ptr="*fp16", b_ptr="*fp16", y_ptr="*fp16", M="i32",
                **ints, stride_xm="i32", stride_ym="i32", G="constexpr", BLOCK_M="constexpr", BLOCK_N="constexpr",
                BLOCK_K="constexpr", GROUP_M="constexpr", SPLIT_K="i32", SWAP_AB="constexpr", HAS_BIAS="constexpr",
@@ -332,6 +334,7 @@ _SM90_COMPILE = textwrap.dedent(
     out["gemm2_fp16_256x128"] = build_or_mismatch(W._w4_gemm2_kernel, sig, dict(G=128, BLOCK_M=256, BLOCK_N=128, BLOCK_K=64,
                                       GROUP_M=8, SWAP_AB=False, HAS_BIAS=False, USE_ATOMIC=False, DOT_F32=False,
                                       DOT_PRECISION="tf32", DQ_F16=True), 8, 3)
+    out["has_pdl"] = W.HAS_PDL
     print("RESULTS " + json.dumps(out))
     """
 )
@@ -357,7 +360,11 @@ def test_kernels_compile_for_sm90_without_a_gpu():
     assert res["gemv2_fp16"]["ptx_has_asm"] and res["gemv2_bf16"]["ptx_has_asm"]
     # the fused epilogues (residual add, SwiGLU) keep the inline-PTX inner loop
     assert all(res[k]["ptx_has_asm"] for k in res if k.startswith("gemv") and k.endswith(("_add", "_swiglu")))
+    has_pdl = res.pop("has_pdl")
     assert all(r["cubin"] > 0 for r in res.values())
+    # programmatic dependent launch (where this Triton has it): the v2 GEMVs wait on the kernel before them
+    assert all(res[k]["ptx_has_gdc"] == has_pdl for k in res if k.startswith("gemv2"))
+    assert not res["gemv1_fp16_add"]["ptx_has_gdc"]
     assert res["gemm2_fp16_256x128"]["shared"] <= 227 * 1024
 
 

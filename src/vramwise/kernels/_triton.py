@@ -49,6 +49,39 @@ def num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+#: Programmatic dependent launch (sm_90+): the decode-path kernels are launched with launch_pdl, so each may
+#: start (and fetch what it does not depend on: its first weight tile) while the kernel before it finishes;
+#: pdl_wait() inside them waits for that kernel's writes. VRAMWISE_PDL=0 turns it off.
+PDL_ENV = os.environ.get("VRAMWISE_PDL", "1") != "0"
+HAS_PDL = False
+if HAS_TRITON:
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+        from triton.language.extra.cuda import gdc_launch_dependents as _gdc_launch_dependents
+        from triton.language.extra.cuda import gdc_wait as _gdc_wait
+
+        HAS_PDL = "launch_pdl" in CUDAOptions.__dataclass_fields__
+    except Exception:  # an older Triton, or no NVIDIA backend
+        HAS_PDL = False
+
+
+@functools.lru_cache(maxsize=None)
+def _pdl_capable(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
+def use_pdl(device: torch.device) -> bool:
+    """Launch decode-path kernels with programmatic dependent launch on this device?"""
+    if not (HAS_PDL and PDL_ENV) or device.type != "cuda" or interpreting():
+        return False
+    return _pdl_capable(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def pdl_launch_args(device: torch.device) -> dict:
+    """Keyword arguments for a kernel launch that has a PDL constexpr: {"PDL": bool[, "launch_pdl": True]}."""
+    return {"PDL": True, "launch_pdl": True} if use_pdl(device) else {"PDL": False}
+
+
 def sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 4  # interpreter: a small, fixed number keeps split-K exercised on small test shapes
@@ -70,3 +103,20 @@ if HAS_TRITON:
         pid_m = first_pid_m + (pid % num_pid_in_group) % group_rows
         pid_n = (pid % num_pid_in_group) // group_rows
         return pid_m, pid_n
+
+    if HAS_PDL:
+
+        @triton.jit
+        def pdl_wait(PDL: tl.constexpr):
+            """With PDL: wait until the kernel before this one has finished and its writes are visible, then let
+            the next kernel launch (it will wait in turn). A no-op when PDL is False."""
+            if PDL:
+                _gdc_wait()
+                _gdc_launch_dependents()
+
+    else:
+
+        @triton.jit
+        def pdl_wait(PDL: tl.constexpr):
+            """No programmatic dependent launch in this Triton: nothing to wait for."""
+            pass

@@ -22,6 +22,8 @@ try:
     import triton
     import triton.language as tl
 
+    from vramwise.kernels._triton import pdl_launch_args, pdl_wait
+
     HAS_TRITON = True
 except ImportError:  # triton is an optional dependency; the torch references serve CPU-only installs
     HAS_TRITON = False
@@ -72,7 +74,9 @@ if HAS_TRITON:
         stride_ro: tl.constexpr,
         HAS_RESIDUAL: tl.constexpr,
         BLOCK: tl.constexpr,  # hidden rounded up to a power of two: one program holds a whole row
+        PDL: tl.constexpr = False,  # programmatic dependent launch: see _triton.pdl_wait
     ):
+        pdl_wait(PDL)  # reads what the kernel before wrote: after this
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < hidden
@@ -129,6 +133,7 @@ def rms_norm_triton(
             HAS_RESIDUAL=residual is not None,
             BLOCK=block,
             num_warps=4 if block <= 1024 else (8 if block <= 4096 else 16),
+            **pdl_launch_args(x.device),
         )
     new_residual = x if residual is None else res_out.view(shape)
     return out.view(shape), new_residual
@@ -226,7 +231,9 @@ if HAS_TRITON:
         BLOCK_HKV: tl.constexpr,
         BLOCK_HALF: tl.constexpr,
         PAGE_SIZE: tl.constexpr,
+        PDL: tl.constexpr = False,  # programmatic dependent launch: see _triton.pdl_wait
     ):
+        pdl_wait(PDL)  # reads what the kernel before wrote: after this
         # One program per token: all its heads at once, so cos/sin are loaded once per token.
         tok = tl.program_id(0).to(tl.int64)
         pos = tl.load(positions_ptr + tok).to(tl.int64)
@@ -326,6 +333,7 @@ def rope_and_write_kv_triton(
         BLOCK_HALF=triton.next_power_of_2(half),
         PAGE_SIZE=k_cache.shape[1],
         num_warps=4,
+        **pdl_launch_args(q.device),
     )
     return q, k
 
@@ -372,7 +380,9 @@ if HAS_TRITON:
         stride_o: tl.constexpr,
         UP_OFFSET: tl.constexpr,  # I when gate_ptr and up_ptr are both the fused [gate | up] rows, else 0
         BLOCK: tl.constexpr,
+        PDL: tl.constexpr = False,  # programmatic dependent launch: see _triton.pdl_wait
     ):
+        pdl_wait(PDL)  # reads what the kernel before wrote: after this
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < inter
@@ -400,6 +410,7 @@ def _launch_silu_and_mul(gate: torch.Tensor, up: torch.Tensor, inter: int, up_of
             UP_OFFSET=up_offset,
             BLOCK=block,
             num_warps=4,
+            **pdl_launch_args(gate.device),
         )
     return out
 

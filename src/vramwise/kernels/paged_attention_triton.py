@@ -45,6 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
+from vramwise.kernels._triton import pdl_launch_args, pdl_wait
 from vramwise.kernels.kv_quant import check_kv_scales
 
 LOG2E = 1.4426950408889634
@@ -236,7 +237,9 @@ def _paged_decode_kernel(
     SPLIT: tl.constexpr,
     FUSED_MERGE: tl.constexpr,  # SPLIT only: the last program of a (sequence, kv head) merges the partials
     WHILE_LOOP: tl.constexpr,  # True under Triton's interpreter (see the loop)
+    PDL: tl.constexpr = False,  # programmatic dependent launch: see _triton.pdl_wait
 ):
+    pdl_wait(PDL)  # reads what the kernel before wrote: after this
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     part = tl.program_id(2)
@@ -338,7 +341,9 @@ def _merge_partitions_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_P: tl.constexpr,  # num_partitions rounded up to a power of two
+    PDL: tl.constexpr = False,  # programmatic dependent launch: see _triton.pdl_wait
 ):
+    pdl_wait(PDL)  # reads what the kernel before wrote: after this
     # One program per (sequence, query head): out = sum_p w_p * o_p / sum_p w_p, w_p = 2^(lse_p - max lse).
     seq = tl.program_id(0)
     head = tl.program_id(1)
@@ -699,6 +704,7 @@ def paged_attention_decode(
         WHILE_LOOP=_INTERPRETED,
         num_warps=num_warps,
         num_stages=num_stages,
+        **pdl_launch_args(q.device),
     )
     if split and not fused_merge:
         _merge_partitions_kernel[(batch, num_heads)](
@@ -714,6 +720,7 @@ def paged_attention_decode(
             BLOCK_D=block_d,
             BLOCK_P=triton.next_power_of_2(num_partitions),
             num_warps=4,
+            **pdl_launch_args(q.device),
         )
     return out
 

@@ -61,13 +61,13 @@ from dataclasses import dataclass
 import torch
 
 from ..quant.formats import INT4_TILE_N, dequantize_int4
-from ._triton import HAS_TRITON, interpreting, sm_count, triton_supports, use_fixed_config
+from ._triton import HAS_PDL, HAS_TRITON, interpreting, pdl_launch_args, sm_count, triton_supports, use_fixed_config
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from ._triton import grouped_tile
+    from ._triton import grouped_tile, pdl_wait
 
 __all__ = ["w4a16_reference", "w4a16_matmul", "w4a16_matmul_add", "w4a16_matmul_silu_mul", "w4a16_dequantize",
            "GemvConfig", "GemmConfig", "DequantConfig", "choose_config", "AUTOTUNE", "EPILOGUES",
@@ -324,6 +324,7 @@ if HAS_TRITON:
         N, K, stride_xm, stride_rm, stride_ym,
         G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr, EPILOGUE: tl.constexpr,
+        PDL: tl.constexpr = False,  # programmatic dependent launch: see _triton.pdl_wait
     ):
         # grid = (M, cdiv(N, BLOCK_N)), or (M, cdiv(N / 2, BLOCK_N / 2)) for EPILOGUE == 2: x rows fastest so
         # programs sharing a slab run together (L2 reuse). EPILOGUE: see _gemv_epilogue (r_ptr: the residual).
@@ -343,6 +344,8 @@ if HAS_TRITON:
         acc = tl.zeros(shape, dtype=tl.float32)                  # elementwise partial sums, reduced at the end
         p_next = tl.load(qw_ptr + offs_r[:, None] * 8 + col[None, :],
                          mask=(offs_r < K8)[:, None] & n_mask[None, :], other=0)
+        # Tile 0 of the weights (static) is in flight; x and the residual come from the kernel before.
+        pdl_wait(PDL)
         for t in range(0, num_tiles):
             rows = t * BKW + offs_r                              # (BKW,) packed row = k // 8
             r_mask = rows < K8
@@ -626,6 +629,7 @@ if HAS_TRITON:
         G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr, X_BF16: tl.constexpr, EVEN_N: tl.constexpr,
         EPILOGUE: tl.constexpr,
+        PDL: tl.constexpr = False,  # programmatic dependent launch: see _triton.pdl_wait
     ):
         # As _w4_gemv_kernel, with the per-word overhead cut (the loop is issue-bound, not memory-bound):
         #  * x (fp16/bf16) is read as int32 pair words: xw[m, 4r + j] = (x[8r + 2j], x[8r + 2j + 1]); 4 loads
@@ -659,6 +663,8 @@ if HAS_TRITON:
         if not EVEN_N:
             full_mask = full_mask & n_mask[None, :]
         p_next = tl.load(q_ptrs, mask=full_mask, other=0)                          # tile 0 (masked once)
+        # Tile 0 of the weights (static) is in flight; x and the residual come from the kernel before.
+        pdl_wait(PDL)
         for t in range(0, num_full):
             p = p_next
             nxt = q_ptrs + tl.minimum(t + 1, num_full - 1) * QSTEP                 # prefetch the next tile
@@ -898,7 +904,7 @@ def _launch_gemv(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
             n, k, xw.stride(0), stride_rm, y.stride(0),
             G=group_size, BLOCK_N=block_cols, BLOCK_K=cfg.block_k, HAS_BIAS=bias is not None, USE_ASM=use_asm,
             X_BF16=x2.dtype == torch.bfloat16, EVEN_N=cols % cfg.block_n == 0, EPILOGUE=epilogue,
-            num_warps=cfg.num_warps, num_stages=1,
+            num_warps=cfg.num_warps, num_stages=1, **pdl_launch_args(x2.device),
         )
         return y
     asm_ok = x2.dtype == torch.float16 and on_gpu
@@ -907,7 +913,7 @@ def _launch_gemv(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
         x2, qweight, scales, mins, b, r, y,
         n, k, x2.stride(0), stride_rm, y.stride(0),
         G=group_size, BLOCK_N=block_cols, BLOCK_K=cfg.block_k, HAS_BIAS=bias is not None, USE_ASM=use_asm,
-        EPILOGUE=epilogue, num_warps=cfg.num_warps, num_stages=1,
+        EPILOGUE=epilogue, num_warps=cfg.num_warps, num_stages=1, **pdl_launch_args(x2.device),
     )
     return y
 
