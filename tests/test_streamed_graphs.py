@@ -292,7 +292,7 @@ def test_step_after_a_skipped_head_reloads_its_slot_first(deep_path, monkeypatch
     llm, driver = laid_out(deep_path, "r,s,r,s,s,r,s", 3, "off", lm_head="streamed")
     model = llm.engine.model
     cap = _fake_ring(driver, monkeypatch)
-    meta = lambda: AttentionMetadata(slot_mapping=torch.tensor([0]), block_tables=torch.tensor([[0]]),  # noqa: E731
+    meta = lambda: AttentionMetadata(slot_mapping=torch.tensor([0]), block_tables=torch.tensor([[0]]),
                                      query_start_loc=[0, 1], context_lens=[1],
                                      context_lens_t=torch.tensor([1], dtype=torch.int32), max_context_len=MAX_LEN)
     with torch.inference_mode():
