@@ -16,11 +16,14 @@ from vramwise.memory.budget import (
     QuantScheme,
     WeightFormat,
     activation_bytes,
+    cuda_graph_bytes,
+    cuda_graph_capture_sizes,
     kv_bytes_per_token,
     kv_bytes_per_token_layer,
     kv_pool_bytes,
     model_weights,
     resolve_quant,
+    rotary_table_bytes,
 )
 from vramwise.memory.costmodel import (
     CPU_GENERIC,
@@ -158,8 +161,10 @@ def _check_budget(p):
     assert b.total == sum(getattr(b, t) for t in Budget.TERMS)
     assert b.total <= b.limit
     gpu_layers = p.num_resident + p.num_streamed
-    assert b.kv_pool == p.kv_num_blocks * 16 * kv_bytes_per_token_layer(L13 if len(p.layers) == 40 else L7,
-                                                                          p.kv_dtype) * gpu_layers
+    assert p.kv_scratch_blocks == (1 if p.cuda_graph_sizes else 0)  # the decode graphs' padding block
+    blocks = p.kv_num_blocks + p.kv_scratch_blocks
+    assert b.kv_pool == blocks * 16 * kv_bytes_per_token_layer(L13 if len(p.layers) == 40 else L7,
+                                                               p.kv_dtype) * gpu_layers
     assert p.kv_capacity_tokens >= p.max_model_len
 
 
@@ -270,6 +275,44 @@ def test_decode_speed_falls_monotonically_as_the_budget_shrinks(driver):
     assert speeds[0][1] > 5 * speeds[-1][1]
 
 
+def test_cuda_graph_term_rounds_to_segments_and_counts_staged_embeddings():
+    sizes = cuda_graph_capture_sizes(32)  # 1, 2, 4, 8, 16, 24, 32
+    on_gpu = cuda_graph_bytes(L13, sizes)
+    on_host = cuda_graph_bytes(L13, sizes, embeddings_on_host=True)
+    graphs = len(sizes) * MiB  # each graph's exec state
+    assert (on_gpu - graphs) % (2 * MiB) == 0 and (on_host - graphs) % (2 * MiB) == 0  # allocator segments
+    assert on_gpu - graphs >= activation_bytes(L13, 32, 32)
+    assert on_host - graphs >= activation_bytes(L13, 32, 32) + 32 * L13.hidden_size * 2  # (32, hidden) fp16 rows
+    assert on_host >= on_gpu
+    # A batch whose staged rows cross a segment boundary costs one more segment with the table on the host.
+    assert cuda_graph_bytes(L13, [256], embeddings_on_host=True) == cuda_graph_bytes(L13, [256]) + 2 * MiB
+    assert cuda_graph_bytes(L13, []) == 0
+    # Measured on an H200 (13B int4, 6 GiB, 32 sequences, embeddings on the host): a 26 MiB pool.
+    assert on_host >= 26 * MiB
+
+
+def test_13b_6gib_plan_counts_what_the_engine_allocates():
+    """test_13b_int4_stays_within_6gib_on_the_gpu on an H200 (CUDA context measured 676 MiB + the 768 MiB
+    allowance, 32 sequences): memory_report summed 1.4 MB over the budget. The runner allocates one KV block
+    past the plan's for the decode graphs' padding rows (12.5 MiB here) and the rotary table (2 MiB) sits with
+    the resident weights; the plan counted neither. Now its terms are what the report measured there."""
+    profile = H100.with_overrides(cuda_context_bytes=1444 * MiB)
+    p = plan(L13, 6 * GiB, profile, W4, max_model_len=2048, max_num_seqs=32, expected_batch=32, kv_dtype="fp16",
+             alternatives=False)
+    b = p.budget
+    _check_budget(p)
+    assert p.kv_scratch_blocks == 1
+    block = 16 * kv_bytes_per_token_layer(L13, "fp16") * (p.num_resident + p.num_streamed)
+    assert b.kv_pool == (p.kv_num_blocks + 1) * block  # what ModelRunner allocates with graphs
+    # The H200 run's placement, and its report's terms for it (driver.bytes_resident, bytes_slots, the pool).
+    assert (p.num_resident, p.num_streamed, p.num_stream_buffers, p.embeddings) == (10, 30, 2, "cpu")
+    assert rotary_table_bytes(L13) == 2 * MiB
+    assert b.resident_weights == 2_015_086_592 and b.stream_buffers == 337_059_840
+    assert b.cuda_graphs >= 27_262_976  # the measured graph pool
+    assert b.cuda_graphs == cuda_graph_bytes(L13, p.cuda_graph_sizes, embeddings_on_host=True)
+    assert b.total <= 6 * GiB
+
+
 def test_budget_too_small_error_lists_the_numbers():
     with pytest.raises(BudgetTooSmallError) as e:
         plan(L13, 256 * MiB, H100, W4)
@@ -280,7 +323,7 @@ def test_budget_too_small_error_lists_the_numbers():
     with pytest.raises(BudgetTooSmallError) as e:
         plan(L13, 6 * GiB, H100, W4, force_policy="resident")
     msg = str(e.value)
-    assert "'resident'" in msg and "resident weights 6.58 GiB" in msg and "6.00 GiB" in msg
+    assert "'resident'" in msg and "resident weights 6.59 GiB" in msg and "6.00 GiB" in msg  # + rotary table
 
 
 def test_bad_arguments_are_value_errors():

@@ -12,6 +12,7 @@ tokens of the same steps run eagerly, and the ring's stats show the replays' cop
 from __future__ import annotations
 
 import contextlib
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -235,6 +236,74 @@ def test_capture_protocol_follows_cuda_rules(deep_path, monkeypatch, placements,
     wraps = len(deferred) + (1 if in_graph < units and units > n else 0)
     assert driver.stats.loads == stats0[0] + sched.loads + wraps
     assert driver.stats.misses == 0
+
+
+class _FakeGraph:
+    def replay(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    "placements, buffers, extra",
+    [
+        ("r,s,r,s,s,r,s", 3, {"lm_head": "streamed", "embed_on_cpu": True}),  # the GPU failure: 3 misses
+        ("streamed", 2, {}),
+    ],
+)
+def test_cuda_capture_path_loads_no_slot_as_a_miss(deep_path, monkeypatch, placements, buffers, extra):
+    """DecodeGraphs.capture()'s CUDA branch (warm-up of every rung, then one capture per rung) run on the CPU
+    against the fake streams/events: the warm-ups are whole steps (a streamed lm_head runs and issues its
+    wrap-around), so every capture starts from the step-start state with no slot loaded as a miss, and
+    replays then count only the schedule's copies."""
+    llm, driver = laid_out(deep_path, placements, buffers, "emulate", **extra)
+    g = llm.engine.runner.graphs
+    cap = _fake_ring(driver, monkeypatch)
+    epochs = iter(range(1, 100))
+
+    @contextlib.contextmanager
+    def fake_graph(graph, pool=None):
+        cap.epoch = next(epochs)
+        try:
+            yield
+        finally:
+            cap.epoch = None
+
+    for name, fake in [("synchronize", lambda device=None: None), ("empty_cache", lambda: None),
+                       ("memory_reserved", lambda device=None: 0), ("graph_pool_handle", lambda: None),
+                       ("CUDAGraph", _FakeGraph), ("graph", fake_graph)]:
+        monkeypatch.setattr(torch.cuda, name, fake)
+    g.mode = "cuda"  # the CUDA branch; the device stays the CPU
+    before = replace(driver.stats)
+    g.capture()
+    assert set(g.graphs) == set(g.sizes) == {1, 2, 4}
+    assert driver.stats.misses == before.misses == 0  # warm-ups and captures loaded nothing out of turn
+    assert driver._ring.owner == list(range(driver.num_slots))
+    # Warm-ups are whole steps: each loads the units past the first N, then wraps around every slot that held
+    # one of them (a slot whose only user is its first unit keeps it); the captures run nothing.
+    units, n = len(driver._streamed), driver.num_slots
+    per_step = max(0, units - n) + min(n, max(0, units - n))
+    assert driver.stats.loads - before.loads == len(g.sizes) * per_step
+
+
+def test_step_after_a_skipped_head_reloads_its_slot_first(deep_path, monkeypatch):
+    """A forward without logits (a prefill chunk that samples nothing) leaves the streamed head in its slot.
+    The next step reloads that slot at its first streamed unit, ahead of the copies that unit's post-hook
+    queues on the copy stream, not when the slot's reader comes (behind them)."""
+    llm, driver = laid_out(deep_path, "r,s,r,s,s,r,s", 3, "off", lm_head="streamed")
+    model = llm.engine.model
+    cap = _fake_ring(driver, monkeypatch)
+    meta = lambda: AttentionMetadata(slot_mapping=torch.tensor([0]), block_tables=torch.tensor([[0]]),
+                                     query_start_loc=[0, 1], context_lens=[1],
+                                     context_lens_t=torch.tensor([1], dtype=torch.int32), max_context_len=MAX_LEN)
+    with torch.inference_mode():
+        model(torch.tensor([5]), torch.tensor([0]), meta())  # no compute_logits: the head never ran
+        assert driver._ring.owner == [0, 4, 2] and driver.stats.misses == 0
+        start = len(cap.ops)
+        model.compute_logits(model(torch.tensor([5]), torch.tensor([0]), meta()))
+    ops = cap.ops[start:]
+    # Slot 1's reload is the step's first copy, before unit 0 (layer 1) frees slot 0 for unit 3.
+    assert ops.index(("record", "copy", "loaded[1]")) < ops.index(("record", "compute", "freed[0]"))
+    assert driver.stats.misses == 1 and driver._ring.owner == [0, 1, 2]
 
 
 def test_embedding_staging_reads_the_staged_rows(deep_path):

@@ -246,9 +246,13 @@ class DecodeGraphs:
         metas = {b: self._meta(b, [self.context_bound] * b) for b in self.sizes}
         self._reset_padding()
         # Warm up every shape first (Triton compiles per shape, the rotary table is built on first use), so
-        # that capture records kernels only and the pool measurement below sees the graphs alone.
+        # that capture records kernels only and the pool measurement below sees the graphs alone. Each warm-up
+        # is a whole step, logits included: a streamed lm_head is the ring's last unit and its post-hook issues
+        # the copy of its slot's next user (the next step's unit). A forward without the head would leave the
+        # head in that slot, so the next forward (or ensure_step_start before the first capture) would reload
+        # the slot as a miss: 3 misses with the ladder 1, 2, 4, none of them a serving step's.
         for b in reversed(self.sizes):
-            self.model(self.input_ids[:b], self.positions[:b], metas[b])
+            self.model.compute_logits(self.model(self.input_ids[:b], self.positions[:b], metas[b]))
         torch.cuda.synchronize(self.device)
         torch.cuda.empty_cache()
         before = torch.cuda.memory_reserved(self.device)

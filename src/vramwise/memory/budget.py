@@ -52,6 +52,9 @@ ATTN_TICKET_BYTES = 4
 #: Device memory of one instantiated CUDA graph beyond its pool (kernel parameters, exec object); measured
 #: sizes are ~0.2-1 MiB for a 40-layer decode graph, rounded up.
 CUDA_GRAPH_OVERHEAD_BYTES = 1 * MiB
+#: The caching allocator's segment granularity for small blocks (<= 1 MiB: every tensor of a decode step at
+#: 32 sequences): the CUDA-graph pool, measured as torch's reserved bytes around capture, grows in these.
+ALLOCATOR_SEGMENT_BYTES = 2 * MiB
 #: Allocator fragmentation and whatever the accounting misses (NCCL-free, but cuBLASLt, Triton launchers,
 #: caching-allocator rounding to 2 MiB segments): margin = fraction * budget + floor.
 MARGIN_FRACTION = 0.02
@@ -407,16 +410,30 @@ def cuda_graph_capture_sizes(max_num_seqs: int, limit: int = 256) -> list[int]:
     return sorted(set(sizes))
 
 
-def cuda_graph_bytes(model: ModelConfig, capture_sizes: list[int]) -> int:
-    """Graphs captured largest first share one private memory pool, which holds the activations of the
-    largest captured batch; each graph adds its own small device-side exec state:
+def cuda_graph_bytes(model: ModelConfig, capture_sizes: list[int], *, embeddings_on_host: bool = False) -> int:
+    """An upper bound of the CUDA-graph pool the engine measures (torch's reserved bytes before and after
+    capture, engine/cuda_graphs.py): graphs captured largest first share one private pool, which holds the
+    activations of the largest captured batch B (its logits rows counted too, although the logits stay
+    eager); with the token embedding on the host, the device rows a captured step reads (B, hidden), which
+    are allocated inside the measured window (OffloadDriver.prepare_step_capture). The pool grows in the
+    allocator's segments, so the sum is rounded up to them; each graph adds its own small exec state:
 
-        activation_bytes(B_max tokens, B_max seqs) + n_graphs x 1 MiB
+        round_up(activation_bytes(B tokens, B seqs) [+ B hidden 2], 2 MiB) + n_graphs x 1 MiB
     """
     if not capture_sizes:
         return 0
     top = max(capture_sizes)
-    return activation_bytes(model, top, top) + len(capture_sizes) * CUDA_GRAPH_OVERHEAD_BYTES
+    pool = activation_bytes(model, top, top)
+    if embeddings_on_host:
+        pool += top * model.hidden_size * ACT_BYTES  # the staged embedding rows, in the table's (16-bit) dtype
+    pool = -(-pool // ALLOCATOR_SEGMENT_BYTES) * ALLOCATOR_SEGMENT_BYTES
+    return pool + len(capture_sizes) * CUDA_GRAPH_OVERHEAD_BYTES
+
+
+def rotary_table_bytes(model: ModelConfig) -> int:
+    """The rotary cos/sin table on the device (models/layers.py RotaryEmbedding): (max positions, head_dim)
+    fp32, built for the model's whole context (2 MiB for Llama-2: 4096 x 128 x 4)."""
+    return model.max_position_embeddings * model.head_dim * 4
 
 
 def safety_margin_bytes(budget_bytes: int) -> int:

@@ -24,7 +24,9 @@ Streaming, step by step (S streamed layers in model order j = 0..S-1, N slots, p
     the event completes exactly when they have finished reading the slot).
   * Pre-hook of layer j: if slot j % N does not already hold (or is not already loading) layer j, issue
     the copy now (a "miss": first use, or an out-of-order call); then the compute stream waits on
-    `loaded[j % N]`. The host never blocks: the wait is a GPU-side dependency.
+    `loaded[j % N]`. The host never blocks: the wait is a GPU-side dependency. The first streamed unit's
+    pre-hook first reloads any slot not in the step-start state (slot s holds unit s), which only a forward
+    that skipped a streamed lm_head leaves (no logits wanted): so that copy is queued ahead of the step's own.
   * Post-hook of layer j: record `freed[j % N]`, then issue the copy of the slot's next user on the copy
     stream, which first waits on `freed[j % N]`: the next user is layer j + N, or, past the last streamed
     layer, layer j % N of the NEXT step (the ring wraps, so the first streamed layers of the next step are
@@ -651,12 +653,26 @@ class OffloadDriver:
 
     def _make_streamed_pre(self, j: int):
         def pre(module: nn.Module, args: tuple) -> None:
+            if j == 0 and self._step is None:
+                self._restore_step_start()
             s = j % self.num_slots
             if self._ring.owner[s] != j:  # type: ignore[union-attr]
                 self._load(j, prefetch=False)
             self._ring.wait_loaded(s)  # type: ignore[union-attr]
 
         return pre
+
+    def _restore_step_start(self) -> None:
+        """At the first streamed unit of an eager step: load every slot that does not hold its step-start
+        unit now, before this unit's own copies queue on the copy stream. Normally every slot does (the
+        previous step's wrap-around); not after a forward that skipped the streamed lm_head (a prefill chunk
+        that samples nothing runs no logits), whose slot still holds the head. Loaded here, the copy overlaps
+        the units before the slot's first reader; loaded by that reader's pre-hook, it would queue behind the
+        copies the earlier units' post-hooks issued and stall the step for two copies."""
+        ring = self._ring
+        for s in range(self.num_slots):  # in slot order: unit 0's slot first, it is read first
+            if ring.owner[s] != s:  # type: ignore[union-attr]
+                self._load(s, prefetch=False)
 
     def _make_streamed_post(self, j: int):
         n, count = self.num_slots, len(self._streamed)

@@ -60,6 +60,7 @@ from vramwise.memory.budget import (
     model_weights,
     normalize_kv_dtype,
     resolve_quant,
+    rotary_table_bytes,
     safety_margin_bytes,
     too_small_message,
     workspace_bytes,
@@ -215,6 +216,8 @@ class Plan:
     kv_num_blocks               blocks of kv_block_size tokens in the GPU pool, for the GPU-side layers
                                 (resident + streamed); CPU layers get a host pool of as many blocks
     kv_capacity_tokens          kv_num_blocks x kv_block_size
+    kv_scratch_blocks           blocks the runner adds to the GPU pool past kv_num_blocks for the decode graphs'
+                                padding rows (1 with CUDA graphs); the budget's kv_pool term counts them
     host_weight_bytes           pinned host memory for streamed and CPU pieces (+ embeddings on the CPU)
     max_num_batched_tokens      the prefill chunk the plan was made for
     """
@@ -246,6 +249,7 @@ class Plan:
     considered: list[PolicyOutcome] = field(default_factory=list)
     alternatives: list[Alternative] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    kv_scratch_blocks: int = 0
 
     def layer_indices(self, placement: str) -> list[int]:
         return [i for i, p in enumerate(self.layers) if p == placement]
@@ -421,6 +425,20 @@ class _Setup:
     @property
     def decode_context(self) -> float:
         return self.prompt_len + self.gen_len / 2
+
+    @property
+    def graph_sizes(self) -> list[int]:
+        return cuda_graph_capture_sizes(self.max_num_seqs) if self.cuda_graphs else []
+
+    @property
+    def scratch_blocks(self) -> int:
+        """KV blocks the runner adds past the plan's for the decode graphs' padding rows (ModelRunner: one
+        scratch block, over every device-side layer, that the block manager never hands out)."""
+        return 1 if self.cuda_graphs else 0
+
+    def graph_bytes(self, embeddings: str) -> int:
+        """The CUDA-graph term for a candidate whose token embedding is on `embeddings` (gpu | cpu)."""
+        return cuda_graph_bytes(self.model, self.graph_sizes, embeddings_on_host=embeddings == "cpu")
 
 
 @dataclass(frozen=True)
@@ -683,7 +701,7 @@ def _fixed_budget(s: _Setup, chunk: int) -> Budget:
     """The placement-independent terms for a chunk size."""
     m, dev = s.model, s.device
     tokens = max(chunk, s.max_num_seqs)
-    graphs = cuda_graph_capture_sizes(s.max_num_seqs) if s.cuda_graphs else []
+    graphs = s.graph_sizes
     quantized = s.scheme.linear.quantized or any(f.quantized for _, f in s.scheme.overrides)
     b = Budget(
         limit=s.limit,
@@ -691,7 +709,7 @@ def _fixed_budget(s: _Setup, chunk: int) -> Budget:
         activations=activation_bytes(m, tokens, s.max_num_seqs),
         workspace=workspace_bytes(m, tokens, s.max_model_len, quantized=quantized, num_sms=dev.num_sms or 132,
                                   library_workspace=dev.library_workspace_bytes),
-        cuda_graphs=cuda_graph_bytes(m, graphs),
+        cuda_graphs=s.graph_bytes("gpu"),  # _memory adds the staged embedding rows when the table is on the host
         margin=safety_margin_bytes(s.limit),
     )
     b.notes.update(
@@ -740,14 +758,20 @@ def _memory(s: _Setup, cand: _Candidate, fixed: Budget) -> Budget:
     """The budget of a candidate, its KV pool at the minimum (the leftover is added in _finish).
 
     resident  Σ resident layers + lm_head (+ final norm) if resident + embeddings if on the GPU (shared
-              with a resident lm_head when tied)
+              with a resident lm_head when tied) + the rotary table
     ring      buffers x the largest piece that may pass through it: streamed layers, CPU layers (for
               prefill offload) and a streamed lm_head
-    KV        kv_min_tokens (rounded to blocks) x KV bytes/token/layer x GPU-side layers
+    KV        (kv_min_tokens rounded to blocks + the graphs' scratch block) x KV bytes/token/layer x
+              GPU-side layers
+    graphs    the fixed term, plus the staged embedding rows when the table is on the host
     """
     w = s.weights
     b = replace(fixed, notes=dict(fixed.notes))
-    resident = sum(wb for wb, p in zip(w.layer_bytes, cand.layers) if p == RESIDENT)
+    b.cuda_graphs = s.graph_bytes(cand.embeddings)
+    if b.cuda_graphs and cand.embeddings == "cpu":
+        b.notes["cuda_graphs"] = b.notes.get("cuda_graphs", "") + " + embedding rows staged from the host"
+    resident = rotary_table_bytes(s.model)
+    resident += sum(wb for wb, p in zip(w.layer_bytes, cand.layers) if p == RESIDENT)
     if cand.lm_head == RESIDENT:
         resident += w.lm_head_bytes
     if cand.embeddings == "gpu" and not (s.model.tie_word_embeddings and cand.lm_head == RESIDENT):
@@ -759,7 +783,8 @@ def _memory(s: _Setup, cand: _Candidate, fixed: Budget) -> Budget:
             ringed.append(w.lm_head_bytes)
         b.stream_buffers = cand.num_buffers * max(ringed, default=0)
     gpu_layers = sum(1 for p in cand.layers if p != CPU)
-    b.kv_pool = _round_up(cand.kv_min_tokens, s.block_size) * s.kv_layer * gpu_layers
+    kv_tokens = _round_up(cand.kv_min_tokens, s.block_size) + s.scratch_blocks * s.block_size
+    b.kv_pool = kv_tokens * s.kv_layer * gpu_layers
     return b
 
 
@@ -777,11 +802,15 @@ class _Sizer:
         self.tail_max = [0] * (s.n + 1)  # largest layer in layers r..n-1
         for r in range(s.n - 1, -1, -1):
             self.tail_max[r] = max(self.tail_max[r + 1], w.layer_bytes[r])
-        self.kv_per_layer = kv_min * s.kv_layer
+        self.kv_per_layer = (kv_min + s.scratch_blocks * s.block_size) * s.kv_layer
+        self.fixed += rotary_table_bytes(s.model)
+        self.host_emb_graphs = s.graph_bytes("cpu") - fixed.cuda_graphs  # staged rows (fixed: the "gpu" term)
 
     def total(self, r: int, gpu_layers: int, head: str, embeddings: str, buffers: int) -> int:
         s, w = self.s, self.s.weights
         t = self.fixed + self.prefix[r] + self.kv_per_layer * gpu_layers
+        if embeddings == "cpu":
+            t += self.host_emb_graphs
         if head == RESIDENT:
             t += w.lm_head_bytes
         if embeddings == "gpu" and not (s.model.tie_word_embeddings and head == RESIDENT):
@@ -1067,10 +1096,11 @@ def _finish(s: _Setup, cand: _Candidate, budget: Budget, name: str) -> Plan:
     if block_bytes:
         spare = budget.limit - budget.total
         budget.kv_pool += (spare // block_bytes) * block_bytes
-        num_blocks = budget.kv_pool // block_bytes
+        num_blocks = budget.kv_pool // block_bytes - s.scratch_blocks  # the pool as allocated holds the scratch
     else:
         num_blocks = cand.kv_min_tokens // s.block_size
-    budget.notes["kv_pool"] = (f"{num_blocks} blocks x {s.block_size} tokens x {gpu_layers} GPU layers x "
+    scratch = f" (+ {s.scratch_blocks} scratch for the decode graphs)" if s.scratch_blocks and block_bytes else ""
+    budget.notes["kv_pool"] = (f"{num_blocks} blocks{scratch} x {s.block_size} tokens x {gpu_layers} GPU layers x "
                                f"{format_size(s.kv_layer)}/token/layer ({s.kv_dtype})")
     resident_layers = sum(1 for p in cand.layers if p == RESIDENT)
     budget.notes["resident_weights"] = (f"{resident_layers} layers ({s.scheme.linear.name})"
@@ -1111,10 +1141,11 @@ def _finish(s: _Setup, cand: _Candidate, budget: Budget, name: str) -> Plan:
         num_stream_buffers=cand.num_buffers, stream_buffer_bytes=slot,
         prefill_offload_min_tokens=_offload_threshold(s, cand), kv_dtype=s.kv_dtype,
         kv_block_size=s.block_size, kv_num_blocks=num_blocks, kv_capacity_tokens=num_blocks * s.block_size,
+        kv_scratch_blocks=s.scratch_blocks if block_bytes else 0,
         kv_bytes_per_token=s.kv_layer * gpu_layers, host_kv_bytes=host_kv, host_weight_bytes=host_weights,
         max_model_len=s.max_model_len, max_num_seqs=s.max_num_seqs,
         max_num_batched_tokens=max(cand.chunk, s.max_num_seqs),
-        cuda_graph_sizes=cuda_graph_capture_sizes(s.max_num_seqs) if s.cuda_graphs and s.device.has_gpu else [],
+        cuda_graph_sizes=s.graph_sizes if s.device.has_gpu else [],
         budget=budget, prediction=_predict(s, cand), resident_share=share, notes=notes,
     )
 
