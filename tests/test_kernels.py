@@ -330,10 +330,11 @@ _SM90_COMPILE = textwrap.dedent(
     sig = dict(x_ptr="*fp16", qw_ptr="*i32", s_ptr="*fp16", m_ptr="*fp16", b_ptr="*fp16", y_ptr="*fp16", M="i32",
                **ints, stride_xm="i32", stride_ym="i32", G="constexpr", BLOCK_M="constexpr", BLOCK_N="constexpr",
                BLOCK_K="constexpr", GROUP_M="constexpr", SPLIT_K="i32", SWAP_AB="constexpr", HAS_BIAS="constexpr",
-               USE_ATOMIC="constexpr", DOT_F32="constexpr", DOT_PRECISION="constexpr", DQ_F16="constexpr")
+               USE_ATOMIC="constexpr", DOT_F32="constexpr", DOT_PRECISION="constexpr", DQ_F16="constexpr",
+               PDL="constexpr")
     out["gemm2_fp16_256x128"] = build_or_mismatch(W._w4_gemm2_kernel, sig, dict(G=128, BLOCK_M=256, BLOCK_N=128, BLOCK_K=64,
                                       GROUP_M=8, SWAP_AB=False, HAS_BIAS=False, USE_ATOMIC=False, DOT_F32=False,
-                                      DOT_PRECISION="tf32", DQ_F16=True), 8, 3)
+                                      DOT_PRECISION="tf32", DQ_F16=True, PDL=W.HAS_PDL), 8, 3)
     out["has_pdl"] = W.HAS_PDL
     print("RESULTS " + json.dumps(out))
     """

@@ -401,7 +401,9 @@ if HAS_TRITON:
         G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
         HAS_BIAS: tl.constexpr, USE_ATOMIC: tl.constexpr, DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        PDL: tl.constexpr = False,  # programmatic dependent launch: see _triton.pdl_wait
     ):
+        pdl_wait(PDL)  # reads what the kernel before wrote: after this
         # grid = (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), SPLIT_K)
         pid = tl.program_id(0)
         pid_k = tl.program_id(1)
@@ -735,7 +737,9 @@ if HAS_TRITON:
         GROUP_M: tl.constexpr, SPLIT_K, SWAP_AB: tl.constexpr,
         HAS_BIAS: tl.constexpr, USE_ATOMIC: tl.constexpr, DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr,
         DQ_F16: tl.constexpr,
+        PDL: tl.constexpr = False,  # programmatic dependent launch: see _triton.pdl_wait
     ):
+        pdl_wait(PDL)  # reads what the kernel before wrote: after this
         # grid = (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), SPLIT_K). Like _w4_gemm_kernel, but the (BLOCK_K/8,
         # BLOCK_N) words of a tile are loaded once (not once per code) and unpacked in registers. SPLIT_K is a
         # runtime argument (one compile serves every split of a shape family).
@@ -936,7 +940,8 @@ def _launch_gemm(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), cfg.split_k)
     common = dict(G=group_size, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
                   SPLIT_K=cfg.split_k, HAS_BIAS=bias is not None, USE_ATOMIC=use_atomic, DOT_F32=dot_f32,
-                  DOT_PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                  DOT_PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                  **pdl_launch_args(x2.device))
     args = (x2, qweight, scales, mins, bias if bias is not None else scales, y, m, n, k, x2.stride(0), y.stride(0))
     if cfg.version == 2:
         # fp16 dequant math only for fp16 x (bf16 would round the fp16 scales to 8 bits first)

@@ -25,13 +25,13 @@ from dataclasses import dataclass
 import torch
 
 from ..quant.formats import dequantize_int8
-from ._triton import HAS_TRITON, sm_count, triton_supports, use_fixed_config
+from ._triton import HAS_TRITON, pdl_launch_args, sm_count, triton_supports, use_fixed_config
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from ._triton import grouped_tile
+    from ._triton import grouped_tile, pdl_wait
 
 __all__ = ["w8a16_reference", "w8a16_matmul", "W8GemvConfig", "W8GemmConfig"]
 
@@ -109,7 +109,9 @@ if HAS_TRITON:
         N, K, stride_xm, stride_ym,
         G: tl.constexpr, PER_CHANNEL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         HAS_BIAS: tl.constexpr,
+        PDL: tl.constexpr = False,  # programmatic dependent launch: see _triton.pdl_wait
     ):
+        pdl_wait(PDL)  # reads what the kernel before wrote: after this
         # grid = (M, cdiv(N, BLOCK_N))
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
@@ -210,7 +212,8 @@ def _launch_gemv(x2, qweight, scales, group_size, bias, cfg: W8GemvConfig) -> to
     grid = (m, triton.cdiv(n, cfg.block_n))
     _w8_gemv_kernel[grid](x2, qweight, scales, bias if bias is not None else scales, y, n, k, x2.stride(0), y.stride(0),
                           G=group_size, PER_CHANNEL=per_channel, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                          HAS_BIAS=bias is not None, num_warps=cfg.num_warps, num_stages=1)
+                          HAS_BIAS=bias is not None, num_warps=cfg.num_warps, num_stages=1,
+                          **pdl_launch_args(x2.device))
     return y
 
 
