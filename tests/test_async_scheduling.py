@@ -206,8 +206,13 @@ def test_async_equals_one_step_at_a_time_on_cuda(enforce_eager):
     script += [
         (0, "add", "seeded", [7, 8, 9], SamplingParams(temperature=0.8, top_p=0.9, seed=3, max_tokens=30, n=2,
                                                         ignore_eos=True)),
-        (9, "add", "late", [11, 12, 13, 14], _greedy(12)),
     ]
+    if not enforce_eager:
+        # A request arriving mid-run joins one step later with async scheduling (the next step was already
+        # launched), so the steps' batch sizes differ between the two runs. Padded to the graph ladder the
+        # kernels are the same; eager fp16 steps pick kernels by batch size, whose rounding differs, and random
+        # weights' flat logits turn that into other tokens. So the arrival is checked on the graph path only.
+        script.append((9, "add", "late", [11, 12, 13, 14], _greedy(12)))
     sync = LLM("random:smollm2-135m", async_scheduling=False, **kw)
     want = _drive(sync, script)
     a = LLM("random:smollm2-135m", **kw)

@@ -338,6 +338,8 @@ class ModelRunner:
             ev.synchronize()  # its previous copy has landed (and was read, or its step was dropped)
         else:
             ev = self._token_ready[k] = torch.cuda.Event()
+        if self._token_host[k].numel() < n:  # a runner built for fewer sequences than this step has: grow
+            self._token_host[k] = torch.zeros(n, dtype=torch.long, pin_memory=True)
         host = self._token_host[k][:n]
         host.copy_(tokens, non_blocking=True)
         ev.record()
