@@ -47,11 +47,29 @@ def test_device_wide_where_processes_cannot_be_listed(monkeypatch):
     assert mon.available and not mon.per_process and mon.used() == 5 << 30
 
 
-def test_device_wide_when_not_listed_after_the_context_exists(monkeypatch):
+def test_device_wide_when_not_listed_long_after_the_context_exists(monkeypatch):
     monkeypatch.setitem(sys.modules, "pynvml", _fake_nvml([], used=3 << 30))  # e.g. a PID namespace
     monkeypatch.setattr(NvmlMonitor, "_has_context", staticmethod(lambda: True))
+    clock = [100.0]
+    monkeypatch.setattr(gpu_memory.time, "monotonic", lambda: clock[0])
     mon = NvmlMonitor()
+    assert mon.used() == 0  # a fresh context: NVML lists it after a short lag
+    clock[0] += NvmlMonitor.LISTING_GRACE_S + 0.1
     assert mon.used() == 3 << 30 and not mon.per_process
+
+
+def test_the_listing_lag_does_not_count_other_processes(monkeypatch):
+    """The context exists, NVML does not list it yet, another process holds 13 GiB: the lag reads 0, not the
+    device-wide 13 GiB (what a child engine under a parent pytest saw as its "load" peak)."""
+    procs = [types.SimpleNamespace(pid=os.getpid() + 1, usedGpuMemory=13 << 30)]
+    monkeypatch.setitem(sys.modules, "pynvml", _fake_nvml(procs, used=13 << 30))
+    monkeypatch.setattr(NvmlMonitor, "_has_context", staticmethod(lambda: True))
+    mon = NvmlMonitor()
+    assert mon.used() == 0
+    procs.append(types.SimpleNamespace(pid=os.getpid(), usedGpuMemory=900 << 20))
+    assert mon.used() == 900 << 20 and mon.per_process
+    procs.pop()  # torn down: ours is gone from the list
+    assert mon.used() == 0
 
 
 def test_no_pynvml_is_reported_not_raised(monkeypatch):

@@ -19,8 +19,13 @@ class NvmlMonitor:
     A process appears in NVML's list only once it has a CUDA context, so a monitor started before the context
     cannot tell yet: while NVML lists processes and this one has no context (torch's CUDA not initialised) it
     holds nothing and reads 0; once listed it reads its own figure (per_process becomes True). Device-wide
-    figures are used only where NVML cannot list processes or does not list this one after its context exists
-    (other processes then count too: per_process stays False)."""
+    figures are used only where NVML cannot list processes, or still does not list this one LISTING_GRACE_S
+    after its context appeared (a PID namespace: other processes then count too, per_process stays False).
+    NVML lists a new context only after a short lag: reading device-wide figures in that window counted a
+    parent pytest's 13 GiB as a child engine's "load" peak."""
+
+    #: Seconds after this process's CUDA context appeared during which "not listed yet" reads 0.
+    LISTING_GRACE_S = 5.0
 
     def __init__(self, device_index: int = 0, interval_s: float = 0.005) -> None:
         self.available = False
@@ -30,6 +35,7 @@ class NvmlMonitor:
         self._interval = interval_s
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._context_seen: float | None = None  # monotonic time the CUDA context was first seen unlisted
         try:
             import pynvml
 
@@ -73,8 +79,15 @@ class NvmlMonitor:
         if b is not None:
             self.per_process = True
             return b
-        if self._listing and not self._has_context():
-            return 0  # no CUDA context yet: this process holds no GPU memory
+        if self._listing:
+            if not self._has_context():
+                return 0  # no CUDA context yet: this process holds no GPU memory
+            if self._context_seen is None:
+                self._context_seen = time.monotonic()
+            if not self.per_process and time.monotonic() - self._context_seen < self.LISTING_GRACE_S:
+                return 0  # a fresh context NVML does not list yet (its memory shows once it is listed)
+            if self.per_process:
+                return 0  # listed before and gone now: the context was torn down
         return int(self._nv.nvmlDeviceGetMemoryInfo(self._h).used)
 
     def total(self) -> int:
