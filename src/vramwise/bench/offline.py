@@ -75,7 +75,7 @@ class BenchReport:
     # the command's own settings (shape, quantization, GPU cap, ...), so that a report read later, e.g. by
     # benchmarks/peers/table.py, can tell which scenario it measured
     settings: dict[str, Any] = field(default_factory=dict)
-    decode_path: str = "eager"  # "cuda graphs (batch sizes ...)" or "eager (why)"
+    decode_path: str = "eager"  # graph path or why eager, then ", async scheduling" or ", one step at a time"
     graph_pool_mib: float | None = None
     weight_bytes_per_step: int | None = None
     d2d_copy_gb_s: float | None = None  # measured device-to-device copy bandwidth (CUDA only)
