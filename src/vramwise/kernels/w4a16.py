@@ -61,7 +61,8 @@ from dataclasses import dataclass
 import torch
 
 from ..quant.formats import INT4_TILE_N, dequantize_int4
-from ._triton import HAS_PDL, HAS_TRITON, interpreting, pdl_launch_args, sm_count, triton_supports, use_fixed_config
+from ._triton import HAS_PDL  # noqa: F401 - re-exported: the sm_90 compile test builds the PDL path where it exists
+from ._triton import HAS_TRITON, interpreting, pdl_launch_args, sm_count, triton_supports, use_fixed_config
 
 if HAS_TRITON:
     import triton
