@@ -24,7 +24,7 @@ from torch import nn
 
 from vramwise.config import ModelConfig
 from vramwise.engine.cuda_graphs import DecodeGraphs
-from vramwise.engine.scheduler import SchedulerOutput
+from vramwise.engine.scheduler import ScheduledSequence, SchedulerOutput
 from vramwise.kernels.attention_backend import select_attention_backend
 from vramwise.kernels.kv_quant import KV_SCALE_DTYPE, QUANTIZED_KV_DTYPES
 from vramwise.models.attention import AttentionMetadata
@@ -295,6 +295,25 @@ class ModelRunner:
             return torch.tensor(values, dtype=dtype, device=self.device)
         return torch.tensor(values, dtype=dtype).pin_memory().to(self.device, non_blocking=True)
 
+    def _forward(self, out: SchedulerOutput, prev_tokens: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, list[int]]:
+        """The model over the step's tokens: (hidden (T, H), query_start_loc (B+1)). A decode step the graphs
+        serve runs there (T = B); others eagerly. prev_tokens: a lookahead step's input ids come from the
+        previous step's sampled ids (out.prev_rows picks the rows), on the device."""
+        if self.graphs is not None and self.graphs.eligible(out):
+            hidden = self.graphs.run(out, prev_tokens, out.prev_rows)  # (B, hidden): one token per sequence
+            return hidden, list(range(len(out.scheduled) + 1))
+        ids, positions, meta = self.prepare(out)
+        if prev_tokens is not None:
+            ids = prev_tokens.index_select(0, self._upload(out.prev_rows, torch.long))  # type: ignore[arg-type]
+        return self.model(ids, positions, meta), meta.query_start_loc  # (T, hidden)
+
+    def _sample_row(self, s: ScheduledSequence) -> SampleRow:
+        """What the sampler needs of one scheduled sequence (its per-request generator created on first use)."""
+        seq = s.seq
+        return SampleRow(seq.sampling_params, seq.prompt_token_ids, seq.output_token_ids,
+                         self._generator(seq.seq_id, seq.sampling_params.seed, seq.index))
+
     # -- asynchronous steps -----------------------------------------------------------------------------
 
     def can_launch(self, out: SchedulerOutput) -> bool:
@@ -312,23 +331,9 @@ class ModelRunner:
         if out.has_swaps:
             self.swap(out)
         n = len(out.scheduled)
-        if self.graphs is not None and self.graphs.eligible(out):
-            prev_ids = prev.tokens if out.prev_rows is not None else None  # type: ignore[union-attr]
-            hidden = self.graphs.run(out, prev_ids, out.prev_rows)  # (B, hidden)
-            last = list(range(n))
-        else:
-            ids, positions, meta = self.prepare(out)
-            if out.prev_rows is not None:
-                ids = prev.tokens.index_select(0, self._upload(out.prev_rows, torch.long))  # type: ignore[union-attr]
-            hidden = self.model(ids, positions, meta)  # (T, hidden)
-            last = [meta.query_start_loc[j + 1] - 1 for j in range(n)]
-        logits = self.model.compute_logits(_take_rows(hidden, last))  # (B, vocab) fp32
-        rows = [
-            SampleRow(s.seq.sampling_params, s.seq.prompt_token_ids, s.seq.output_token_ids,
-                      self._generator(s.seq.seq_id, s.seq.sampling_params.seed, s.seq.index))
-            for s in out.scheduled
-        ]
-        tokens = self.sampler.draw(logits, rows)  # (B,) int64, no host sync
+        hidden, qsl = self._forward(out, prev.tokens if out.prev_rows is not None else None)  # type: ignore[union-attr]
+        logits = self.model.compute_logits(_take_rows(hidden, [qsl[j + 1] - 1 for j in range(n)]))  # (B, vocab) fp32
+        tokens = self.sampler.draw(logits, [self._sample_row(s) for s in out.scheduled])  # (B,) int64, no host sync
         k = self._next_token_buf
         self._next_token_buf = 1 - k
         if self.device.type != "cuda":
@@ -361,13 +366,7 @@ class ModelRunner:
             self.swap(out)  # before the model writes into blocks a swap-out just gave up
         if out.is_empty:
             return result
-        if self.graphs is not None and self.graphs.eligible(out):
-            hidden = self.graphs.run(out)  # (B, hidden): one token per sequence
-            query_start_loc = list(range(len(out.scheduled) + 1))
-        else:
-            ids, positions, meta = self.prepare(out)
-            hidden = self.model(ids, positions, meta)  # (T, hidden)
-            query_start_loc = meta.query_start_loc
+        hidden, query_start_loc = self._forward(out)
 
         # Rows whose logits we need: last row of each sampling sequence, all rows for prompt logprobs.
         rows: list[int] = []
@@ -390,19 +389,7 @@ class ModelRunner:
         logits = self.model.compute_logits(_take_rows(hidden, rows))  # (R, vocab) fp32
 
         if sample_rows:
-            srows = [
-                SampleRow(
-                    params=out.scheduled[j].seq.sampling_params,
-                    prompt_token_ids=out.scheduled[j].seq.prompt_token_ids,
-                    output_token_ids=out.scheduled[j].seq.output_token_ids,
-                    generator=self._generator(
-                        out.scheduled[j].seq.seq_id,
-                        out.scheduled[j].seq.sampling_params.seed,
-                        out.scheduled[j].seq.index,
-                    ),
-                )
-                for j, _ in sample_rows
-            ]
+            srows = [self._sample_row(out.scheduled[j]) for j, _ in sample_rows]
             so = self.sampler(_take_rows(logits, [r for _, r in sample_rows]), srows)
             for (j, _), tok, lp in zip(sample_rows, so.token_ids, so.logprobs):
                 sid = out.scheduled[j].seq.seq_id

@@ -279,7 +279,7 @@ class Scheduler:
                 return None
             if sch.start_pos + sch.num_new_tokens != seq.num_tokens:
                 return None  # not the sequence's last chunk (cannot happen when sample is set; kept as a guard)
-            if self._finishes_by_length(seq):
+            if self._at_length_limit(seq, pending=1):
                 continue  # certain to stop at step N: not in N+1 (the regular schedule would not run it either)
             pos = seq.num_tokens  # the token step N samples sits at this position
             rows.append(j)
@@ -294,10 +294,11 @@ class Scheduler:
             out.scheduled.append(ScheduledSequence(seq, [LOOKAHEAD_TOKEN], pos, list(seq.block_table), True))
         return out
 
-    def _finishes_by_length(self, seq: Sequence) -> bool:
-        """True when the token now being sampled for seq is its last (max_tokens or max_model_len)."""
-        return (seq.num_output_tokens + 1 >= seq.sampling_params.max_tokens
-                or seq.num_tokens + 1 >= self.config.max_model_len)
+    def _at_length_limit(self, seq: Sequence, pending: int = 0) -> bool:
+        """True when seq has reached max_tokens or max_model_len, counting `pending` tokens not yet appended
+        (1: the token now being sampled for it would be its last)."""
+        return (seq.num_output_tokens + pending >= seq.sampling_params.max_tokens
+                or seq.num_tokens + pending >= self.config.max_model_len)
 
     def _swap_in(self, seq: Sequence, out: SchedulerOutput) -> None:
         assert self.swap_manager is not None
@@ -345,6 +346,6 @@ class Scheduler:
             return SequenceStatus.FINISHED_STOPPED
         if not p.ignore_eos and token in self.eos_token_ids:
             return SequenceStatus.FINISHED_STOPPED
-        if seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.config.max_model_len:
+        if self._at_length_limit(seq):
             return SequenceStatus.FINISHED_LENGTH
         return None

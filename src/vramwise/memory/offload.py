@@ -786,25 +786,25 @@ class OffloadDriver:
         sched = StepSchedule(list(ring.owner) if ring else [], sorted(set(rec.deferred)), st.loads - st0.loads,
                              st.prefetches - st0.prefetches, st.misses - st0.misses,
                              st.bytes_copied - st0.bytes_copied, rec.live)
-        if ring is not None and not rec.live:
-            ring.end_capture(join=True)
-            # Nothing ran: the slots still hold what they held at the start, and the stats count only copies
-            # that ran (a replay adds the schedule's).
-            ring.owner = list(rec.start_owner)
-            self._restore_stats(rec.start_stats)
+        self._leave_capture(rec, join=True)
         return sched
 
     def abort_step_capture(self) -> None:
         """Leave capture mode after a failed capture (no join: the capture is being thrown away)."""
         rec, self._step = self._step, None
-        if rec is not None and self._ring is not None and not rec.live:
-            self._ring.end_capture(join=False)
-            self._ring.owner = list(rec.start_owner)
-            self._restore_stats(rec.start_stats)
+        if rec is not None:
+            self._leave_capture(rec, join=False)
 
-    def _restore_stats(self, saved: StreamStats) -> None:
+    def _leave_capture(self, rec: _StepRecorder, join: bool) -> None:
+        """After a recorded (not live) step, the ring leaves capture mode (join: see _SlotRing.end_capture).
+        Nothing ran: the slots still hold what they held at the start, and the stats count only copies that
+        ran (a replay adds the schedule's)."""
+        if self._ring is None or rec.live:
+            return
+        self._ring.end_capture(join=join)
+        self._ring.owner = list(rec.start_owner)
         for f in fields(StreamStats):  # in place: callers may hold the stats object
-            setattr(self.stats, f.name, getattr(saved, f.name))
+            setattr(self.stats, f.name, getattr(rec.start_stats, f.name))
 
     def ensure_step_start(self) -> None:
         """Eager, before a captured step (its capture or a replay): slot s holds unit s for every slot (the
@@ -813,9 +813,7 @@ class OffloadDriver:
         ring = self._ring
         if ring is None:
             return
-        for s in range(self.num_slots):
-            if ring.owner[s] != s:
-                self._load(s, prefetch=False)
+        self._restore_step_start()
         ring.join_copies()
 
     def after_replay(self, sched: StepSchedule) -> None:
