@@ -128,7 +128,7 @@ def cfg_name(cfg) -> str:
         asm = "" if cfg.use_asm is None else (" asm" if cfg.use_asm else " f32")
         return f"gemv{cfg.version} n{cfg.block_n} k{cfg.block_k} w{cfg.num_warps}{asm}"
     if isinstance(cfg, w4a16.GemmConfig):
-        return (f"gemm{cfg.version}{' swap' if cfg.swap_ab else ''} {cfg.block_m}x{cfg.block_n}x{cfg.block_k} "
+        return (f"gemm{cfg.version}{' swap' if cfg.swap_ab else ''}{' pf' if cfg.prefetch else ''} {cfg.block_m}x{cfg.block_n}x{cfg.block_k} "
                 f"s{cfg.split_k} w{cfg.num_warps} st{cfg.num_stages}")
     return f"dequant{cfg.version}+cuBLAS"
 

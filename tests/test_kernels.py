@@ -214,6 +214,9 @@ def _interp_cases() -> list[dict]:
     cases.append(dict(bits=4, m=5, n=64, k=256, g=32, dtype="float16", bias=True, cfg=["gemm2", 16, 32, 32, 4, 0]))
     cases.append(dict(bits=4, m=5, n=64, k=256, g=128, dtype="bfloat16", bias=True, cfg=["gemm2", 16, 32, 16, 2, 1]))
     cases.append(dict(bits=4, m=17, n=64, k=256, g=128, dtype="float16", bias=False, cfg=["gemm2", 16, 64, 128, 1, 0]))
+    # the next tile's words prefetched into registers: split-K with uneven splits (4 K-tiles over 3), and one tile
+    cases.append(dict(bits=4, m=40, n=72, k=256, g=64, dtype="float16", bias=True, cfg=["gemm2", 64, 64, 64, 3, 0, 1]))
+    cases.append(dict(bits=4, m=5, n=64, k=256, g=128, dtype="bfloat16", bias=False, cfg=["gemm2", 16, 32, 128, 1, 0, 1]))
     # dequantize v2 (+ torch.matmul) through w4a16_matmul, and the dequant kernel alone on a column range
     for dt in ("float16", "bfloat16"):
         cases.append(dict(bits=4, m=33, n=72, k=256, g=64, dtype=dt, bias=True, cfg=["dq", 2]))
@@ -265,7 +268,7 @@ _SWEEP = textwrap.dedent(
                 if kind == "gemv2":
                     cfg = GemvConfig(cfg[1], cfg[2], 1, None, 2)
                 elif kind == "gemm2":
-                    cfg = GemmConfig(*cfg[1:4], 4, cfg[4], 4, 1, 2, bool(cfg[5]))
+                    cfg = GemmConfig(*cfg[1:4], 4, cfg[4], 4, 1, 2, bool(cfg[5]), len(cfg) > 6 and bool(cfg[6]))
                 elif kind == "dq":
                     cfg = DequantConfig(cfg[1])
                 else:
@@ -356,10 +359,15 @@ _SM90_COMPILE = textwrap.dedent(
                **ints, stride_xm="i32", stride_ym="i32", G="constexpr", BLOCK_M="constexpr", BLOCK_N="constexpr",
                BLOCK_K="constexpr", GROUP_M="constexpr", SPLIT_K="i32", SWAP_AB="constexpr", HAS_BIAS="constexpr",
                USE_ATOMIC="constexpr", DOT_F32="constexpr", DOT_PRECISION="constexpr", DQ_F16="constexpr",
-               PDL="constexpr")
+               PREFETCH="constexpr", PDL="constexpr")
     out["gemm2_fp16_256x128"] = build_or_mismatch(W._w4_gemm2_kernel, sig, dict(G=128, BLOCK_M=256, BLOCK_N=128, BLOCK_K=64,
                                       GROUP_M=8, SWAP_AB=False, HAS_BIAS=False, USE_ATOMIC=False, DOT_F32=False,
-                                      DOT_PRECISION="tf32", DQ_F16=True, PDL=W.HAS_PDL), 8, 3)
+                                      DOT_PRECISION="tf32", DQ_F16=True, PREFETCH=False, PDL=W.HAS_PDL), 8, 3)
+    # the decode-batch tile with register prefetch and split-K atomics
+    out["gemm2_fp16_64x64_prefetch"] = build_or_mismatch(W._w4_gemm2_kernel, sig, dict(G=128, BLOCK_M=64, BLOCK_N=64,
+                                      BLOCK_K=128, GROUP_M=8, SWAP_AB=False, HAS_BIAS=False, USE_ATOMIC=True,
+                                      DOT_F32=False, DOT_PRECISION="tf32", DQ_F16=True, PREFETCH=True,
+                                      PDL=W.HAS_PDL), 4, 3)
     out["has_pdl"] = W.HAS_PDL
     print("RESULTS " + json.dumps(out))
     """
@@ -392,6 +400,7 @@ def test_kernels_compile_for_sm90_without_a_gpu():
     assert all(res[k]["ptx_has_gdc"] == has_pdl for k in res if k.startswith("gemv2"))
     assert not res["gemv1_fp16_add"]["ptx_has_gdc"]
     assert res["gemm2_fp16_256x128"]["shared"] <= 227 * 1024
+    assert res["gemm2_fp16_64x64_prefetch"]["shared"] <= 227 * 1024
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -539,3 +548,35 @@ def test_w4a16_gpu_tuning_caches_and_graph_capture_uses_default(monkeypatch):
     torch.cuda.synchronize()
     assert key3 not in w4a16._CHOICES
     assert _rel_err(y3, x3, pw) < 2e-2
+
+
+@pytest.mark.gpu
+@gpu
+def test_w4a16_gpu_graph_timed_tuning(monkeypatch):
+    """Decode-batch sizes (M <= 64) are tuned as a step runs them: a CUDA graph with one call per weight copy, each
+    call reading its own copy (together larger than L2), timed per call; the first set is current afterwards,
+    and the choice is cached and correct."""
+    from vramwise.kernels import w4a16
+
+    monkeypatch.setattr(w4a16, "AUTOTUNE", True)
+    monkeypatch.setattr(w4a16, "TUNE_GRAPH", True)
+    pw = quantize_rtn(torch.randn(4096, 4096, device="cuda") * 0.02, QuantSpec.int4(128))
+    copies = w4a16._WeightCopies(pw.qweight, pw.scales, pw.mins, w4a16._graph_copies(pw.qweight, pw.scales, pw.mins))
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    assert len(copies.sets) >= 2 and len(copies.sets) * pw.qweight.numel() * 4 > l2
+    x = torch.randn(32, 4096, device="cuda", dtype=torch.float16)
+    seen = []
+    cfg = w4a16.GemmConfig(64, 64, 128, 8, 4, 4, 3, 2, False, True)
+
+    def call():
+        seen.append(copies.weights[0].data_ptr())
+        return w4a16.w4a16_matmul(x, *copies.weights, 128, config=cfg)
+
+    t = w4a16._time_graph_config(call, copies)
+    assert t > 0 and copies.current == 0
+    assert len({p for p in seen}) == len(copies.sets)  # every copy was read
+    key = w4a16._tune_key(x, 4096, 128)
+    w4a16._CHOICES.pop(key, None)
+    y = w4a16.w4a16_matmul(x, pw.qweight, pw.scales, pw.mins, 128)
+    assert key in w4a16._CHOICES and any(t is not None for _, t, _ in w4a16._TUNE_LOG[key])
+    assert _rel_err(y, x, pw) < 3e-3
