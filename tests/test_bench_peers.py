@@ -5,7 +5,6 @@ nvidia-smi / llama.cpp tools that report a memory peak growing with -ngl."""
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import json
 import os

