@@ -207,6 +207,8 @@ def _interp_cases() -> list[dict]:
         for m, n, k, g, bn, bk, bias in ((1, 64, 256, 32, 8, 64, False), (2, 88, 256, 64, 16, 128, True),
                                          (3, 88, 384, 32, 32, 256, True), (1, 64, 256, 64, 16, 512, False)):
             cases.append(dict(bits=4, m=m, n=n, k=k, g=g, dtype=dt, bias=bias, cfg=["gemv2", bn, bk]))
+    # GEMV v2 with only the words prefetched (scales, mins and x loaded in their own tile: prefetch_all off)
+    cases.append(dict(bits=4, m=2, n=88, k=384, g=32, dtype="float16", bias=True, cfg=["gemv2", 16, 128, 0]))
     # GEMM v2 (each word loaded once, reshape-unpack): plain and swap-AB, split-K, M and N tails, BK = G
     for dt in ("float32", "float16", "bfloat16"):
         cases.append(dict(bits=4, m=40, n=72, k=256, g=64, dtype=dt, bias=True, cfg=["gemm2", 32, 32, 64, 1, 0]))
@@ -214,6 +216,8 @@ def _interp_cases() -> list[dict]:
     cases.append(dict(bits=4, m=5, n=64, k=256, g=32, dtype="float16", bias=True, cfg=["gemm2", 16, 32, 32, 4, 0]))
     cases.append(dict(bits=4, m=5, n=64, k=256, g=128, dtype="bfloat16", bias=True, cfg=["gemm2", 16, 32, 16, 2, 1]))
     cases.append(dict(bits=4, m=17, n=64, k=256, g=128, dtype="float16", bias=False, cfg=["gemm2", 16, 64, 128, 1, 0]))
+    # swap-AB with fp16 dequant math (the decode-batch tile): 16 rows, split-K 3 over 4 K-tiles, N tail
+    cases.append(dict(bits=4, m=12, n=136, k=256, g=64, dtype="float16", bias=False, cfg=["gemm2", 16, 64, 64, 3, 1]))
     # the next tile's words prefetched into registers: split-K with uneven splits (4 K-tiles over 3), and one tile
     cases.append(dict(bits=4, m=40, n=72, k=256, g=64, dtype="float16", bias=True, cfg=["gemm2", 64, 64, 64, 3, 0, 1]))
     cases.append(dict(bits=4, m=5, n=64, k=256, g=128, dtype="bfloat16", bias=False, cfg=["gemm2", 16, 32, 128, 1, 0, 1]))
@@ -266,7 +270,7 @@ _SWEEP = textwrap.dedent(
             if cfg is not None and c["bits"] == 4:
                 kind = cfg[0]
                 if kind == "gemv2":
-                    cfg = GemvConfig(cfg[1], cfg[2], 1, None, 2)
+                    cfg = GemvConfig(cfg[1], cfg[2], 1, None, 2, len(cfg) < 4 or bool(cfg[3]))
                 elif kind == "gemm2":
                     cfg = GemmConfig(*cfg[1:4], 4, cfg[4], 4, 1, 2, bool(cfg[5]), len(cfg) > 6 and bool(cfg[6]))
                 elif kind == "dq":
@@ -342,12 +346,13 @@ _SM90_COMPILE = textwrap.dedent(
         sig = dict(xw_ptr="*i32", qw_ptr="*i32", s_ptr="*fp16", m_ptr="*fp16", b_ptr="*fp16", r_ptr="*" + dt,
                    y_ptr="*" + dt, **ints, stride_xwm="i32", stride_rm="i32", stride_ym="i32", G="constexpr",
                    BLOCK_N="constexpr", BLOCK_K="constexpr", HAS_BIAS="constexpr", USE_ASM="constexpr",
-                   X_BF16="constexpr", EVEN_N="constexpr", EPILOGUE="constexpr", PDL="constexpr")
+                   X_BF16="constexpr", EVEN_N="constexpr", EPILOGUE="constexpr", PREFETCH_ALL="constexpr",
+                   PDL="constexpr")
         # EPILOGUE 0: plain GEMV; 1: + residual; 2: SwiGLU (BLOCK_N = 2 x 8 gate + up columns)
         for epi, name in ((0, ""), (1, "_add"), (2, "_swiglu")):
             out["gemv2_" + dt + name] = build_or_mismatch(W._w4_gemv2_kernel, sig, dict(
                 G=128, BLOCK_N=16, BLOCK_K=1024, HAS_BIAS=False, USE_ASM=True, X_BF16=dt == "bf16", EVEN_N=True,
-                EPILOGUE=epi, PDL=W.HAS_PDL), 4, 1)
+                EPILOGUE=epi, PREFETCH_ALL=True, PDL=W.HAS_PDL), 4, 1)
     sig = dict(x_ptr="*fp16", qw_ptr="*i32", s_ptr="*fp16", m_ptr="*fp16", b_ptr="*fp16", r_ptr="*fp16", y_ptr="*fp16",
                **ints, stride_xm="i32", stride_rm="i32", stride_ym="i32", G="constexpr", BLOCK_N="constexpr",
                BLOCK_K="constexpr", HAS_BIAS="constexpr", USE_ASM="constexpr", EPILOGUE="constexpr", PDL="constexpr")
@@ -363,7 +368,11 @@ _SM90_COMPILE = textwrap.dedent(
     out["gemm2_fp16_256x128"] = build_or_mismatch(W._w4_gemm2_kernel, sig, dict(G=128, BLOCK_M=256, BLOCK_N=128, BLOCK_K=64,
                                       GROUP_M=8, SWAP_AB=False, HAS_BIAS=False, USE_ATOMIC=False, DOT_F32=False,
                                       DOT_PRECISION="tf32", DQ_F16=True, PREFETCH=False, PDL=W.HAS_PDL), 8, 3)
-    # the decode-batch tile with register prefetch and split-K atomics
+    # the decode-batch tiles: swap-AB with fp16 dequant math, and register prefetch, with split-K atomics
+    out["gemm2_fp16_swap_32x64"] = build_or_mismatch(W._w4_gemm2_kernel, sig, dict(G=128, BLOCK_M=32, BLOCK_N=64,
+                                      BLOCK_K=128, GROUP_M=8, SWAP_AB=True, HAS_BIAS=False, USE_ATOMIC=True,
+                                      DOT_F32=False, DOT_PRECISION="tf32", DQ_F16=True, PREFETCH=False,
+                                      PDL=W.HAS_PDL), 4, 3)
     out["gemm2_fp16_64x64_prefetch"] = build_or_mismatch(W._w4_gemm2_kernel, sig, dict(G=128, BLOCK_M=64, BLOCK_N=64,
                                       BLOCK_K=128, GROUP_M=8, SWAP_AB=False, HAS_BIAS=False, USE_ATOMIC=True,
                                       DOT_F32=False, DOT_PRECISION="tf32", DQ_F16=True, PREFETCH=True,

@@ -148,6 +148,7 @@ class GemvConfig:
     num_warps: int = 4
     use_asm: bool | None = None
     version: int = 1
+    prefetch_all: bool = True  # version 2: scales, mins and x of the next tile prefetched with its words
 
 
 @dataclass(frozen=True)
@@ -189,14 +190,16 @@ def _default_gemv_config(m: int, n: int, k: int, group_size: int, device: torch.
     if use_fixed_config(device):
         return GemvConfig(block_n=8, block_k=max(group_size, 64), num_warps=1)  # small tiles: fast in numpy
     if dtype in (torch.float16, torch.bfloat16):
-        # benchmarks/sweep_gemv.py on an H200 (fused 7B/13B decode shapes, CUDA graph over weight copies larger
-        # than L2): v2 with 8 warps on the narrow outputs (o_proj, down_proj: 0.88-0.90 of v1's time at
-        # 4096/5120 wide, 13B down equal), v2 with 4 warps on the wide 5120-deep ones (13B QKV, gate+up: 0.94);
-        # at 4096 deep and wide N v1 stayed ahead (7B QKV: v2 1.05x v1's time).
-        if n <= 8192:
-            return GemvConfig(8, max(1024, group_size), 8, None, 2)
-        if k >= 5120:
-            return GemvConfig(8, max(1024, group_size), 4, None, 2)
+        # v2 with the next tile's scales, mins and x prefetched (GemvConfig.prefetch_all) and 4 warps, timed on an
+        # H200 in CUDA graphs over weight copies larger than L2 (7B/13B fused decode shapes, g128, fp16 and bf16):
+        # 8 channels x 1024-deep tiles on the 4096/5120-deep layers (7B QKV 12.2 -> 11.3 us, gate+up 19.0 ->
+        # 17.9, 13B q 9.4 -> 7.0, up 15.5 -> 14.7 against the earlier 8/4-warp defaults without it), 16 channels
+        # on the 4096-wide outputs (7B o 5.5 -> 4.8, down 11.6 -> 10.7: twice the programs' bytes, one wave),
+        # 2048-deep tiles on the 13824-deep down_proj (22.1 -> 14.9). With 8 warps the prefetch made the
+        # narrow layers slower (7B down 15.3 us).
+        if n <= 4096:
+            return GemvConfig(16, max(1024, group_size), 4, None, 2)
+        return GemvConfig(8, max(2048 if k >= 8192 else 1024, group_size), 4, None, 2)
     # Measured on H100 (13B shapes): 8 channels per program; longer K-tiles when N gives fewer programs.
     block_k = 2048 if n < 8192 else 1024
     return GemvConfig(block_n=8, block_k=max(block_k, group_size), num_warps=4)
@@ -633,7 +636,7 @@ if HAS_TRITON:
         N, K, stride_xwm, stride_rm, stride_ym,
         G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr, X_BF16: tl.constexpr, EVEN_N: tl.constexpr,
-        EPILOGUE: tl.constexpr,
+        EPILOGUE: tl.constexpr, PREFETCH_ALL: tl.constexpr = True,
         PDL: tl.constexpr = False,  # programmatic dependent launch: see _triton.pdl_wait
     ):
         # As _w4_gemv_kernel, with the per-word overhead cut (the loop is issue-bound, not memory-bound):
@@ -668,26 +671,57 @@ if HAS_TRITON:
         if not EVEN_N:
             full_mask = full_mask & n_mask[None, :]
         p_next = tl.load(q_ptrs, mask=full_mask, other=0)                          # tile 0 (masked once)
+        if PREFETCH_ALL:
+            # Tile 0's scales and mins too (static, like the words): the loop then waits only on loads issued
+            # one tile earlier, where loading them in their own iteration cost a full DRAM latency per tile.
+            sc_next = tl.load(s_ptrs, mask=full_mask, other=0.0)
+            mn_next = tl.load(m_ptrs, mask=full_mask, other=0.0)
         # Tile 0 of the weights (static) is in flight; x and the residual come from the kernel before.
         pdl_wait(PDL)
+        if PREFETCH_ALL:
+            x_mask = offs_r < K8
+            w0n = tl.load(x_ptrs + 0, mask=x_mask, other=0)
+            w1n = tl.load(x_ptrs + 1, mask=x_mask, other=0)
+            w2n = tl.load(x_ptrs + 2, mask=x_mask, other=0)
+            w3n = tl.load(x_ptrs + 3, mask=x_mask, other=0)
         for t in range(0, num_full):
             p = p_next
-            nxt = q_ptrs + tl.minimum(t + 1, num_full - 1) * QSTEP                 # prefetch the next tile
+            tn = tl.minimum(t + 1, num_full - 1)                                   # prefetch the next tile
+            nxt = q_ptrs + tn * QSTEP
             if EVEN_N:
                 p_next = tl.load(nxt)
             else:
                 p_next = tl.load(nxt, mask=n_mask[None, :], other=0)
-            if EVEN_N:
-                sc = tl.load(s_ptrs + t * SSTEP).to(tl.float32)
-                mn = tl.load(m_ptrs + t * SSTEP).to(tl.float32)
+            if PREFETCH_ALL:
+                sc = sc_next.to(tl.float32)
+                mn = mn_next.to(tl.float32)
+                w0 = w0n.to(tl.uint32, bitcast=True)                               # (x0, x1)
+                w1 = w1n.to(tl.uint32, bitcast=True)                               # (x2, x3)
+                w2 = w2n.to(tl.uint32, bitcast=True)                               # (x4, x5)
+                w3 = w3n.to(tl.uint32, bitcast=True)                               # (x6, x7)
+                if EVEN_N:
+                    sc_next = tl.load(s_ptrs + tn * SSTEP)
+                    mn_next = tl.load(m_ptrs + tn * SSTEP)
+                else:
+                    sc_next = tl.load(s_ptrs + tn * SSTEP, mask=n_mask[None, :], other=0.0)
+                    mn_next = tl.load(m_ptrs + tn * SSTEP, mask=n_mask[None, :], other=0.0)
+                xn = x_ptrs + tn * XSTEP
+                w0n = tl.load(xn + 0)
+                w1n = tl.load(xn + 1)
+                w2n = tl.load(xn + 2)
+                w3n = tl.load(xn + 3)
             else:
-                sc = tl.load(s_ptrs + t * SSTEP, mask=n_mask[None, :], other=0.0).to(tl.float32)
-                mn = tl.load(m_ptrs + t * SSTEP, mask=n_mask[None, :], other=0.0).to(tl.float32)
-            xk = x_ptrs + t * XSTEP
-            w0 = tl.load(xk + 0).to(tl.uint32, bitcast=True)                       # (x0, x1)
-            w1 = tl.load(xk + 1).to(tl.uint32, bitcast=True)                       # (x2, x3)
-            w2 = tl.load(xk + 2).to(tl.uint32, bitcast=True)                       # (x4, x5)
-            w3 = tl.load(xk + 3).to(tl.uint32, bitcast=True)                       # (x6, x7)
+                if EVEN_N:
+                    sc = tl.load(s_ptrs + t * SSTEP).to(tl.float32)
+                    mn = tl.load(m_ptrs + t * SSTEP).to(tl.float32)
+                else:
+                    sc = tl.load(s_ptrs + t * SSTEP, mask=n_mask[None, :], other=0.0).to(tl.float32)
+                    mn = tl.load(m_ptrs + t * SSTEP, mask=n_mask[None, :], other=0.0).to(tl.float32)
+                xk = x_ptrs + t * XSTEP
+                w0 = tl.load(xk + 0).to(tl.uint32, bitcast=True)                   # (x0, x1)
+                w1 = tl.load(xk + 1).to(tl.uint32, bitcast=True)                   # (x2, x3)
+                w2 = tl.load(xk + 2).to(tl.uint32, bitcast=True)                   # (x4, x5)
+                w3 = tl.load(xk + 3).to(tl.uint32, bitcast=True)                   # (x6, x7)
             acc = _gemv2_tile(acc, p, sc, mn, w0, w1, w2, w3, BKW, BLOCK_N, USE_ASM, X_BF16)
         if num_full * BKW < K8:                                                    # K tail: one masked tile
             rows = num_full * BKW + offs_r
@@ -786,7 +820,15 @@ if HAS_TRITON:
             else:
                 p = tl.load(q_ptrs + t * (BKW * 8), mask=q_mask, other=0)               # words, once each
             g = (t * BLOCK_K) // G
-            if SWAP_AB:
+            if SWAP_AB and DQ_F16:
+                # the dequantized tile is the wgmma's register operand: fp16 math, no fp32 -> fp16 conversion
+                q = _unpack_words(p, BKW, BLOCK_N, False)                                  # (BN, BK)
+                h = (q | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+                sch = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0)              # (BN,) fp16
+                mnh = tl.load(m_ptr + g * N + offs_n, mask=n_mask, other=0.0)
+                w = (h - 1024.0) * sch[:, None] + mnh[:, None]
+                acc = tl.dot(w, tl.trans(a), acc, input_precision=DOT_PRECISION)
+            elif SWAP_AB:
                 sc = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)  # (BN,)
                 mn = tl.load(m_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
                 q = _unpack_words(p, BKW, BLOCK_N, False)                                  # (BN, BK)
@@ -919,7 +961,7 @@ def _launch_gemv(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
             n, k, xw.stride(0), stride_rm, y.stride(0),
             G=group_size, BLOCK_N=block_cols, BLOCK_K=cfg.block_k, HAS_BIAS=bias is not None, USE_ASM=use_asm,
             X_BF16=x2.dtype == torch.bfloat16, EVEN_N=cols % cfg.block_n == 0, EPILOGUE=epilogue,
-            num_warps=cfg.num_warps, num_stages=1, **pdl_launch_args(x2.device),
+            PREFETCH_ALL=cfg.prefetch_all and GEMV_PREFETCH_ALL, num_warps=cfg.num_warps, num_stages=1, **pdl_launch_args(x2.device),
         )
         return y
     asm_ok = x2.dtype == torch.float16 and on_gpu
@@ -1035,6 +1077,9 @@ AUTOTUNE = os.environ.get("VRAMWISE_KERNEL_AUTOTUNE", "1") != "0"
 #: fixed GEMV default gave 2.49 ms per step and the first-use choices 3.22 ms in one run (2.78 in another):
 #: the single-call timing with a flushed L2 does not rank the GEMV variants the way a model step does.
 TUNE_DECODE = os.environ.get("VRAMWISE_KERNEL_AUTOTUNE") == "all"
+#: GEMV v2 prefetches the next tile's scales, mins and x with its words (GemvConfig.prefetch_all);
+#: VRAMWISE_GEMV_PREFETCH_ALL=0 turns it off everywhere (A/B measurements).
+GEMV_PREFETCH_ALL = os.environ.get("VRAMWISE_GEMV_PREFETCH_ALL", "1") != "0"
 #: Layers with fewer weights (N * K) keep the fixed default: they are launch-bound, and tuning each of a small
 #: model's shapes would cost compile time (~2 s per candidate on first use) for nothing.
 MIN_TUNE_WEIGHTS = 1 << 22
@@ -1273,6 +1318,17 @@ def _prefetch_candidates(m: int, n: int, k: int, group_size: int, device: torch.
         for split in dict.fromkeys((_choose_split_k(programs, k // bk, device),
                                     _wave_split(programs, k // bk, device, per_sm=2))):
             out.append(GemmConfig(bm, bn, bk, 8, split, 4, 3, 2, False, True))
+    # swap_ab: y^T = W x^T, the dequantized (64, 128) weight tile is the wgmma's register operand (64 x BM x 16
+    # instructions, BM = the rows rounded up to 16 or 32), x^T comes through shared memory with cp.async. Timed
+    # the same way (H200, fp16, g128): the best config at M = 16 and 32 on every 7B/13B shape, 1.08-1.35x
+    # faster than the choices above; at M = 64 equal. Its best split-K varied by shape among these four.
+    bm = 16 if m <= 16 else (32 if m <= 32 else 64)
+    programs = triton.cdiv(n, 64)
+    k_tiles = k // bk
+    for split in dict.fromkeys((_choose_split_k(programs, k_tiles, device), _choose_split_k(programs, k_tiles, device,
+                                per_sm=8), _wave_split(programs, k_tiles, device), _wave_split(programs, k_tiles, device,
+                                                                                               per_sm=2))):
+        out.append(GemmConfig(bm, 64, bk, 8, split, 4, 3, 2, True, False))
     return out
 
 
