@@ -30,6 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from vramwise.kernels import w4a16, w8a16_matmul  # noqa: E402
+from vramwise.kernels.timing import graph_time_per_call  # noqa: E402
 from vramwise.kernels.w4a16 import w4a16_matmul  # noqa: E402
 from vramwise.quant import QuantSpec, quantize_rtn, unpack_int4  # noqa: E402
 
@@ -55,30 +56,9 @@ def time_events(fn, reps: int, warmup: int = 2) -> float:
 
 
 def time_graph(fns, replays: int) -> float:
-    """Median seconds per call of a CUDA graph that runs every fn once (fns use distinct weight copies)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm up (compiles, tunes) outside the capture
-        for f in fns:
-            f()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for f in fns:
-            f()
-    graph.replay()
-    torch.cuda.synchronize()
-    pairs = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        pairs.append((start, end))
-    torch.cuda.synchronize()
-    del graph
-    return statistics.median(s.elapsed_time(e) for s, e in pairs) * 1e-3 / len(fns)
+    """Median seconds per call of a CUDA graph that runs every fn once (fns use distinct weight copies): the
+    kernels' first-use tuner's own timing (vramwise.kernels.timing)."""
+    return graph_time_per_call(fns, replays) * 1e-3
 
 
 def copy_bandwidth(reps: int) -> float:

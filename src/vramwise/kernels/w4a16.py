@@ -64,6 +64,7 @@ import torch
 from ..quant.formats import INT4_TILE_N, dequantize_int4
 from ._triton import HAS_PDL  # noqa: F401 - re-exported: the sm_90 compile test builds the PDL path where it exists
 from ._triton import HAS_TRITON, interpreting, pdl_launch_args, sm_count, triton_supports, use_fixed_config
+from .timing import graph_time_per_call
 
 if HAS_TRITON:
     import triton
@@ -811,7 +812,8 @@ if HAS_TRITON:
         # PREFETCH: the next tile's words are requested before this tile's dequant and dot (register double
         # buffering; the words feed the dot only through the unpack, so Triton's pipeliner does not stage
         # them). The next-tile index is clamped to a valid tile: the last iteration reloads its own.
-        p_next = tl.load(q_ptrs + tl.minimum(t_start, num_tiles - 1) * (BKW * 8), mask=q_mask, other=0)
+        if PREFETCH:
+            p_next = tl.load(q_ptrs + tl.minimum(t_start, num_tiles - 1) * (BKW * 8), mask=q_mask, other=0)
         for t in range(t_start, t_end):
             a = tl.load(x_ptrs + t * BLOCK_K, mask=m_mask[:, None], other=0.0)          # (BM, BK)
             if PREFETCH:
@@ -1149,35 +1151,15 @@ def _graph_copies(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tenso
 
 def _time_graph_config(fn, copies: _WeightCopies, reps: int = 5) -> float:
     """Median ms per call of a CUDA graph running fn() once per weight copy (fn reads copies.weights)."""
-    n = len(copies.sets)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # every copy once outside the capture (lazy allocations, caches)
-        for i in range(n):
+    def on_copy(i: int):
+        def call() -> None:
             copies.current = i
             fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
+        return call
     try:
-        with torch.cuda.graph(graph):
-            for i in range(n):
-                copies.current = i
-                fn()
+        return graph_time_per_call([on_copy(i) for i in range(len(copies.sets))], reps)
     finally:
         copies.current = 0
-    graph.replay()
-    torch.cuda.synchronize()
-    pairs = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        pairs.append((start, end))
-    torch.cuda.synchronize()
-    del graph
-    times = sorted(s.elapsed_time(e) for s, e in pairs)
-    return times[len(times) // 2] / n
 
 
 def _flush_buffer(device: torch.device) -> torch.Tensor:
