@@ -1,7 +1,7 @@
 """W4A16 GEMV v2 (M = 1) with the next tile's scales, mins and x prefetched (GemvConfig.prefetch_all) or only its
 words, over block shapes and warps, on the 7B/13B layer shapes, fp16 and bf16; torch's int4 kernel for the ratio.
 
-    python benchmarks/sweep_gemv_prefetch.py
+    [DTYPES=float16,bfloat16] python benchmarks/sweep_gemv_prefetch.py
 
 Every config is timed in a CUDA graph over weight copies larger than L2; per shape: the fixed default with and
 without the prefetch, the best config, its share of the measured copy ceiling, and torch int4's time.
@@ -25,7 +25,9 @@ dev = torch.device("cuda")
 bw = copy_bandwidth(5)
 print(f"copy ceiling {bw/1e9:.0f} GB/s {torch.cuda.get_device_name()}", flush=True)
 rows = []
-for DT in (torch.float16, torch.bfloat16):
+import os
+DTYPES = [getattr(torch, d) for d in os.environ.get("DTYPES", "float16,bfloat16").split(",")]
+for DT in DTYPES:
     for n, k, name in SHAPES:
         torch.manual_seed(0)
         w = torch.randn(n, k, device="cuda") * 0.02
@@ -40,6 +42,7 @@ for DT in (torch.float16, torch.bfloat16):
         for bn, bk, wp in ((base.block_n, base.block_k, base.num_warps), (8, 1024, 4), (8, 1024, 8), (8, 2048, 4), (8, 2048, 8), (16, 1024, 4), (16, 1024, 8), (8, 512, 4), (16, 512, 4), (8, 4096, 8), (8, 2048, 16), (16, 2048, 8)):
             for pf in (False, True):
                 cfgs.append(GemvConfig(bn, bk, wp, None, 2, pf))
+
         cfgs = list(dict.fromkeys(cfgs))
         res = {}
         for cfg in cfgs:
