@@ -675,7 +675,7 @@ if HAS_TRITON:
         if PREFETCH_ALL:
             # Tile 0's scales and mins too (static, like the words), and x below once it is written: the loop
             # then waits only on loads issued a tile earlier, not on scale loads issued in the same iteration
-            # (benchmarks/sweep_gemv_prefetch.py: 0.95-0.75x the time at 4 warps, RESULTS.md session 6).
+            # (measured with benchmarks/sweep_gemv_prefetch.py, RESULTS.md session 6).
             sc_next = tl.load(s_ptrs, mask=full_mask, other=0.0)
             mn_next = tl.load(m_ptrs, mask=full_mask, other=0.0)
         # Tile 0 of the weights (static) is in flight; x and the residual come from the kernel before.
