@@ -25,6 +25,7 @@ from vramwise.kernels import fused
 from vramwise.kernels.paged_attention import paged_attention_torch, write_kv
 from vramwise.kernels.attention_backend import prefill_attention_sdpa
 from vramwise.kernels.paged_attention_triton import kv_bytes_read, paged_attention_decode, paged_attention_prefill
+from vramwise.kernels.timing import graph_time_per_call
 from vramwise.models.layers import RMSNorm, RotaryEmbedding
 
 BLOCK_SIZE = 16
@@ -53,30 +54,8 @@ def time_ms(fn: Callable[[int], object], reps: int, inner: int) -> float:
 
 def time_graph_ms(fn: Callable[[int], object], reps: int, inner: int) -> float:
     """GPU time: `inner` calls fn(0..inner-1) captured in one CUDA graph, median per-call time over
-    `reps` replays. No launch overhead: what a captured decode step will see."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for i in range(3):
-            fn(i)  # compile and warm up outside the capture
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(inner):
-            fn(i)
-    graph.replay()
-    torch.cuda.synchronize()
-    samples = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end) / inner)
-    del graph
-    return statistics.median(samples)
+    `reps` replays. No launch overhead: what a captured decode step will see (the kernels' own timer)."""
+    return graph_time_per_call([lambda i=i: fn(i) for i in range(inner)], reps)
 
 
 def copy_bandwidth_gbs() -> float:
