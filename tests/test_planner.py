@@ -275,8 +275,20 @@ def test_decode_speed_falls_monotonically_as_the_budget_shrinks(driver):
     assert speeds[0][1] > 5 * speeds[-1][1]
 
 
+def test_planned_graph_ladder_is_the_captured_one():
+    """The plan counts one graph per rung the engine captures (earlier: 1, 2, 4, 8, 16, 24, 32 planned against
+    1, 2, 4, 8, 16, 32 captured, and a planned ladder capped at 256 while the engine captured past it)."""
+    from vramwise.engine.cuda_graphs import graph_ladder
+    for n in (1, 2, 3, 16, 24, 32, 300):
+        assert cuda_graph_capture_sizes(n) == graph_ladder(n)
+    assert cuda_graph_capture_sizes(32) == [1, 2, 4, 8, 16, 32]
+    assert cuda_graph_capture_sizes(300)[-2:] == [256, 300]
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        cuda_graph_capture_sizes(0)
+
+
 def test_cuda_graph_term_rounds_to_segments_and_counts_staged_embeddings():
-    sizes = cuda_graph_capture_sizes(32)  # 1, 2, 4, 8, 16, 24, 32
+    sizes = cuda_graph_capture_sizes(32)  # 1, 2, 4, 8, 16, 32
     on_gpu = cuda_graph_bytes(L13, sizes)
     on_host = cuda_graph_bytes(L13, sizes, embeddings_on_host=True)
     graphs = len(sizes) * MiB  # each graph's exec state

@@ -49,6 +49,7 @@ import torch
 from torch import nn
 
 from vramwise.engine.scheduler import SchedulerOutput
+from vramwise.memory.budget import cuda_graph_capture_sizes
 from vramwise.memory.offload import CPU, StepSchedule, driver_of
 from vramwise.models.attention import AttentionMetadata
 
@@ -58,16 +59,9 @@ GraphMode = Literal["cuda", "emulate"]
 
 
 def graph_ladder(max_num_seqs: int) -> list[int]:
-    """Batch sizes to capture: powers of two below max_num_seqs, then max_num_seqs itself."""
-    if max_num_seqs < 1:
-        raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
-    sizes = []
-    b = 1
-    while b < max_num_seqs:
-        sizes.append(b)
-        b *= 2
-    sizes.append(max_num_seqs)
-    return sizes
+    """Batch sizes to capture: powers of two below max_num_seqs, then max_num_seqs itself (the planner's
+    memory.budget.cuda_graph_capture_sizes: one ladder for the plan and the capture)."""
+    return cuda_graph_capture_sizes(max_num_seqs)
 
 
 class DecodeGraphs:

@@ -400,14 +400,18 @@ def attention_ticket_bytes(num_sms: int) -> int:
     return (1 << max(0, ATTN_PROGRAMS_PER_SM * num_sms - 1).bit_length()) * ATTN_TICKET_BYTES
 
 
-def cuda_graph_capture_sizes(max_num_seqs: int, limit: int = 256) -> list[int]:
-    """Decode batch sizes captured as CUDA graphs: 1, 2, 4, 8, then every 8 up to max_num_seqs."""
-    top = min(max_num_seqs, limit)
-    sizes = [b for b in (1, 2, 4, 8) if b <= top]
-    sizes += list(range(16, top + 1, 8))
-    if top not in sizes:
-        sizes.append(top)
-    return sorted(set(sizes))
+def cuda_graph_capture_sizes(max_num_seqs: int) -> list[int]:
+    """Decode batch sizes captured as CUDA graphs: powers of two below max_num_seqs, then max_num_seqs itself.
+    The engine captures exactly these (engine/cuda_graphs.graph_ladder), so the plan counts what is captured."""
+    if max_num_seqs < 1:
+        raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
+    sizes = []
+    b = 1
+    while b < max_num_seqs:
+        sizes.append(b)
+        b *= 2
+    sizes.append(max_num_seqs)
+    return sizes
 
 
 def cuda_graph_bytes(model: ModelConfig, capture_sizes: list[int], *, embeddings_on_host: bool = False) -> int:
