@@ -54,7 +54,7 @@ TUNE_TARGETS = ("float", "quant")
 @dataclass(frozen=True)
 class TuneConfig:
     steps: int = 100  # optimiser steps per decoder layer
-    samples: int = 16  # calibration windows used (the first ones)
+    samples: int = 32  # calibration windows used (the first ones; a quarter of them held out)
     batch: int = 2  # windows per step
     lr: float = 5e-3  # Adam, on log(scale) and on min in units of the initial scale
     rounding: bool = False  # also learn a rounding offset per weight (AutoRound-style, see the module doc)
