@@ -164,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calib-samples", type=int, default=32)  # the CLI default is 128; 32 keeps a CPU run short
     p.add_argument("--calib-seq-len", type=int, default=512)
     p.add_argument("--refit", type=int, default=1, help="GPTQ scale/min refit rounds (the CLI default is 1)")
+    p.add_argument("--tune-steps", type=int, default=0,
+                   help="GPTQ row: block-wise output reconstruction steps per layer (quantize --tune-steps; 0: off)")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "QUALITY.md"))
     p.add_argument("--workdir", default=None, help="where the quantized checkpoints go (default: a temp dir)")
     p.add_argument("--no-speed", action="store_true")
@@ -185,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": dt.date.today().isoformat(), "commit": _commit(), "machine": f"{platform.machine()} CPU",
         "torch": torch.__version__, "threads": torch.get_num_threads(), "text": args.text, "tokens_used": used,
         "context": args.context, "calib_text": args.calib_text, "calib_samples": args.calib_samples,
-        "calib_seq_len": args.calib_seq_len, "refit": args.refit,
+        "calib_seq_len": args.calib_seq_len, "refit": args.refit, "tune_steps": args.tune_steps,
     }
     rows: list[dict] = []
 
@@ -197,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(r), file=sys.stderr, flush=True)
 
     gptq = dict(method="gptq", calib_text=args.calib_text, calib_samples=args.calib_samples,
-                calib_seq_len=args.calib_seq_len, refit=args.refit)
+                calib_seq_len=args.calib_seq_len, refit=args.refit, tune_steps=args.tune_steps)
     # (key, label, format, quantize kwargs, target); None kwargs = the imported model itself.
     variants = [
         ("imported", "imported (GGUF Q4_1, dequantized)", "Q4_1 g32 (+ Q8_0 embedding)", None, ""),
@@ -205,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         ("int8-g64-rtn", "int8 g64 RTN", "W8A16 g64", dict(bits=8, group_size=64), ""),
         ("int4-g32-rtn", "int4 g32 RTN", "W4A16 g32", dict(bits=4, group_size=32), ""),
         ("int4-rtn", "int4 g128 RTN", "W4A16 g128 (g64 where needed)", dict(bits=4), ""),
-        ("int4-gptq", "int4 g128 GPTQ", "W4A16 g128 (g64 where needed)", dict(bits=4, **gptq), "<= +4 %, below RTN"),
+        ("int4-gptq", "int4 g128 GPTQ" + (f" + block tuning ({args.tune_steps} steps)" if args.tune_steps else ""),
+         "W4A16 g128 (g64 where needed)", dict(bits=4, **gptq), "<= +4 %, below RTN"),
     ]
     if args.only:
         variants = [v for v in variants if v[0] == "imported" or v[0] in args.only.split(",")]

@@ -31,12 +31,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calib-seq-len", type=int, default=512)
     p.add_argument("--ref", type=float, default=None, help="the imported model's perplexity, if known")
     p.add_argument("--json", default=None, help="append one JSON line per variant here")
+    p.add_argument("--progress", action="store_true", help="GPTQ's per-layer progress bar")
     args = p.parse_args(argv)
 
     from vramwise.config import EngineConfig, SchedulerConfig
     from vramwise.engine.llm_engine import LLMEngine
     from vramwise.eval.perplexity import perplexity, reference_text
     from vramwise.model_loader import spec_for_layer
+    from vramwise.quant.blocktune import TuneConfig
     from vramwise.quant.cli import calibration_tokens
     from vramwise.quant.formats import QuantSpec
     from vramwise.quant.gptq import GPTQConfig, quantize_model_gptq
@@ -68,8 +70,12 @@ def main(argv: list[str] | None = None) -> int:
                 lin.weight.data.copy_(dequantize(quantize_rtn(lin.weight.data, s), lin.weight.dtype))
 
     def gptq(only: str | None = None, **kw) -> None:
+        tune = {k[len("tune_"):]: v for k, v in kw.items() if k.startswith("tune_")}
+        kw = {k: v for k, v in kw.items() if not k.startswith("tune_")}
+        if tune:
+            kw["tune"] = TuneConfig(**tune)
         quantize_model_gptq(model, calib, lambda n, m: spec_for(n, m, only), lambda *a: None, GPTQConfig(**kw),
-                            progress=False)
+                            progress=args.progress)
 
     variants = {
         "imported": lambda: None,
@@ -77,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
         "gptq": gptq,
         "gptq-noclip": lambda: gptq(clip_search=False),
         "gptq-natural": lambda: gptq(act_order=False),
+        # Block-wise output reconstruction after each layer (quant/blocktune.py), TuneConfig's defaults:
+        "gptq-tune": lambda: gptq(tune_steps=100),  # scale/min only (OmniQuant-style)
+        "gptq-tune-round": lambda: gptq(tune_steps=100, tune_rounding=True),  # + rounding offsets (AutoRound)
     }
     for m in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
         variants[f"rtn-only-{m}"] = lambda m=m: rtn(m)
@@ -85,14 +94,22 @@ def main(argv: list[str] | None = None) -> int:
         variants[f"gptq-damp{d}"] = lambda d=d: gptq(damp=float(d))
 
     def variant(key: str):
-        """A key of `variants`, or gptq/FIELD=VALUE/... with GPTQConfig fields (ints; damp a float). Plain
-        `gptq` is GPTQConfig's defaults (AWQ, true-sequential, one refit)."""
+        """A key of `variants`, or gptq/FIELD=VALUE/... with GPTQConfig fields (ints; damp a float) and
+        TuneConfig fields prefixed tune_ (tune_steps=100/tune_rounding=1/tune_target=quant/tune_lr=0.01 ...;
+        any tune_ field turns block tuning on). Plain `gptq` is GPTQConfig's defaults (AWQ, true-sequential,
+        one refit, no block tuning)."""
         if key in variants:
             return variants[key]
         name, *kvs = key.split("/")
         if name != "gptq":
             raise SystemExit(f"unknown variant {key!r}")
-        kw = {k: (float(v) if k == "damp" else int(v)) for k, v in (kv.split("=") for kv in kvs)}
+
+        def value(k: str, v: str):
+            if k in ("damp", "tune_lr", "tune_round_lr"):
+                return float(v)
+            return v if k == "tune_target" else int(v)
+
+        kw = {k: value(k, v) for k, v in (kv.split("=") for kv in kvs)}
         return lambda: gptq(**kw)
 
     ref = args.ref

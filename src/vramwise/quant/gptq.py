@@ -34,7 +34,9 @@ for QuantLinear, and the *quantized* layer's outputs become the next layer's inp
 for the error of those before it). true_sequential (default) does the same inside a layer: q/k/v first, then
 o_proj against the attention output of the quantized q/k/v, then gate/up, then down_proj against the
 quantized gate/up (the GPTQ reference's --true-sequential). awq first folds activation-aware per-input
-scales into the float layer (quant/awq.py), so GPTQ quantizes the rescaled weights.
+scales into the float layer (quant/awq.py), so GPTQ quantizes the rescaled weights. tune (off by default)
+then tunes each quantized layer's scales/mins (and optionally its rounding) against the whole layer's output
+on the first `tune.samples` calibration windows (quant/blocktune.py), before its outputs feed the next layer.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .blocktune import TuneConfig, layer_forward, tune_layer
 from .formats import PackedWeight, QuantSpec, make_int4, make_int8
 
 log = logging.getLogger(__name__)
@@ -64,6 +67,7 @@ class GPTQConfig:
     refit: int = 1  # rounds of Hessian-weighted least-squares refit of each group's (scale, min) (see _refit)
     true_sequential: bool = True  # later linears of a layer see the already-quantized earlier ones' outputs
     awq: bool = True  # activation-aware input scaling folded into the producer first (quant/awq.py)
+    tune: TuneConfig | None = None  # block-wise output reconstruction after each layer (quant/blocktune.py)
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -524,9 +528,15 @@ def quantize_model_gptq(
     hidden = [model.model.embed_tokens(calibration[i : i + batch_seqs].to(device).reshape(-1))
               for i in range(0, num_seqs, batch_seqs)]
 
+    tune = config.tune
+    tune_rows = min(tune.samples, num_seqs) * seq_len if tune is not None else 0
+    # Block tuning with target "float": the float model's hidden states of the tuning windows, (rows, hidden).
+    float_hidden = _first_rows(hidden, tune_rows) if tune is not None and tune.target == "float" else None
+
     done: dict[str, QuantSpec] = {}
     layers = model.model.layers
-    for li in tqdm(range(len(layers)), desc="GPTQ", unit="layer", disable=not progress):
+    bar = tqdm(range(len(layers)), desc="GPTQ" if tune is None else "GPTQ+tune", unit="layer", disable=not progress)
+    for li in bar:
         layer = layers[li]
         attn = layer.self_attn.attn
         saved_cache, attn.kv_cache = attn.kv_cache, kv_pool
@@ -534,6 +544,11 @@ def quantize_model_gptq(
         linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
         specs = {n: s for n, s in ((n, spec_for(prefix + n, m)) for n, m in linears.items()) if s is not None}
         swaps: list[tuple[str, PackedWeight, torch.Tensor | None]] = []
+        if tune is not None:  # the teacher's outputs, from the float layer before AWQ's fold and GPTQ
+            tune_x = _first_rows(hidden, tune_rows)  # the student's inputs: the quantized model's
+            tune_y = _layer_forward_chunked(layer, tune_x if float_hidden is None else float_hidden, seq_len)
+            if float_hidden is not None:
+                float_hidden = tune_y
         scaled_H = _awq_layer(layer, hidden, seq_len, block, linears, specs, device) if specs and config.awq else {}
         if specs:
             hooked = {n: linears[n] for n in specs}
@@ -561,6 +576,14 @@ def quantize_model_gptq(
                     lin.weight.data.copy_(packed.dequantize(lin.weight.dtype))
                     swaps.append((n, packed, None if lin.bias is None else lin.bias.data))
             del first, scaled_H
+        if tune is not None and swaps:
+            packed, res = tune_layer(layer, {n: p for n, p, _ in swaps}, tune_x, tune_y, seq_len, tune)
+            for n, p in packed.items():
+                linears[n].weight.data.copy_(p.dequantize(linears[n].weight.dtype))
+            swaps = [(n, packed[n], bias) for n, _, bias in swaps]
+            log.debug("block tuning layer %d: output MSE %.4g -> %.4g%s", li, res.before, res.after,
+                      "" if res.tuned else " (kept GPTQ's)")
+            bar.set_postfix_str(f"mse {res.before:.3g}->{res.after:.3g}")
         hidden = _run_layer(layer, hidden, seq_len, block)  # the quantized layer's outputs feed the next layer
         for n, packed, bias in swaps:
             parent_name, _, child = n.rpartition(".")
@@ -568,6 +591,24 @@ def quantize_model_gptq(
             done[prefix + n] = specs[n]
         attn.kv_cache = saved_cache
     return done
+
+
+def _first_rows(batches: list[torch.Tensor], rows: int) -> torch.Tensor:
+    """The first `rows` rows of a list of (b * seq_len, hidden) batches, as one fp32 tensor (rows, hidden)."""
+    out, have = [], 0
+    for x in batches:
+        if have >= rows:
+            break
+        out.append(x[: rows - have].float())
+        have += out[-1].shape[0]
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def _layer_forward_chunked(layer: nn.Module, x: torch.Tensor, seq_len: int, windows: int = 4) -> torch.Tensor:
+    """blocktune.layer_forward over (n * seq_len, hidden) a few windows at a time (bounded temporaries)."""
+    rows = windows * seq_len
+    return torch.cat([layer_forward(layer, x[i : i + rows], seq_len) for i in range(0, x.shape[0], rows)])
 
 
 def select_calibration(token_ids: Sequence[int], num_seqs: int, seq_len: int) -> torch.Tensor:
