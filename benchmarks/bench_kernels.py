@@ -35,6 +35,10 @@ from vramwise.kernels.w4a16 import w4a16_matmul  # noqa: E402
 from vramwise.quant import QuantSpec, quantize_rtn, unpack_int4  # noqa: E402
 
 SHAPES_13B = [(5120, 5120, "attn q/k/v/o"), (13824, 5120, "mlp gate/up"), (5120, 13824, "mlp down")]
+# (N, K, name): the 7B decode step's fused layers and the 13B layer shapes above, for the decode sweeps
+# (sweep_batch_gemm.py, sweep_gemv_prefetch.py)
+DECODE_SHAPES = [(12288, 4096, "7b qkv"), (4096, 4096, "7b o"), (22016, 4096, "7b gate_up"), (4096, 11008, "7b down"),
+                 (5120, 5120, "13b q"), (13824, 5120, "13b up"), (5120, 13824, "13b down")]
 L2_FLUSH_BYTES = 160 << 20  # > 3x the H100's 50 MB L2
 GRAPH_MAX_M = 16
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from bench_kernels import time_graph, copy_bandwidth, n_copies, rel_err, cfg_name  # noqa
+from bench_kernels import DECODE_SHAPES, time_graph, copy_bandwidth, n_copies, rel_err, cfg_name  # noqa
 from vramwise.kernels import w4a16
 from vramwise.kernels.w4a16 import GemmConfig, _launch_gemm, w4a16_matmul, choose_config, _choose_split_k, _wave_split
 from vramwise.quant import QuantSpec, quantize_rtn
@@ -20,8 +20,7 @@ from vramwise.quant import QuantSpec, quantize_rtn
 T0 = time.time()
 G = 128
 LIMIT = float(sys.argv[3]) if len(sys.argv) > 3 else 400
-SHAPES = [(12288, 4096, "7b qkv"), (4096, 4096, "7b o"), (22016, 4096, "7b gate_up"), (4096, 11008, "7b down"),
-          (5120, 5120, "13b q"), (13824, 5120, "13b up"), (5120, 13824, "13b down")]
+SHAPES = DECODE_SHAPES
 MS = [int(v) for v in (sys.argv[1] if len(sys.argv) > 1 else "32").split(",")]
 DT = torch.bfloat16 if len(sys.argv) > 2 and sys.argv[2] == "bf16" else torch.float16
 dev = torch.device("cuda")

@@ -6,21 +6,20 @@ words, over block shapes and warps, on the 7B/13B layer shapes, fp16 and bf16; t
 Every config is timed in a CUDA graph over weight copies larger than L2; per shape: the fixed default with and
 without the prefetch, the best config, its share of the measured copy ceiling, and torch int4's time.
 """
-import sys, time, math, itertools
+import sys, time
 from dataclasses import replace
 from pathlib import Path
 import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from bench_kernels import time_graph, copy_bandwidth, n_copies, rel_err, cfg_name, tinygemm_prepare  # noqa
+from bench_kernels import DECODE_SHAPES, time_graph, copy_bandwidth, n_copies, rel_err, cfg_name, tinygemm_prepare  # noqa
 from vramwise.kernels import w4a16
 from vramwise.kernels.w4a16 import GemvConfig, _launch_gemv, _default_gemv_config
 from vramwise.quant import QuantSpec, quantize_rtn
 
 T0 = time.time()
 G = 128
-SHAPES = [(12288, 4096, "7b qkv"), (4096, 4096, "7b o"), (22016, 4096, "7b gate_up"), (4096, 11008, "7b down"),
-          (5120, 5120, "13b q"), (13824, 5120, "13b up"), (5120, 13824, "13b down")]
+SHAPES = DECODE_SHAPES
 dev = torch.device("cuda")
 bw = copy_bandwidth(5)
 print(f"copy ceiling {bw/1e9:.0f} GB/s {torch.cuda.get_device_name()}", flush=True)

@@ -225,8 +225,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--tune-steps", type=_int, default=0,
                    help="GPTQ: after each decoder layer is quantized, tune its scales/mins against the whole "
                         "layer's output for this many Adam steps (block-wise output reconstruction, "
-                        "quant/blocktune.py; 0: off, the default; 100 measured +10.1 %% -> +8.6 %% perplexity on "
-                        "SmolLM2 int4 g128 at 2-3x the quantization time, benchmarks/QUALITY.md)")
+                        "quant/blocktune.py; 0: off, the default; 100 measured +8.1 %% -> +7.6 %% perplexity on "
+                        "SmolLM2 int4 g128 at 1.8x the quantization time, benchmarks/QUALITY.md)")
     p.add_argument("--tune-samples", type=_int, default=32,
                    help="block tuning: calibration windows it uses (the first ones, a quarter held out for early "
                         "stopping; default 32)")
