@@ -66,16 +66,17 @@ def test_swap_space_too_small_for_one_block_is_refused(tiny_model):
         LLM(tiny_model, device="cpu", num_kv_blocks=4, swap_space=100, show_progress=False)
 
 
-def test_swap_with_int8_kv_moves_scales_too(tiny_model):
-    # int8 pages carry scale pools; a swap that forgot them would dequantize with another sequence's scales.
-    ref = run(tiny_model, num_kv_blocks=64, kv_cache_dtype="int8")[1]
-    llm, out = run(tiny_model, num_kv_blocks=SMALL_POOL, kv_cache_dtype="int8", swap_space=1 << 20)
+@pytest.mark.parametrize("kv", ["int8", "fp8"])
+def test_swap_with_quantized_kv_moves_scales_too(tiny_model, kv):
+    # int8 / fp8 pages carry scale pools; a swap that forgot them would dequantize with another sequence's scales.
+    ref = run(tiny_model, num_kv_blocks=64, kv_cache_dtype=kv)[1]
+    llm, out = run(tiny_model, num_kv_blocks=SMALL_POOL, kv_cache_dtype=kv, swap_space=1 << 20)
     assert llm.engine.scheduler.num_swap_outs > 0
     assert out == ref
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kv", ["auto", "int8"])
+@pytest.mark.parametrize("kv", ["auto", "int8", "fp8"])
 def test_gpu_swap_through_pinned_stage(tiny_model, kv):
     # fp32 on CUDA, as the other GPU preemption tests: batch composition differs between the two runs, and
     # fp16 rounding could flip a near-tie of the random model's greedy choice.

@@ -347,7 +347,7 @@ def gpu_path(tmp_path_factory) -> str:
     [
         ("streamed", 2, "auto", {}),  # S = 7 not divisible by N = 2
         ("streamed", 3, "int8", {}),  # int8 KV captured too
-        ("streamed", 8, "auto", {}),  # S <= N: no copies after priming
+        ("streamed", 8, "fp8", {}),  # S <= N: no copies after priming; fp8 KV captured too
         ("r,s,r,s,s,r,s", 3, "auto", {"lm_head": "streamed", "embed_on_cpu": True}),
         ("s,s,r,s,s,s,s", 2, "int8", {"embed_on_cpu": True}),
     ],

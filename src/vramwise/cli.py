@@ -22,8 +22,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-batched-tokens", type=positive_int, default=4096, help="tokens per step (default: 4096)")
     g.add_argument("--kv-cache-memory", type=size, default=None, help="bytes for the KV pool, e.g. 1GiB")
     g.add_argument("--num-kv-blocks", type=positive_int, default=None, help="KV pool size in blocks of 16 tokens")
-    g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp16", "bf16", "int8"],
-                   help="KV pages: auto (the model dtype) | fp16 | bf16 | int8 (per-token-head scales, half of fp16)")
+    g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp16", "bf16", "int8", "fp8"],
+                   help="KV pages: auto (the model dtype) | fp16 | bf16 | int8 or fp8 (e4m3) with per-token-head "
+                        "scales, half of fp16")
     g.add_argument("--swap-space", type=size, default=0, metavar="SIZE",
                    help="host memory for preempted sequences' KV, e.g. 4GiB (default: 0 = recompute them)")
     g.add_argument("--seed", type=int, default=0)

@@ -164,7 +164,7 @@ class CacheConfig:
     block_size: int = 16
     num_gpu_blocks: int | None = None  # None: sized from memory (see memory/)
     kv_cache_memory: int | None = None  # bytes for the KV pool when num_gpu_blocks is None
-    cache_dtype: str = "auto"  # KV pages: "auto" follows the model dtype; fp16 | bf16 | fp32 | int8 (kernels/kv_quant.py)
+    cache_dtype: str = "auto"  # KV pages: "auto" follows the model dtype; fp16 | bf16 | fp32 | int8 | fp8 (kernels/kv_quant.py)
     # Bytes of host memory where preempted sequences' KV is swapped (engine/kv_swap.py); 0 = recompute only.
     swap_space: int = 0
 

@@ -21,7 +21,7 @@ class LLM:
     Extra keyword arguments: device, dtype, seed, max_model_len, max_num_seqs, max_num_batched_tokens,
     num_kv_blocks, kv_cache_memory (bytes), block_size, show_progress, quantization (see model_loader),
     offload (layer placement, see memory/offload.py), num_stream_buffers, enforce_eager, decode_graphs,
-    async_scheduling, fuse_projections (see EngineConfig), kv_cache_dtype (auto | fp16 | bf16 | int8), swap_space (bytes of host memory for preempted
+    async_scheduling, fuse_projections (see EngineConfig), kv_cache_dtype (auto | fp16 | bf16 | int8 | fp8), swap_space (bytes of host memory for preempted
     sequences' KV; 0 = recompute); or a whole engine_config.
     """
 

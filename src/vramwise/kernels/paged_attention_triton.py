@@ -8,10 +8,10 @@ Reference: `vramwise.kernels.paged_attention.paged_attention_torch` (same cache 
   tokens times the kv head's query-head group; the same online-softmax step as decode, with a causal mask.
 
 Cache layout, per layer: k_cache, v_cache (num_blocks, block_size, num_kv_heads, head_dim); a sequence's
-token t lives in page block_tables[b, t // block_size] at row t % block_size. An int8 cache has scales
-k_scale, v_scale (num_blocks, block_size, num_kv_heads) beside it (kernels/kv_quant.py): each K/V tile is
-dequantized in registers to q's dtype as it is loaded, so the dots and the softmax are those of a float
-cache while half the bytes are read.
+token t lives in page block_tables[b, t // block_size] at row t % block_size. A quantized cache (int8, or
+fp8 e4m3 codes stored as uint8) has scales k_scale, v_scale (num_blocks, block_size, num_kv_heads) beside it
+(kernels/kv_quant.py): each K/V tile is dequantized in registers to q's dtype as it is loaded, so the dots
+and the softmax are those of a float cache while half the bytes are read.
 
 Work split (flash-decoding): one program per (sequence, kv head, context partition).
 - One program handles every query head that shares its kv head (the GQA group), so each K/V row is read
@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 
 from vramwise.kernels._triton import pdl_launch_args, pdl_wait
-from vramwise.kernels.kv_quant import check_kv_scales
+from vramwise.kernels.kv_quant import FP8_KV_STORAGE, check_kv_scales
 
 LOG2E = 1.4426950408889634
 
@@ -73,6 +73,19 @@ _ticket_buffers: dict[tuple[torch.device, int], torch.Tensor] = {}
 
 
 @triton.jit
+def _fp8e4m3_to_f32(c):
+    """e4m3fn bit patterns (uint8) -> fp32 values, with integer ops only (any GPU, and the interpreter).
+
+    Moving the sign to bit 15 and the 7 exponent+mantissa bits to bits 13..7 gives the fp16 whose exponent
+    field is e4m3's (bias 7 read as fp16's bias 15) and whose top 3 mantissa bits are e4m3's: exactly the
+    e4m3 value times 2^-8, for normal and subnormal codes alike (e4m3 subnormals land on fp16 subnormals).
+    The 2^8 comes back in one multiply. Never stored: 0x7F/0xFF (NaN), which kv_quant's clamp excludes."""
+    b = c.to(tl.uint16)
+    h = ((b & 0x80) << 8) | ((b & 0x7F) << 7)
+    return h.to(tl.float16, bitcast=True).to(tl.float32) * 256.0
+
+
+@triton.jit
 def _attend_step(
     q,  # (R, BLOCK_D) query rows: scaled fp32 (broadcast path) or in the dot's input dtype
     m_i,  # (R,) running max of scaled scores
@@ -84,7 +97,7 @@ def _attend_step(
     bt_row,  # this sequence's block-table row
     k_head,  # k_cache base + kv_head offset
     v_head,
-    ks_head,  # k_scale base + kv_head offset (int8 cache; unused otherwise)
+    ks_head,  # k_scale base + kv_head offset (quantized cache; unused otherwise)
     vs_head,
     scale_log2,
     stride_kb: tl.constexpr,
@@ -93,7 +106,8 @@ def _attend_step(
     stride_vt: tl.constexpr,
     stride_sb: tl.constexpr,  # scale pools' page and row strides (K and V scales share a layout)
     stride_st: tl.constexpr,
-    KV_INT8: tl.constexpr,
+    KV_SCALED: tl.constexpr,
+    KV_FP8: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
@@ -120,12 +134,16 @@ def _attend_step(
     v = tl.load(
         v_head + page[:, None] * stride_vb + row[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0
     )
-    if KV_INT8:
+    if KV_SCALED:
         # Dequantize to q's dtype (fp32 for the broadcast / fp32-dot paths): one scale per (token, head).
         ks = tl.load(ks_head + page * stride_sb + row * stride_st, mask=t_mask, other=0.0).to(tl.float32)
         vs = tl.load(vs_head + page * stride_sb + row * stride_st, mask=t_mask, other=0.0).to(tl.float32)
-        k = (k.to(tl.float32) * ks[:, None]).to(q.dtype)
-        v = (v.to(tl.float32) * vs[:, None]).to(q.dtype)
+        if KV_FP8:  # uint8 e4m3 codes
+            k = (_fp8e4m3_to_f32(k) * ks[:, None]).to(q.dtype)
+            v = (_fp8e4m3_to_f32(v) * vs[:, None]).to(q.dtype)
+        else:  # int8 codes
+            k = (k.to(tl.float32) * ks[:, None]).to(q.dtype)
+            v = (v.to(tl.float32) * vs[:, None]).to(q.dtype)
 
     if USE_DOT:
         if DOT_F32:
@@ -201,7 +219,7 @@ def _paged_decode_kernel(
     q_ptr,  # (B, Hq, D)
     k_cache_ptr,  # (num_blocks, block_size, Hkv, D), last dim contiguous
     v_cache_ptr,
-    k_scale_ptr,  # (num_blocks, block_size, Hkv) fp16 when KV_INT8; otherwise any pointer (unused)
+    k_scale_ptr,  # (num_blocks, block_size, Hkv) fp16 when KV_SCALED; otherwise any pointer (unused)
     v_scale_ptr,
     block_tables_ptr,  # (B, max_blocks) int32/int64
     context_lens_ptr,  # (B,) int32
@@ -225,7 +243,8 @@ def _paged_decode_kernel(
     stride_sb: tl.constexpr,
     stride_st: tl.constexpr,
     stride_sh: tl.constexpr,
-    KV_INT8: tl.constexpr,  # int8 pages with per-(token, head) scales
+    KV_SCALED: tl.constexpr,  # quantized pages with per-(token, head) scales
+    KV_FP8: tl.constexpr,  # ... holding e4m3 codes (uint8) rather than int8
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,  # HEAD_DIM rounded up to a power of two
     PAGE_SIZE: tl.constexpr,  # cache block_size (tokens per page)
@@ -262,8 +281,8 @@ def _paged_decode_kernel(
     if USE_DOT:
         if DOT_F32:
             q = q.to(tl.float32)
-        elif KV_INT8:
-            pass  # an int8 cache is dequantized to q's dtype instead
+        elif KV_SCALED:
+            pass  # a quantized cache is dequantized to q's dtype instead
         else:
             q = q.to(k_cache_ptr.dtype.element_ty)
     else:
@@ -284,7 +303,7 @@ def _paged_decode_kernel(
         while n0 < end:
             m_i, l_i, acc = _attend_step(
                 q, m_i, l_i, acc, m_i, n0, end, bt_row, k_head, v_head, ks_head, vs_head, scale_log2,
-                stride_kb, stride_kt, stride_vb, stride_vt, stride_sb, stride_st, KV_INT8,
+                stride_kb, stride_kt, stride_vb, stride_vt, stride_sb, stride_st, KV_SCALED, KV_FP8,
                 HEAD_DIM, BLOCK_D, PAGE_SIZE, BLOCK_N, USE_DOT, DOT_F32, False,
             )  # fmt: skip
             n0 += BLOCK_N
@@ -292,7 +311,7 @@ def _paged_decode_kernel(
         for n0 in range(start, end, BLOCK_N):  # a for loop, so the compiler can software-pipeline the loads
             m_i, l_i, acc = _attend_step(
                 q, m_i, l_i, acc, m_i, n0, end, bt_row, k_head, v_head, ks_head, vs_head, scale_log2,
-                stride_kb, stride_kt, stride_vb, stride_vt, stride_sb, stride_st, KV_INT8,
+                stride_kb, stride_kt, stride_vb, stride_vt, stride_sb, stride_st, KV_SCALED, KV_FP8,
                 HEAD_DIM, BLOCK_D, PAGE_SIZE, BLOCK_N, USE_DOT, DOT_F32, False,
             )  # fmt: skip
 
@@ -375,7 +394,7 @@ def _paged_prefill_kernel(
     q_ptr,  # (T, Hq, D): the flattened new tokens of all sequences
     k_cache_ptr,  # (num_blocks, block_size, Hkv, D)
     v_cache_ptr,
-    k_scale_ptr,  # (num_blocks, block_size, Hkv) fp16 when KV_INT8; otherwise unused
+    k_scale_ptr,  # (num_blocks, block_size, Hkv) fp16 when KV_SCALED; otherwise unused
     v_scale_ptr,
     block_tables_ptr,  # (B, max_blocks)
     tiles_ptr,  # (num_tiles, 4) int32: sequence, first query token, one past the sequence's last, context
@@ -394,7 +413,8 @@ def _paged_prefill_kernel(
     stride_sb: tl.constexpr,
     stride_st: tl.constexpr,
     stride_sh: tl.constexpr,
-    KV_INT8: tl.constexpr,
+    KV_SCALED: tl.constexpr,
+    KV_FP8: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
@@ -431,8 +451,8 @@ def _paged_prefill_kernel(
     )  # (R, BLOCK_D)
     if DOT_F32:
         q = q.to(tl.float32)
-    elif KV_INT8:
-        pass  # an int8 cache is dequantized to q's dtype instead
+    elif KV_SCALED:
+        pass  # a quantized cache is dequantized to q's dtype instead
     else:
         q = q.to(k_cache_ptr.dtype.element_ty)
 
@@ -451,7 +471,7 @@ def _paged_prefill_kernel(
         while n0 < end:
             m_i, l_i, acc = _attend_step(
                 q, m_i, l_i, acc, q_pos, n0, end, bt_row, k_head, v_head, ks_head, vs_head, scale_log2,
-                stride_kb, stride_kt, stride_vb, stride_vt, stride_sb, stride_st, KV_INT8,
+                stride_kb, stride_kt, stride_vb, stride_vt, stride_sb, stride_st, KV_SCALED, KV_FP8,
                 HEAD_DIM, BLOCK_D, PAGE_SIZE, BLOCK_N, True, DOT_F32, True,
             )  # fmt: skip
             n0 += BLOCK_N
@@ -459,7 +479,7 @@ def _paged_prefill_kernel(
         for n0 in range(0, end, BLOCK_N):
             m_i, l_i, acc = _attend_step(
                 q, m_i, l_i, acc, q_pos, n0, end, bt_row, k_head, v_head, ks_head, vs_head, scale_log2,
-                stride_kb, stride_kt, stride_vb, stride_vt, stride_sb, stride_st, KV_INT8,
+                stride_kb, stride_kt, stride_vb, stride_vt, stride_sb, stride_st, KV_SCALED, KV_FP8,
                 HEAD_DIM, BLOCK_D, PAGE_SIZE, BLOCK_N, True, DOT_F32, True,
             )  # fmt: skip
     o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
@@ -474,17 +494,17 @@ def _paged_prefill_kernel(
 _INTERPRETED = not isinstance(_paged_decode_kernel, triton.runtime.JITFunction)
 
 
-def _dot_f32(q: torch.Tensor, k_cache: torch.Tensor, kv_int8: bool) -> bool:
+def _dot_f32(q: torch.Tensor, k_cache: torch.Tensor, kv_scaled: bool) -> bool:
     """fp32 dots (exact, no tf32) for fp32 caches and mixed dtypes; also for bf16 under the interpreter,
     whose bf16 tl.dot returns garbage (seen with triton 3.6 and 3.9). An int8 cache is dequantized to q's
     dtype, so q's dtype decides."""
-    kv_dtype = q.dtype if kv_int8 else k_cache.dtype
+    kv_dtype = q.dtype if kv_scaled else k_cache.dtype
     return q.dtype != kv_dtype or kv_dtype == torch.float32 or (_INTERPRETED and kv_dtype == torch.bfloat16)
 
 
-def _scale_strides(k_scale: torch.Tensor | None, v_scale: torch.Tensor | None, kv_int8: bool) -> dict[str, int]:
+def _scale_strides(k_scale: torch.Tensor | None, v_scale: torch.Tensor | None, kv_scaled: bool) -> dict[str, int]:
     """Page / row / head strides of the scale pools (K and V scales must share them); zeros when unused."""
-    if not kv_int8:
+    if not kv_scaled:
         return {"stride_sb": 0, "stride_st": 0, "stride_sh": 0}
     assert k_scale is not None and v_scale is not None
     if k_scale.stride() != v_scale.stride():
@@ -606,7 +626,7 @@ def paged_attention_decode(
         )
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1 or q.stride(-1) != 1:
         raise ValueError("q and the K/V caches need a contiguous last (head_dim) dimension")
-    kv_int8 = check_kv_scales(k_cache, k_scale, v_scale)
+    kv_scaled = check_kv_scales(k_cache, k_scale, v_scale)
     if context_lens.dtype != torch.int32:
         context_lens = context_lens.to(torch.int32)
     if out is None:
@@ -620,7 +640,7 @@ def paged_attention_decode(
         # Measured on an H100 (triton 3.6): the padded tensor-core dot beats the broadcast path even for a
         # group of one (Llama-2-13B, batch 1 and 32), so it is the default everywhere.
         use_dot = True
-    dot_f32 = _dot_f32(q, k_cache, kv_int8)
+    dot_f32 = _dot_f32(q, k_cache, kv_scaled)
     block_g = max(_DOT_MIN_ROWS, triton.next_power_of_2(group)) if use_dot else 1
     if not use_dot and group != 1:
         raise ValueError("the broadcast (non-dot) path handles one query head per kv head only")
@@ -671,8 +691,8 @@ def paged_attention_decode(
         q,
         k_cache,
         v_cache,
-        k_scale if kv_int8 else k_cache,
-        v_scale if kv_int8 else v_cache,
+        k_scale if kv_scaled else k_cache,
+        v_scale if kv_scaled else v_cache,
         block_tables,
         context_lens,
         scale * LOG2E,
@@ -689,8 +709,9 @@ def paged_attention_decode(
         stride_vb=v_cache.stride(0),
         stride_vt=v_cache.stride(1),
         stride_vh=v_cache.stride(2),
-        **_scale_strides(k_scale, v_scale, kv_int8),
-        KV_INT8=kv_int8,
+        **_scale_strides(k_scale, v_scale, kv_scaled),
+        KV_SCALED=kv_scaled,
+        KV_FP8=k_cache.dtype == FP8_KV_STORAGE,
         HEAD_DIM=head_dim,
         BLOCK_D=block_d,
         PAGE_SIZE=page_size,
@@ -759,7 +780,7 @@ def paged_attention_prefill(
         )
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1 or q.stride(-1) != 1:
         raise ValueError("q and the K/V caches need a contiguous last (head_dim) dimension")
-    kv_int8 = check_kv_scales(k_cache, k_scale, v_scale)
+    kv_scaled = check_kv_scales(k_cache, k_scale, v_scale)
     if out is None:
         out = torch.empty_like(q)
     group = num_heads // num_kv_heads
@@ -780,14 +801,14 @@ def paged_attention_prefill(
     if tile_t is None:
         return out
 
-    dot_f32 = _dot_f32(q, k_cache, kv_int8)
+    dot_f32 = _dot_f32(q, k_cache, kv_scaled)
     _paged_prefill_kernel[(tile_t.shape[0], num_kv_heads)](
         out,
         q,
         k_cache,
         v_cache,
-        k_scale if kv_int8 else k_cache,
-        v_scale if kv_int8 else v_cache,
+        k_scale if kv_scaled else k_cache,
+        v_scale if kv_scaled else v_cache,
         block_tables,
         tile_t,
         scale * LOG2E,
@@ -802,8 +823,9 @@ def paged_attention_prefill(
         stride_vb=v_cache.stride(0),
         stride_vt=v_cache.stride(1),
         stride_vh=v_cache.stride(2),
-        **_scale_strides(k_scale, v_scale, kv_int8),
-        KV_INT8=kv_int8,
+        **_scale_strides(k_scale, v_scale, kv_scaled),
+        KV_SCALED=kv_scaled,
+        KV_FP8=k_cache.dtype == FP8_KV_STORAGE,
         HEAD_DIM=head_dim,
         BLOCK_D=triton.next_power_of_2(head_dim),
         PAGE_SIZE=page_size,

@@ -314,10 +314,10 @@ def model_weights(model: ModelConfig, quant: Any = None) -> ModelWeights:
 # --------------------------------------------------------------------------------------------------------
 
 #: KV cache dtypes: name -> (bytes per element, bytes of scale per (token, kv head) for K and for V).
-#: int8 stores one fp16 scale per token and kv head (per-token-head symmetric quantization); fp8 (e4m3)
-#: uses a per-tensor scale, which is negligible.
+#: int8 and fp8 (e4m3 codes) store one fp16 scale per token and kv head (per-token-head scaling,
+#: kernels/kv_quant.py).
 KV_DTYPES: dict[str, tuple[int, int]] = {
-    "fp16": (2, 0), "bf16": (2, 0), "fp32": (4, 0), "int8": (1, 2), "fp8": (1, 0),
+    "fp16": (2, 0), "bf16": (2, 0), "fp32": (4, 0), "int8": (1, 2), "fp8": (1, 2),
 }
 _KV_ALIASES = {"auto": "fp16", "float16": "fp16", "half": "fp16", "bfloat16": "bf16", "float32": "fp32",
                "fp8_e4m3": "fp8", "float8": "fp8"}
