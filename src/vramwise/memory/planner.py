@@ -1219,8 +1219,8 @@ def _cpu_only_plan(s: _Setup, batch: int, chunk: int | None, name: str) -> Plan:
 
 def _alternatives(model: ModelConfig, budget_bytes: int, device: DeviceProfile, s: _Setup, call: dict[str, Any],
                   baseline: Plan | None = None) -> list[Alternative]:
-    """Plans with one thing changed: int8 KV, half the context, fewer bits, an 8-bit lm_head, the offload
-    driver's next capabilities. Kept when they fit and beat the baseline (all of them without one)."""
+    """Plans with one thing changed: int8 KV, half the context, fewer bits, an 8-bit lm_head, packed CPU
+    weights, the offload driver's next capabilities. Kept when they fit and beat the baseline (all of them without one)."""
     scheme = s.scheme
     # (in words, CLI flags, plan() changes, JSON-able description of the change)
     changes: list[tuple[str, str, dict[str, Any], dict[str, Any]]] = []
@@ -1243,6 +1243,9 @@ def _alternatives(model: ModelConfig, budget_bytes: int, device: DeviceProfile, 
     if not model.tie_word_embeddings and scheme.lm_head.bits >= 16:
         changes.append(("8-bit lm_head", "--lm-head-bits 8",
                         {"quant": replace(scheme, lm_head=WeightFormat.for_bits(8))}, {"lm_head_bits": 8}))
+    if s.caps in (DRIVER_TODAY, driver_caps("bf16")) and lin.quantized:  # runnable today: --cpu-weights packed
+        packed = driver_caps("packed")
+        changes.append(("packed CPU weights", "--cpu-weights packed", {"driver": packed}, {"driver": packed.name}))
     if s.caps != DRIVER_NEXT:
         changes.append((f"driver: {DRIVER_NEXT.name}", "--cpu-weights packed --prefill-offload --lm-head-offload",
                         {"driver": DRIVER_NEXT}, {"driver": DRIVER_NEXT.name}))
