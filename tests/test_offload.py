@@ -590,3 +590,25 @@ def test_engine_threads_cpu_weights(deep_path):
         new_llm(deep_path, cpu_weights="int3")
     with pytest.raises(ValueError, match="unknown cpu_weights 'fp32'"):
         apply_placement(base.engine.model, "cpu", "cpu", cpu_weights="fp32")
+
+
+def test_packed_lm_head_on_the_cpu(deep_path):
+    """A quantized lm_head placed on the CPU is itself the unit: it becomes a CpuPackedLinear (int8 kernel)."""
+    from vramwise.quant.cpu_packed import INT8, CpuPackedLinear
+    from vramwise.quant.formats import QuantSpec
+    from vramwise.quant.linear import QuantLinear
+
+    def quantize_head(llm: LLM) -> None:
+        model = llm.engine.model
+        model.lm_head = QuantLinear.from_linear(model.lm_head, QuantSpec.int8())
+
+    base = new_llm(deep_path)
+    quantize_head(base)
+    want = base.engine.score(PROMPTS[2] + PROMPTS[0])
+    llm = new_llm(deep_path)
+    quantize_head(llm)
+    driver = offload(llm, "resident", 2, lm_head="cpu", cpu_weights="packed")
+    head = llm.engine.model.lm_head
+    assert isinstance(head, CpuPackedLinear) and head.kind == INT8
+    _assert_close_with_same_clear_argmax(llm.engine.score(PROMPTS[2] + PROMPTS[0]), want)
+    driver.release()

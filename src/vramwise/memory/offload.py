@@ -86,13 +86,13 @@ state. The schedule a captured step follows:
   so a schedule that left a slot holding the wrong unit changes the output there too.
 
 CPU-computed layers: weights in `cpu_dtype` (default float32, see DEFAULT_CPU_DTYPE for the measurement),
-quantized linears dequantized once at apply time (the packed CPU path dequantizes on every call), or, with
-cpu_weights="packed", kept packed as quant/cpu_packed.CpuPackedLinear (torch's int4/int8 CPU kernels, bf16
-activations; norms, rotary and KV stay in cpu_dtype); the KV
-pages of these layers live in host memory, and the runner gives them the torch attention path there
-(ModelRunner(kv_layers=driver.kv_layers(...)) picks each layer's backend by where its pages are); the
-attention metadata is copied to the host once per step (the runner builds it from its Python lists;
-HostStep); the shared rotary table is cloned onto the host (copied, so its values are bit-identical).
+quantized linears dequantized once at apply time (QuantLinear's CPU path dequantizes on every call), or,
+with cpu_weights="packed", kept packed as quant/cpu_packed.CpuPackedLinear (torch's int4/int8 CPU kernels,
+bf16 activations; norms, rotary and KV stay in cpu_dtype); the KV pages of these layers live in host
+memory, and the runner gives them the torch attention path there (ModelRunner(kv_layers=
+driver.kv_layers(...)) picks each layer's backend by where its pages are); the attention metadata is
+copied to the host once per step (the runner builds it from its Python lists; HostStep); the shared rotary
+table is cloned onto the host (copied, so its values are bit-identical).
 While the CPU computes, H2D copies already queued for streamed layers go on (the copy engine and the CPU
 work side by side; the D2H of the hidden states syncs the compute stream only).
 
@@ -134,10 +134,12 @@ HOST = torch.device("cpu")
 #: Compute dtype of CPU layers when none is asked for. Measured on an AVX2 host (torch 2.13, 2 cores),
 #: F.linear of a (1, 2048) activation with a (5504, 2048) weight: float32 2.05 ms (22 GB/s of weight read),
 #: bfloat16 8.2 ms, float16 7.4 ms: half precision reads half the bytes yet runs 3.6-4x slower without native
-#: bf16/fp16 instructions (and 1.5-5x slower at 16-128 tokens). The packed int4/int8 CPU path is the torch
+#: bf16/fp16 instructions (and 1.5-5x slower at 16-128 tokens). QuantLinear's own CPU path is the torch
 #: reference that dequantizes on every call, 10-30x slower than a float32 GEMM at decode (model_loader's
-#: note). So CPU layers are dequantized and computed in float32; hosts with AMX / AVX512-BF16 can pass
-#: cpu_dtype=torch.bfloat16 to halve their memory (the cost model should measure it there).
+#: note). So CPU layers are dequantized and computed in float32 by default; hosts with AMX / AVX512-BF16 can
+#: pass cpu_dtype=torch.bfloat16 to halve their memory, or cpu_weights="packed" to keep the linears packed for
+#: torch's int4/int8 CPU kernels (quant/cpu_packed.py; on a 2-core AVX2 host, torch 2.13, a (1, 4096) x
+#: (4096, 4096) int4 g128 product took 1.2 ms against 2.7 ms for float32; benchmarks/bench_cpu_linear.py).
 DEFAULT_CPU_DTYPE = torch.float32
 
 #: How CPU units hold their packed linears: dequantized once to cpu_dtype, or packed (CpuPackedLinear).
@@ -146,7 +148,8 @@ CPU_WEIGHTS = (DEQUANTIZED, PACKED)
 
 #: The user-facing --cpu-weights choices (the planner's DriverCaps.cpu_weights vocabulary, so that `vramwise plan
 #: --cpu-weights X` and `serve --cpu-weights X` mean the same) -> (cpu_dtype, cpu_weights) of the driver.
-CPU_WEIGHT_FORMATS = {"fp32": ("float32", DEQUANTIZED), "bf16": ("bfloat16", DEQUANTIZED), "packed": ("float32", PACKED)}
+CPU_WEIGHT_FORMATS = {"fp32": ("float32", DEQUANTIZED), "bf16": ("bfloat16", DEQUANTIZED),
+                      "packed": ("float32", PACKED)}
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
@@ -226,7 +229,8 @@ class OffloadConfig:
     lm_head: resident | streamed | cpu (final projection; not for a head tied to the embedding).
     cpu_dtype: compute dtype of CPU layers: auto (float32, see DEFAULT_CPU_DTYPE) | float32 | bfloat16 | float16.
     cpu_weights: how CPU layers hold packed (int4/int8) linears: dequantized (once, to cpu_dtype) | packed
-                 (CpuPackedLinear: torch's packed CPU kernels, a quarter / an eighth of the fp32 bytes).
+                 (CpuPackedLinear: torch's packed CPU kernels; int8 a quarter, int4 about an eighth of the
+                 fp32 bytes; group-wise int8 such as GGUF Q8_0 is held in bf16, half of fp32).
     """
 
     placements: tuple[str, ...] | str | None = None
@@ -635,8 +639,10 @@ class OffloadDriver:
         packed = self.cpu_weights == PACKED
         if pl.is_quantized(module):  # the unit is itself a packed linear (a quantized lm_head)
             parent_name, _, child = name.rpartition(".")
-            module = CpuPackedLinear.from_module(module) if packed else pl.dequantized_linear(module, HOST,
-                                                                                              self.cpu_dtype)
+            if packed:
+                module = CpuPackedLinear.from_module(module)
+            else:
+                module = pl.dequantized_linear(module, HOST, self.cpu_dtype)
             setattr(self.model.get_submodule(parent_name) if parent_name else self.model, child, module)
         if packed:
             _swap_packed_for_cpu(module)

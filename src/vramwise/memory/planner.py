@@ -1220,7 +1220,8 @@ def _cpu_only_plan(s: _Setup, batch: int, chunk: int | None, name: str) -> Plan:
 def _alternatives(model: ModelConfig, budget_bytes: int, device: DeviceProfile, s: _Setup, call: dict[str, Any],
                   baseline: Plan | None = None) -> list[Alternative]:
     """Plans with one thing changed: int8 KV, half the context, fewer bits, an 8-bit lm_head, packed CPU
-    weights, the offload driver's next capabilities. Kept when they fit and beat the baseline (all of them without one)."""
+    weights, the offload driver's next capabilities. Kept when they fit and beat the baseline (all of them
+    without one)."""
     scheme = s.scheme
     # (in words, CLI flags, plan() changes, JSON-able description of the change)
     changes: list[tuple[str, str, dict[str, Any], dict[str, Any]]] = []
