@@ -140,6 +140,8 @@ def test_bad_input_is_named():
         CpuPackedLinear.from_packed(pw, torch.zeros(8))
     with pytest.raises(TypeError, match="Linear holds no packed weight"):
         CpuPackedLinear.from_module(nn.Linear(64, 16))
+    with pytest.raises(ValueError, match="unknown CpuPackedLinear kind 'int3'"):
+        CpuPackedLinear("int3", 64, 16, 32)
     pw.scales = pw.scales[:1]  # a malformed packed weight is refused by its own validation
     with pytest.raises(ValueError, match="scales"):
         CpuPackedLinear.from_packed(pw)

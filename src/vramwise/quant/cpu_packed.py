@@ -23,8 +23,9 @@ than 13, then off by < 2^-24 relative), and both are rounded to bf16 (8 signific
 <= 2^-8 each), because the kernel takes them in the activations' dtype. So each dequantized weight is off by
 at most |q - 8| |s| 2^-8 + |m + 8 s| 2^-8 against our fp32 reference, before the bf16 rounding of x and of
 the output (2^-8 relative each). The int8 scales lose the same way (fp16 -> bf16, 2^-8 relative per output
-channel). bf16 is the kernels' fast path: the same kernels with fp32 activations exist but ran 8-40x slower
-than their bf16 ones on an AVX2 host (torch 2.13), slower than a float32 GEMM.
+channel). bf16 is the kernels' fast path: the same kernels take fp32 activations (and fp32 scales), but ran
+10-44x slower than with bf16 ones on a 2-core AVX2 host (torch 2.13, 4096 x 4096, M = 1 and 16), slower than
+a float32 GEMM.
 
 State lives in registered buffers so that the offload code can move it from outside (memory/placement.py).
 """
@@ -37,7 +38,7 @@ from torch import nn
 
 from .formats import PackedWeight, unpack_int4
 
-__all__ = ["CpuPackedLinear", "COMPUTE_DTYPE", "INT4_N_MULTIPLE"]
+__all__ = ["CpuPackedLinear", "COMPUTE_DTYPE", "INT4_N_MULTIPLE", "KINDS"]
 
 #: Activation / scale dtype of the packed CPU kernels (their fast path).
 COMPUTE_DTYPE = torch.bfloat16
@@ -49,6 +50,7 @@ INT4_CPU_GROUP_SIZES = (32, 64, 128, 256)
 _INT4_CODE_OFFSET = 8
 
 INT4, INT8, INT8_DEQUANTIZED = "int4", "int8", "int8-dequantized"
+KINDS = (INT4, INT8, INT8_DEQUANTIZED)
 
 
 class CpuPackedLinear(nn.Module):
@@ -64,7 +66,10 @@ class CpuPackedLinear(nn.Module):
     """
 
     def __init__(self, kind: str, in_features: int, out_features: int, group_size: int) -> None:
+        """An empty shell: from_packed() registers the buffers of `kind`."""
         super().__init__()
+        if kind not in KINDS:
+            raise ValueError(f"unknown CpuPackedLinear kind {kind!r}; choose from {', '.join(KINDS)}")
         self.kind = kind
         self.in_features = in_features
         self.out_features = out_features
