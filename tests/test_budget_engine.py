@@ -186,6 +186,22 @@ def test_bad_budget_requests_name_the_problem(deep_path):
                    cache=CacheConfig(num_gpu_blocks=100000))
 
 
+def test_cpu_weights_packed_is_planned_and_executed(deep_path):
+    """--cpu-weights packed under a budget: the plan is costed with the packed caps (planner.driver_caps) and
+    the driver keeps the CPU layers' int4 linears packed (CpuPackedLinear)."""
+    from vramwise.quant.cpu_packed import CpuPackedLinear
+
+    mem = MemoryBudgetConfig(gpu_memory=200 * MiB, device_profile=CPU_CARD)
+    llm = engine_llm(deep_path, mem, offload="r,c,r,r,c,r,r", quantization="int4-g32", cpu_weights="packed")
+    eng = llm.engine
+    assert eng.budget_setup.cpu_weights == "packed" and eng.offload.cpu_weights == "packed"
+    assert any("packed" in n for n in eng.budget_setup.plan.notes)
+    layers = eng.model.model.layers
+    assert isinstance(layers[4].mlp.down_proj, CpuPackedLinear) and not isinstance(layers[0].mlp.down_proj,
+                                                                                   CpuPackedLinear)
+    assert all(len(t) == SHORT.max_tokens for t in outputs(llm))
+
+
 def test_no_budget_on_cpu_behaves_as_before(deep_path, reference):
     llm = engine_llm(deep_path, MemoryBudgetConfig(gpu_memory=64 * MiB))  # no profile injected: CPU, no budget
     assert llm.engine.budget_setup is None and llm.engine.offload is None
@@ -201,6 +217,9 @@ def test_engine_flags_reach_the_config():
     assert mem.gpu_memory == 6 << 30 and mem.gpu_memory_utilization is None and mem.device_profile == "rtx2060"
     args = p.parse_args(["chat", "--gpu-memory-utilization", "0.5"])
     assert make_engine_config(args).memory.gpu_memory_utilization == 0.5
+    assert make_engine_config(args).cpu_weights == "fp32"  # the default: dequantized, as before
+    args = p.parse_args(["generate", "hi", "--offload", "r,c", "--cpu-weights", "packed"])
+    assert make_engine_config(args).cpu_weights == "packed"
     args = p.parse_args(["generate", "hi", "--gpu-memory", "1GiB", "--gpu-memory-utilization", "0.5"])
     with pytest.raises(ValueError, match="not both"):
         make_engine_config(args)

@@ -371,7 +371,7 @@ def test_packed_quantized_buffers_stream_and_dequantize_on_cpu(deep_path, refere
 
 
 class PackedLinear(nn.Module):
-    """Stand-in for quant.linear.QuantLinear (same contract: packed tensors as buffers, packed_weight())."""
+    """Stand-in for quant.linear.QuantLinear (same contract: packed tensors as buffers, packed())."""
 
     def __init__(self, packed, bias: torch.Tensor | None) -> None:
         super().__init__()
@@ -381,13 +381,13 @@ class PackedLinear(nn.Module):
         self.register_buffer("mins", packed.mins)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
-    def packed_weight(self):
+    def packed(self):
         from vramwise.quant.formats import PackedWeight
 
         return PackedWeight(self.qweight, self.scales, self.mins, self.spec, self.in_features, self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.packed_weight().dequantize(torch.float32).to(x.dtype), self.bias)
+        return F.linear(x, self.packed().dequantize(torch.float32).to(x.dtype), self.bias)
 
 
 def test_file_backed_host_buffers(deep_path, reference, tmp_path):
@@ -494,3 +494,121 @@ def test_bundled_model_mixed_placement_matches_resident():
     driver = offload(llm, ["resident", "streamed", "cpu"] * 10, 3)
     assert greedy(llm, prompts, params) == want
     assert driver.stats.loads > 10 and driver.stats.misses == 0
+
+
+# ---- CPU layers with packed weights (cpu_weights="packed": quant/cpu_packed.py) ----------------------------
+
+
+def _quantize_layers(llm: LLM, spec_for) -> None:
+    """Every linear of every decoder layer -> a real QuantLinear (RTN) in spec_for(name)."""
+    from vramwise.quant.linear import QuantLinear
+
+    for layer in llm.engine.model.model.layers:
+        for name, lin in list(layer.named_modules()):
+            if type(lin) is nn.Linear:
+                parent, _, child = name.rpartition(".")
+                setattr(layer.get_submodule(parent), child, QuantLinear.from_linear(lin, spec_for(child)))
+
+
+def _assert_close_with_same_clear_argmax(logits: torch.Tensor, want: torch.Tensor) -> None:
+    """logits (T, vocab) within bf16 error of want, yet not equal (the packed kernels ran). Greedy tokens of
+    the random model are not robust to bf16 (two candidates often tie within 1e-3): where want's top-1 leads
+    by more than twice the largest error, logits pick the same token, and that holds at most positions."""
+    err = (logits - want).abs().max()
+    assert 0 < float(err / want.abs().max()) < 2e-2
+    top2 = want.topk(2, dim=-1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 2 * err
+    assert clear.sum() >= len(clear) // 2
+    assert torch.equal(logits.argmax(-1)[clear], want.argmax(-1)[clear])
+
+
+def test_packed_cpu_layers_match_resident_for_every_kind(deep_path):
+    """int4 (qkv, gate_up), int8 per channel (down) and group-wise int8 (o_proj, held in bf16) on CPU layers:
+    logits within bf16 error of the all-resident run, the same next token wherever the margin is clear; the
+    packed modules keep their
+    kernels' dtypes (the driver's float cast must not touch them)."""
+    from vramwise.quant.cpu_packed import INT4, INT8, INT8_DEQUANTIZED, CpuPackedLinear
+    from vramwise.quant.formats import QuantSpec
+    from vramwise.quant.linear import QuantLinear
+
+    specs = {"o_proj": QuantSpec.int8(32), "down_proj": QuantSpec.int8()}
+    spec_for = lambda child: specs.get(child, QuantSpec.int4(32))  # noqa: E731
+    base = new_llm(deep_path)
+    _quantize_layers(base, spec_for)
+    want_logits = base.engine.score(PROMPTS[2] + PROMPTS[0])
+
+    llm = new_llm(deep_path)
+    _quantize_layers(llm, spec_for)
+    driver = offload(llm, "r,c,s,c,c,r,r", 2, cpu_weights="packed")
+    layers = llm.engine.model.model.layers
+    kinds = {name: m.kind for name, m in layers[1].named_modules() if isinstance(m, CpuPackedLinear)}
+    assert kinds == {"self_attn.qkv_proj": INT4, "self_attn.o_proj": INT8_DEQUANTIZED, "mlp.gate_up_proj": INT4,
+                     "mlp.down_proj": INT8}
+    assert layers[1].mlp.gate_up_proj.scales_zeros.dtype == torch.bfloat16
+    assert layers[1].input_layernorm.weight.dtype == torch.float32  # the rest stays in cpu_dtype
+    assert isinstance(layers[2].mlp.down_proj, QuantLinear) and isinstance(layers[0].mlp.down_proj, QuantLinear)
+    logits = llm.engine.score(PROMPTS[2] + PROMPTS[0])  # (T, vocab)
+    # bf16 activations and scales in 3 of 7 layers: a few 2^-8 of the logits' scale.
+    _assert_close_with_same_clear_argmax(logits, want_logits)
+    assert "linears packed" in driver.summary()
+    driver.release()
+
+
+def test_packed_cpu_layer_host_bytes(deep_path):
+    """A CPU layer's host bytes with packed int4 g32 linears: 4 bits a weight plus a bf16 [scale, zero] per
+    32 (5 bits in all), against 32 bits dequantized: about 5/32 of the fp32 layer (norms add a little)."""
+    from vramwise.quant.cpu_packed import CpuPackedLinear
+    from vramwise.quant.formats import QuantSpec
+
+    sizes = {}
+    for mode in ("dequantized", "packed"):
+        llm = new_llm(deep_path)
+        _quantize_layers(llm, lambda child: QuantSpec.int4(32))
+        driver = offload(llm, "r,c,r,r,r,r,c", 2, cpu_weights=mode)
+        sizes[mode] = driver.bytes_cpu
+        if mode == "packed":
+            layer = llm.engine.model.model.layers[1]
+            linears = sum(m.nbytes() for m in layer.modules() if isinstance(m, CpuPackedLinear))
+            norms = sum(t.numel() * 4 for n, t in layer.named_parameters() if "norm" in n)
+            assert driver.bytes_cpu == 2 * (linears + norms)
+    assert 0.14 < sizes["packed"] / sizes["dequantized"] < 0.17
+
+
+def test_engine_threads_cpu_weights(deep_path):
+    """LLM(cpu_weights="packed") with an --offload placement: CPU layers computed packed, the same
+    logits as the all-resident int4 model up to bf16; a bad choice is named before loading."""
+    from vramwise.quant.cpu_packed import CpuPackedLinear
+
+    base = new_llm(deep_path, quantization="int4-g32")
+    llm = new_llm(deep_path, quantization="int4-g32", offload="r,c,r,r,c,r,r", cpu_weights="packed")
+    assert llm.engine.offload.cpu_weights == "packed"
+    assert isinstance(llm.engine.model.model.layers[4].mlp.down_proj, CpuPackedLinear)
+    prompt = PROMPTS[2] + PROMPTS[0]
+    _assert_close_with_same_clear_argmax(llm.engine.score(prompt), base.engine.score(prompt))
+    assert len(greedy(llm, PROMPTS[:2])[1]) == GREEDY.max_tokens  # generation runs through the hooks
+    with pytest.raises(ValueError, match="unknown CPU weight format 'int3'; choose fp32, bf16, packed"):
+        new_llm(deep_path, cpu_weights="int3")
+    with pytest.raises(ValueError, match="unknown cpu_weights 'fp32'"):
+        apply_placement(base.engine.model, "cpu", "cpu", cpu_weights="fp32")
+
+
+def test_packed_lm_head_on_the_cpu(deep_path):
+    """A quantized lm_head placed on the CPU is itself the unit: it becomes a CpuPackedLinear (int8 kernel)."""
+    from vramwise.quant.cpu_packed import INT8, CpuPackedLinear
+    from vramwise.quant.formats import QuantSpec
+    from vramwise.quant.linear import QuantLinear
+
+    def quantize_head(llm: LLM) -> None:
+        model = llm.engine.model
+        model.lm_head = QuantLinear.from_linear(model.lm_head, QuantSpec.int8())
+
+    base = new_llm(deep_path)
+    quantize_head(base)
+    want = base.engine.score(PROMPTS[2] + PROMPTS[0])
+    llm = new_llm(deep_path)
+    quantize_head(llm)
+    driver = offload(llm, "resident", 2, lm_head="cpu", cpu_weights="packed")
+    head = llm.engine.model.lm_head
+    assert isinstance(head, CpuPackedLinear) and head.kind == INT8
+    _assert_close_with_same_clear_argmax(llm.engine.score(PROMPTS[2] + PROMPTS[0]), want)
+    driver.release()

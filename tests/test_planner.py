@@ -42,6 +42,7 @@ from vramwise.memory.planner import (
     STREAMED,
     DriverCaps,
     describe_placement,
+    driver_caps,
     plan,
     plan_matrix,
 )
@@ -251,6 +252,28 @@ def test_todays_driver_computes_cpu_layers_in_fp32():
                a.decode_tok_s_b1 > auto.prediction.decode_tok_s_b1 for a in auto.alternatives)
     with pytest.raises(ValueError):
         DriverCaps(cpu_weights="int2")
+
+
+def test_driver_caps_for_cpu_weights_match_what_the_driver_runs():
+    """--cpu-weights packed: CPU layers hold the packed int4 bytes (with fp32 KV: only the linears are packed),
+    predicted faster than fp32 ones; plans with fp32 CPU layers list it as a runnable alternative."""
+    assert driver_caps("fp32") is DRIVER_TODAY and driver_caps("bf16").cpu_kv_bytes == 2
+    packed = driver_caps("packed")
+    assert (packed.cpu_weights, packed.cpu_kv_bytes, packed.prefill_offload, packed.lm_head_offload) == (
+        "packed", 4, False, False)
+    today = plan(L13, 6 * GiB, H100, W4, force_policy="cpu", alternatives=False)
+    p = plan(L13, 6 * GiB, H100, W4, force_policy="cpu", driver=packed, alternatives=False)
+    w = model_weights(L13, W4)
+    embeddings = 32000 * 5120 * 2
+    assert p.host_weight_bytes == sum(w.layer_bytes[i] for i, x in enumerate(p.layers) if x == CPU) + embeddings
+    assert p.host_weight_bytes < today.host_weight_bytes / 4
+    assert p.prediction.decode_tok_s_b1 > today.prediction.decode_tok_s_b1
+    assert any("packed" in n for n in p.notes)
+    cpu = plan(L13, 6 * GiB, H100, W4, force_policy="cpu")  # (auto picks streaming: prefill on the CPU is slow)
+    assert any(a.cli == "--cpu-weights packed" and a.args.get("driver") == packed.name and a.fits and
+               a.decode_tok_s_b1 > cpu.prediction.decode_tok_s_b1 for a in cpu.alternatives)
+    with pytest.raises(ValueError, match="unknown CPU weight format 'int3'"):
+        driver_caps("int3")
 
 
 def test_int8_kv_or_shorter_context_means_more_resident_layers():

@@ -31,6 +31,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--offload", default=None, metavar="PLACEMENT",
                    help="layer placement: streamed | cpu | resident:20,streamed:20 | r,s,c,... (default: all on the device)")
     g.add_argument("--stream-buffers", type=positive_int, default=2, help="GPU slots for streamed layers (default: 2)")
+    g.add_argument("--cpu-weights", default="fp32", choices=("fp32", "bf16", "packed"),
+                   help="how CPU-computed layers (--offload / --gpu-memory) hold weights: fp32 or bf16 "
+                        "(dequantized), or packed int4/int8 (torch's packed CPU kernels, bf16 activations; "
+                        "1/8 of the fp32 bytes at int4); the planner costs the same (default: fp32)")
     g.add_argument("--gpu-memory", type=size, default=None, metavar="SIZE",
                    help="GPU-memory budget of the whole process (NVML's figure), e.g. 6GiB: the planner places "
                         "layers (resident / streamed / CPU) and sizes the KV pool to fit; start-up refuses a "
@@ -102,6 +106,7 @@ def make_engine_config(args: argparse.Namespace, show_progress: bool = True):
         show_progress=show_progress,
         offload=getattr(args, "offload", None),
         num_stream_buffers=getattr(args, "stream_buffers", 2),
+        cpu_weights=getattr(args, "cpu_weights", "fp32"),
         enforce_eager=bool(getattr(args, "enforce_eager", False)),
         async_scheduling=bool(getattr(args, "async_scheduling", True)),
         **extra,

@@ -220,6 +220,10 @@ class EngineConfig:
     # "resident:20,streamed:20" or "r,s,c,..." (resident | streamed | cpu per decoder layer).
     offload: str | None = None
     num_stream_buffers: int = 2  # GPU slots in the streaming ring (prefetch depth is this minus one)
+    # How CPU-computed layers hold their weights (--cpu-weights, the planner's DriverCaps.cpu_weights): "fp32"
+    # (dequantized, fp32 compute), "bf16" (dequantized, bf16 compute and KV), "packed" (int4/int8 linears kept
+    # packed for torch's CPU kernels, quant/cpu_packed.py; the rest in fp32). The planner costs the same choice.
+    cpu_weights: str = "fp32"
     # Decode fast path (engine/cuda_graphs.py): all-decode steps replay CUDA graphs captured for a ladder of
     # batch sizes. enforce_eager turns that off. decode_graphs: "auto" (graphs on CUDA, none on CPU),
     # "emulate" (pad to the ladder and run the padded batch eagerly through the same static buffers: the

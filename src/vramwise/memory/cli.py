@@ -59,8 +59,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--no-cuda-graphs", action="store_true", help="plan without CUDA-graph pools")
     g = p.add_argument_group("offload driver capabilities (default: what memory/offload.py does today)")
     g.add_argument("--cpu-weights", default="fp32", choices=("fp32", "bf16", "packed"),
-                   help="how CPU-computed layers hold weights: fp32 (dequantized, today), bf16, or packed "
-                        "int4/int8 (needs a packed CPU kernel)")
+                   help="how CPU-computed layers hold weights (as `serve --cpu-weights`): fp32 / bf16 "
+                        "(dequantized), or packed int4/int8 (torch's packed CPU kernels)")
     g.add_argument("--prefill-offload", action="store_true",
                    help="long prefill chunks run CPU layers on the GPU through the stream buffers")
     g.add_argument("--lm-head-offload", action="store_true", help="the lm_head may be streamed or CPU-computed")
@@ -225,14 +225,17 @@ def _budget(args: argparse.Namespace, profile: Any) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from vramwise.memory.planner import DRIVER_NEXT, DRIVER_TODAY, BudgetTooSmallError, DriverCaps, format_matrix, \
+    from dataclasses import replace
+
+    from vramwise.memory.planner import DRIVER_NEXT, DRIVER_TODAY, BudgetTooSmallError, driver_caps, format_matrix, \
         plan, plan_matrix
 
     profile, profile_note = resolve_profile(args.device_profile)
     budget = _budget(args, profile)
-    caps = DriverCaps(cpu_weights=args.cpu_weights, cpu_kv_bytes=0 if args.cpu_weights == "packed" else (
-                          4 if args.cpu_weights == "fp32" else 2),
-                      prefill_offload=args.prefill_offload, lm_head_offload=args.lm_head_offload, name="custom")
+    caps = driver_caps(args.cpu_weights)  # what `serve --cpu-weights` runs
+    if args.prefill_offload or args.lm_head_offload:  # capabilities the driver does not have yet
+        caps = replace(caps, prefill_offload=args.prefill_offload, lm_head_offload=args.lm_head_offload,
+                       name="custom")
     for known in (DRIVER_TODAY, DRIVER_NEXT):
         if (caps.cpu_weights, caps.prefill_offload, caps.lm_head_offload) == (
                 known.cpu_weights, known.prefill_offload, known.lm_head_offload):

@@ -71,6 +71,7 @@ class BudgetSetup:
     model_config: Any = None  # what the plan was made from, for predict()
     quant: Any = None
     cuda_graphs: bool = True
+    cpu_weights: str = "fp32"  # --cpu-weights: how CPU layers hold weights, as planned (planner.driver_caps)
 
     def predict(self, batch: int, prompt_len: int, gen_len: int) -> dict[str, float]:
         """The plan's predicted TTFT, prefill and decode rates for a benchmark run (planner.predict_workload)."""
@@ -166,7 +167,7 @@ def prepare_budget(config: EngineConfig, source: Any, model_config: ModelConfig,
     Raises BudgetTooSmallError (a ValueError, with the terms) when nothing runnable fits."""
     from vramwise.memory.budget import BudgetTooSmallError
     from vramwise.memory.offload import parse_placements
-    from vramwise.memory.planner import CHUNK_CANDIDATES, plan, plan_for_layers
+    from vramwise.memory.planner import CHUNK_CANDIDATES, driver_caps, plan, plan_for_layers
 
     mem = config.memory
     if not mem.enabled:
@@ -218,6 +219,7 @@ def prepare_budget(config: EngineConfig, source: Any, model_config: ModelConfig,
         kv_dtype=_kv_dtype(config.cache.cache_dtype, dtype), max_num_batched_tokens=chunk,
         cuda_graphs=not getattr(config, "enforce_eager", False), block_size=config.cache.block_size,
         model_name=str(getattr(source, "path", "") or model_config.architecture),
+        driver=driver_caps(getattr(config, "cpu_weights", "fp32")),  # CPU layers costed as the driver holds them
     )
     forced = config.offload is not None
     try:
@@ -243,7 +245,8 @@ def prepare_budget(config: EngineConfig, source: Any, model_config: ModelConfig,
     load_device = torch.device("cpu") if (device.type == "cuda" and (forced or _offloads(result))) else device
     setup = BudgetSetup(limit=limit, profile=profile, plan=result, context_bytes=context,
                         context_measured=measured, load_device=load_device, forced=forced, monitor=monitor,
-                        model_config=model_config, quant=quant, cuda_graphs=kw["cuda_graphs"])
+                        model_config=model_config, quant=quant, cuda_graphs=kw["cuda_graphs"],
+                        cpu_weights=getattr(config, "cpu_weights", "fp32"))
     if monitor is not None:  # an engine that fails to build after this point must not leave the poller running
         weakref.finalize(setup, _stop_quietly, monitor)
     log.info("GPU-memory budget %s: %s, KV %d blocks, chunk %d tokens", format_size(limit),
@@ -322,8 +325,9 @@ def _offloads(p: Any) -> bool:
 def apply_budget_placement(setup: BudgetSetup, model: torch.nn.Module, device: torch.device,
                            num_stream_buffers: int) -> Any:
     """Lay the loaded model out as the plan says (None when everything is resident: no driver, no hooks).
-    A placement forced by --offload keeps its own ring size."""
-    from vramwise.memory.offload import apply_placement, apply_plan
+    A placement forced by --offload keeps its own ring size. CPU layers hold their weights as
+    --cpu-weights says (the format the plan was costed with)."""
+    from vramwise.memory.offload import apply_placement, apply_plan, cpu_weight_options
 
     if device.type == "cuda":
         torch.cuda.empty_cache()  # load-time temporaries (RTN on the GPU) go back before the weights move in
@@ -331,9 +335,11 @@ def apply_budget_placement(setup: BudgetSetup, model: torch.nn.Module, device: t
         if setup.load_device != device:
             model.to(device)
         return None
+    cpu_dtype, cpu_weights = cpu_weight_options(setup.cpu_weights)
     if setup.forced:
-        return apply_placement(model, list(setup.plan.layers), device, num_stream_buffers)
-    return apply_plan(model, setup.plan, device)
+        return apply_placement(model, list(setup.plan.layers), device, num_stream_buffers, cpu_dtype=cpu_dtype,
+                               cpu_weights=cpu_weights)
+    return apply_plan(model, setup.plan, device, cpu_dtype=cpu_dtype, cpu_weights=cpu_weights)
 
 
 def kv_num_blocks(setup: BudgetSetup, requested_blocks: int | None) -> int:

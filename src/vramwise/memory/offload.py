@@ -86,11 +86,13 @@ state. The schedule a captured step follows:
   so a schedule that left a slot holding the wrong unit changes the output there too.
 
 CPU-computed layers: weights in `cpu_dtype` (default float32, see DEFAULT_CPU_DTYPE for the measurement),
-quantized linears dequantized once at apply time (the packed CPU path dequantizes on every call); the KV
-pages of these layers live in host memory, and the runner gives them the torch attention path there
-(ModelRunner(kv_layers=driver.kv_layers(...)) picks each layer's backend by where its pages are); the
-attention metadata is copied to the host once per step (the runner builds it from its Python lists;
-HostStep); the shared rotary table is cloned onto the host (copied, so its values are bit-identical).
+quantized linears dequantized once at apply time (QuantLinear's CPU path dequantizes on every call), or,
+with cpu_weights="packed", kept packed as quant/cpu_packed.CpuPackedLinear (torch's int4/int8 CPU kernels,
+bf16 activations; norms, rotary and KV stay in cpu_dtype); the KV pages of these layers live in host
+memory, and the runner gives them the torch attention path there (ModelRunner(kv_layers=
+driver.kv_layers(...)) picks each layer's backend by where its pages are); the attention metadata is
+copied to the host once per step (the runner builds it from its Python lists; HostStep); the shared rotary
+table is cloned onto the host (copied, so its values are bit-identical).
 While the CPU computes, H2D copies already queued for streamed layers go on (the copy engine and the CPU
 work side by side; the D2H of the hidden states syncs the compute stream only).
 
@@ -119,6 +121,7 @@ from torch import nn
 from vramwise.config import format_size
 from vramwise.memory import placement as pl
 from vramwise.models.attention import AttentionMetadata
+from vramwise.quant.cpu_packed import CpuPackedLinear
 
 log = logging.getLogger(__name__)
 
@@ -131,11 +134,22 @@ HOST = torch.device("cpu")
 #: Compute dtype of CPU layers when none is asked for. Measured on an AVX2 host (torch 2.13, 2 cores),
 #: F.linear of a (1, 2048) activation with a (5504, 2048) weight: float32 2.05 ms (22 GB/s of weight read),
 #: bfloat16 8.2 ms, float16 7.4 ms: half precision reads half the bytes yet runs 3.6-4x slower without native
-#: bf16/fp16 instructions (and 1.5-5x slower at 16-128 tokens). The packed int4/int8 CPU path is the torch
+#: bf16/fp16 instructions (and 1.5-5x slower at 16-128 tokens). QuantLinear's own CPU path is the torch
 #: reference that dequantizes on every call, 10-30x slower than a float32 GEMM at decode (model_loader's
-#: note). So CPU layers are dequantized and computed in float32; hosts with AMX / AVX512-BF16 can pass
-#: cpu_dtype=torch.bfloat16 to halve their memory (the cost model should measure it there).
+#: note). So CPU layers are dequantized and computed in float32 by default; hosts with AMX / AVX512-BF16 can
+#: pass cpu_dtype=torch.bfloat16 to halve their memory, or cpu_weights="packed" to keep the linears packed for
+#: torch's int4/int8 CPU kernels (quant/cpu_packed.py; on a 2-core AVX2 host, torch 2.13, a (1, 4096) x
+#: (4096, 4096) int4 g128 product took 1.2 ms against 2.7 ms for float32; benchmarks/bench_cpu_linear.py).
 DEFAULT_CPU_DTYPE = torch.float32
+
+#: How CPU units hold their packed linears: dequantized once to cpu_dtype, or packed (CpuPackedLinear).
+DEQUANTIZED, PACKED = "dequantized", "packed"
+CPU_WEIGHTS = (DEQUANTIZED, PACKED)
+
+#: The user-facing --cpu-weights choices (the planner's DriverCaps.cpu_weights vocabulary, so that `vramwise plan
+#: --cpu-weights X` and `serve --cpu-weights X` mean the same) -> (cpu_dtype, cpu_weights) of the driver.
+CPU_WEIGHT_FORMATS = {"fp32": ("float32", DEQUANTIZED), "bf16": ("bfloat16", DEQUANTIZED),
+                      "packed": ("float32", PACKED)}
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
@@ -181,6 +195,20 @@ def parse_placements(spec: str | Sequence[str], num_layers: int) -> list[str]:
     return out
 
 
+def cpu_weight_options(fmt: str) -> tuple[str, str]:
+    """--cpu-weights fp32 | bf16 | packed -> (cpu_dtype, cpu_weights) for apply_placement / OffloadConfig."""
+    if fmt not in CPU_WEIGHT_FORMATS:
+        raise ValueError(f"unknown CPU weight format {fmt!r}; choose {', '.join(CPU_WEIGHT_FORMATS)}")
+    return CPU_WEIGHT_FORMATS[fmt]
+
+
+def parse_cpu_weights(name: str) -> str:
+    value = str(name).strip().lower()
+    if value not in CPU_WEIGHTS:
+        raise ValueError(f"unknown cpu_weights {name!r}; choose {' or '.join(CPU_WEIGHTS)}")
+    return value
+
+
 def parse_cpu_dtype(name: str | torch.dtype | None) -> torch.dtype:
     if isinstance(name, torch.dtype):
         return name
@@ -200,6 +228,9 @@ class OffloadConfig:
     embed_on_cpu: keep the token embedding table on the CPU (lookup there, rows copied to the GPU).
     lm_head: resident | streamed | cpu (final projection; not for a head tied to the embedding).
     cpu_dtype: compute dtype of CPU layers: auto (float32, see DEFAULT_CPU_DTYPE) | float32 | bfloat16 | float16.
+    cpu_weights: how CPU layers hold packed (int4/int8) linears: dequantized (once, to cpu_dtype) | packed
+                 (CpuPackedLinear: torch's packed CPU kernels; int8 a quarter, int4 about an eighth of the
+                 fp32 bytes; group-wise int8 such as GGUF Q8_0 is held in bf16, half of fp32).
     """
 
     placements: tuple[str, ...] | str | None = None
@@ -207,6 +238,7 @@ class OffloadConfig:
     embed_on_cpu: bool = False
     lm_head: str = RESIDENT
     cpu_dtype: str = "auto"
+    cpu_weights: str = DEQUANTIZED
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -465,13 +497,14 @@ class OffloadDriver:
 
     def __init__(self, model: nn.Module, placements: list[str], device: torch.device, num_stream_buffers: int,
                  embed_on_cpu: bool, cpu_dtype: torch.dtype, dtype: torch.dtype,
-                 host_allocator: pl.HostAllocator | None, lm_head: str) -> None:
+                 host_allocator: pl.HostAllocator | None, lm_head: str, cpu_weights: str = DEQUANTIZED) -> None:
         self.model = model
         self.placements = placements
         self.lm_head = lm_head
         self.device = device
         self.dtype = dtype  # compute dtype of device layers
         self.cpu_dtype = cpu_dtype  # compute dtype (and KV dtype) of CPU layers
+        self.cpu_weights = cpu_weights  # their packed linears: dequantized to cpu_dtype, or CpuPackedLinear
         self.stats = StreamStats()
         self.released = False
         # Captured decode steps (module doc): the in-step schedule's state while one is captured or emulated.
@@ -580,29 +613,41 @@ class OffloadDriver:
         return (f"{counts[RESIDENT]} layer(s) resident ({format_size(self.bytes_resident)} on {self.device} with "
                 f"embeddings and head), {counts[STREAMED]} streamed ({format_size(self.bytes_streamed)} in host "
                 f"memory, {self.num_slots} slot(s) of {format_size(self.slot_bytes)}), {counts[CPU]} on the CPU "
-                f"({format_size(self.bytes_cpu)} in {str(self.cpu_dtype).removeprefix('torch.')}){head}"
+                f"({format_size(self.bytes_cpu)} in {str(self.cpu_dtype).removeprefix('torch.')}"
+                f"{', linears packed' if self.cpu_weights == PACKED else ''}){head}"
                 f"{', embeddings on the CPU' if self.embed_on_cpu else ''}")
 
     # -- setup helpers ----------------------------------------------------------------------------------
     def _quantized_ids(self, module: nn.Module) -> set[int]:
-        return {id(sub) for m in module.modules() if pl.is_quantized(m) for sub in m.modules()}
+        """Modules whose float tensors keep their dtype: packed linears (fp16 scales) and CPU-packed ones
+        (bf16 scales, the dtype their kernels take)."""
+        return {id(sub) for m in module.modules() if pl.is_quantized(m) or isinstance(m, CpuPackedLinear)
+                for sub in m.modules()}
 
     def _cast_floats(self, module: nn.Module, dtype: torch.dtype) -> None:
-        """Float tensors of the unit's plain modules to `dtype` (packed modules keep their fp16 scales)."""
+        """Float tensors of the unit's plain modules to `dtype` (packed modules keep their scales' dtype)."""
         for r in pl.owned_tensors(module, self._shared | self._quantized_ids(module)):
             t = r.get()
             if t.is_floating_point() and t.dtype != dtype:
                 r.set(t.to(dtype))
 
     def _setup_cpu_unit(self, name: str) -> int:
-        """Weights to the host in cpu_dtype (packed linears dequantized once), shared submodules cloned
-        there, hooks that carry activations across. Returns the unit's host bytes."""
+        """Weights to the host in cpu_dtype (packed linears dequantized once, or converted for the packed
+        CPU kernels with cpu_weights="packed"), shared submodules cloned there, hooks that carry activations
+        across. Returns the unit's host bytes."""
         module = self.model.get_submodule(name)
+        packed = self.cpu_weights == PACKED
         if pl.is_quantized(module):  # the unit is itself a packed linear (a quantized lm_head)
             parent_name, _, child = name.rpartition(".")
-            module = pl.dequantized_linear(module, HOST, self.cpu_dtype)
+            if packed:
+                module = CpuPackedLinear.from_module(module)
+            else:
+                module = pl.dequantized_linear(module, HOST, self.cpu_dtype)
             setattr(self.model.get_submodule(parent_name) if parent_name else self.model, child, module)
-        pl.dequantize_modules(module, HOST, self.cpu_dtype)
+        if packed:
+            _swap_packed_for_cpu(module)
+        else:
+            pl.dequantize_modules(module, HOST, self.cpu_dtype)
         pl.warn_unregistered_tensors(module, self._shared)
         refs = pl.owned_tensors(module, self._shared)
         pl.move(refs, HOST)  # first, so that an up-cast to cpu_dtype allocates host memory, not device memory
@@ -861,8 +906,8 @@ class OffloadDriver:
     # -- undo -------------------------------------------------------------------------------------------
     def release(self) -> None:
         """Remove the hooks and free the device slots. Streamed units are left computing from their host
-        buffers (unpinned), CPU units stay on the CPU (dequantized, in cpu_dtype; the shared rotary table is
-        theirs again), resident ones on the device: the model is a plain module again, and
+        buffers (unpinned), CPU units stay on the CPU (dequantized in cpu_dtype, or CpuPackedLinear; the
+        shared rotary table is theirs again), resident ones on the device: the model is a plain module again, and
         apply_placement can lay it out anew (build a new ModelRunner after that, for the KV placement)."""
         if self.released:
             return
@@ -886,6 +931,15 @@ class OffloadDriver:
         self.num_slots = 0
 
 
+def _swap_packed_for_cpu(root: nn.Module) -> int:
+    """Swap every packed linear under `root` for a CpuPackedLinear (on the host). Returns how many."""
+    swaps = [(name, m) for name, m in root.named_modules() if name and pl.is_quantized(m)]
+    for name, m in swaps:
+        parent_name, _, child = name.rpartition(".")
+        setattr(root.get_submodule(parent_name) if parent_name else root, child, CpuPackedLinear.from_module(m))
+    return len(swaps)
+
+
 #: The driver currently laid over each model, so that a second placement is not stacked on the first.
 _ACTIVE: weakref.WeakKeyDictionary[nn.Module, OffloadDriver] = weakref.WeakKeyDictionary()
 
@@ -906,6 +960,7 @@ def apply_placement(
     embed_on_cpu: bool = False,
     lm_head: str = RESIDENT,
     cpu_dtype: torch.dtype | str | None = None,
+    cpu_weights: str = DEQUANTIZED,
     dtype: torch.dtype | None = None,
     host_allocator: pl.HostAllocator | None = None,
 ) -> OffloadDriver:
@@ -916,7 +971,9 @@ def apply_placement(
 
     num_stream_buffers: slots in the GPU ring (>= 2). embed_on_cpu: token embedding table on the host.
     lm_head: resident | streamed (through the same ring, after the last layer) | cpu; not for a tied head.
-    cpu_dtype: compute dtype of CPU units (default DEFAULT_CPU_DTYPE). dtype: compute dtype of the device
+    cpu_dtype: compute dtype of CPU units (default DEFAULT_CPU_DTYPE). cpu_weights: their packed linears
+    dequantized to cpu_dtype (default) or "packed" (quant/cpu_packed.CpuPackedLinear; float linears stay
+    float, in cpu_dtype). dtype: compute dtype of the device
     units (default: the embedding's). host_allocator: where streamed units' host buffers come from
     (default: pinned memory when `device` is CUDA, else pageable; placement.file_backed_allocator for
     models larger than RAM).
@@ -940,10 +997,11 @@ def apply_placement(
     if current is not None and not current.released:
         raise RuntimeError("this model already has an offload placement; release() it before applying another")
     cpu_compute = parse_cpu_dtype(cpu_dtype)
+    cpu_linears = parse_cpu_weights(cpu_weights)
     dev = _normalize(device)
     with torch.inference_mode(False), torch.no_grad():  # the views must be ordinary tensors, not inference ones
         driver = OffloadDriver(model, names, dev, num_stream_buffers, embed_on_cpu, cpu_compute,
-                               dtype or _model_dtype(model), host_allocator, head)
+                               dtype or _model_dtype(model), host_allocator, head, cpu_linears)
     _ACTIVE[model] = driver
     log.info("offload: %s", driver.summary())
     return driver
@@ -955,13 +1013,14 @@ def setup_offload(model: nn.Module, config: OffloadConfig, device: torch.device 
         return None
     placements = config.placements if config.placements is not None else RESIDENT
     return apply_placement(model, placements, device, config.num_stream_buffers, embed_on_cpu=config.embed_on_cpu,
-                           lm_head=config.lm_head, cpu_dtype=config.cpu_dtype)
+                           lm_head=config.lm_head, cpu_dtype=config.cpu_dtype, cpu_weights=config.cpu_weights)
 
 
 def apply_plan(model: nn.Module, plan: Any, device: torch.device | str, **kw: Any) -> OffloadDriver:
     """Execute a planner Plan (memory/planner.py): its per-layer placements, ring size, lm_head and
-    embeddings placement. Its prefill_offload_min_tokens (CPU layers run through the ring for long
-    prefills) is not executed yet: those layers always run on the CPU."""
+    embeddings placement (kw: apply_placement's cpu_dtype, cpu_weights, host_allocator, dtype). Its
+    prefill_offload_min_tokens (CPU layers run through the ring for long prefills) is not executed yet:
+    those layers always run on the CPU."""
     if getattr(plan, "prefill_offload_min_tokens", None) is not None:
         log.warning("plan asks for prefill offload of CPU layers (from %d prompt tokens); the offload driver "
                     "does not do that yet, so they run on the CPU", plan.prefill_offload_min_tokens)

@@ -256,14 +256,15 @@ def point_at(refs: list[TensorRef], views: list[torch.Tensor]) -> None:
 
 
 def is_quantized(module: nn.Module) -> bool:
-    """A packed linear (QuantLinear and friends): anything that can hand back its PackedWeight."""
-    return callable(getattr(module, "packed_weight", None))
+    """A packed linear (QuantLinear and friends): anything that can hand back its PackedWeight through a
+    packed() method, as QuantLinear does (quant/linear.py)."""
+    return callable(getattr(module, "packed", None))
 
 
 def dequantized_linear(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Linear:
     """A plain nn.Linear on `device` in `dtype` computing what the packed `module` computes (weight
     dequantized in fp32 first, then cast, as the reference path of the packed formats does)."""
-    packed = module.packed_weight()  # type: ignore[operator]
+    packed = module.packed()  # type: ignore[operator]
     with torch.device("meta"):
         lin = nn.Linear(packed.in_features, packed.out_features, bias=getattr(module, "bias", None) is not None)
     lin.weight = nn.Parameter(packed.dequantize(torch.float32).to(device=device, dtype=dtype), requires_grad=False)

@@ -13,10 +13,11 @@ Embeddings stay on the CPU unless everything is resident (a step reads only B ro
 stays resident unless DriverCaps.lm_head_offload.
 
 The planner plans within what the offload driver can execute (DriverCaps): today's driver
-(memory/offload.py) dequantizes CPU layers to fp32 (4 bytes per weight, fp32 KV), keeps the lm_head on
-the device, runs prefill on the CPU for CPU layers and needs a ring of >= 2 buffers; DRIVER_NEXT is what
-the issue's targets need (a packed CPU kernel, prefill offload, lm_head offload), and plans list it as an
-alternative with its predicted speed.
+(memory/offload.py) dequantizes CPU layers to fp32 (4 bytes per weight, fp32 KV) or, asked to
+(--cpu-weights bf16 | packed: driver_caps), to bf16 or keeps their linears packed for torch's int4/int8 CPU
+kernels; it keeps the lm_head on the device, runs prefill on the CPU for CPU layers and needs a ring of >= 2
+buffers; DRIVER_NEXT is what the issue's targets need (packed CPU weights, prefill offload, lm_head
+offload), and plans list it as an alternative with its predicted speed.
 
 Policies: resident (everything), streamed (R layers resident, spread among the streamed rest: see
 _spread_resident), cpu (first R layers resident, the rest on the CPU), mixed (the rest split between streamed and CPU layers, interleaved so that each streamed
@@ -97,8 +98,8 @@ class DriverCaps:
 
     cpu_weights         how CPU-computed layers hold their weights: "fp32" (dequantized once at apply time,
                         what the driver does today: 4 bytes per weight, the fp32 GEMM rate), "bf16" (hosts
-                        with AMX / AVX512-BF16), or "packed" (as loaded, int4/int8: needs a packed CPU matmul
-                        kernel; the cost model then uses cpu_quant_flops)
+                        with AMX / AVX512-BF16), or "packed" (as loaded, int4/int8, computed by torch's packed
+                        CPU kernels, quant/cpu_packed.py; the cost model then uses cpu_quant_flops)
     cpu_kv_bytes        bytes per KV element of CPU layers (their compute dtype: 4 for fp32); 0 = the pool's
     prefill_offload     long prefill chunks may run CPU layers on the GPU through the ring (their past KV
                         copied in, the new KV copied back), as llama.cpp does for big batches
@@ -120,6 +121,16 @@ class DriverCaps:
 
 #: The driver as it is (memory/offload.py: CPU layers dequantized to fp32, lm_head on the device, ring >= 2).
 DRIVER_TODAY = DriverCaps()
+def driver_caps(cpu_weights: str = "fp32") -> DriverCaps:
+    """What the driver executes with --cpu-weights `cpu_weights` (fp32 | bf16 | packed): the KV of CPU layers
+    is in their compute dtype, fp32 for packed weights too (only the linears are packed; memory/offload.py
+    CPU_WEIGHT_FORMATS)."""
+    if cpu_weights == "fp32":
+        return DRIVER_TODAY
+    return DriverCaps(cpu_weights=cpu_weights, cpu_kv_bytes=2 if cpu_weights == "bf16" else 4,
+                      name=f"today, {cpu_weights} CPU weights")
+
+
 #: What the issue's targets need from it: a packed int4/int8 CPU kernel, prefill offload, lm_head offload.
 DRIVER_NEXT = DriverCaps(cpu_weights="packed", cpu_kv_bytes=0, prefill_offload=True, lm_head_offload=True,
                          name="packed CPU kernel + prefill offload")
@@ -1123,8 +1134,8 @@ def _finish(s: _Setup, cand: _Candidate, budget: Budget, name: str) -> Plan:
     notes = []
     if cpu_layers:
         if s.caps.cpu_weights == "packed":
-            notes.append(f"CPU layers are costed for a packed (int4/int8) CPU matmul reading "
-                         f"{s.device.cpu_bandwidth / 1e9:.0f} GB/s: the offload driver needs that kernel")
+            notes.append(f"CPU layers keep their int4/int8 weights packed (torch's packed CPU kernels), costed "
+                         f"at {s.device.cpu_bandwidth / 1e9:.0f} GB/s of packed weight read")
         else:
             notes.append(f"CPU layers hold {s.caps.cpu_weights} weights (the offload driver dequantizes them): "
                          f"{format_size(max(s.cpu_layer_bytes))} per layer read every step")
@@ -1208,8 +1219,9 @@ def _cpu_only_plan(s: _Setup, batch: int, chunk: int | None, name: str) -> Plan:
 
 def _alternatives(model: ModelConfig, budget_bytes: int, device: DeviceProfile, s: _Setup, call: dict[str, Any],
                   baseline: Plan | None = None) -> list[Alternative]:
-    """Plans with one thing changed: int8 KV, half the context, fewer bits, an 8-bit lm_head, the offload
-    driver's next capabilities. Kept when they fit and beat the baseline (all of them without one)."""
+    """Plans with one thing changed: int8 KV, half the context, fewer bits, an 8-bit lm_head, packed CPU
+    weights, the offload driver's next capabilities. Kept when they fit and beat the baseline (all of them
+    without one)."""
     scheme = s.scheme
     # (in words, CLI flags, plan() changes, JSON-able description of the change)
     changes: list[tuple[str, str, dict[str, Any], dict[str, Any]]] = []
@@ -1232,6 +1244,9 @@ def _alternatives(model: ModelConfig, budget_bytes: int, device: DeviceProfile, 
     if not model.tie_word_embeddings and scheme.lm_head.bits >= 16:
         changes.append(("8-bit lm_head", "--lm-head-bits 8",
                         {"quant": replace(scheme, lm_head=WeightFormat.for_bits(8))}, {"lm_head_bits": 8}))
+    if s.caps in (DRIVER_TODAY, driver_caps("bf16")) and lin.quantized:  # runnable today: --cpu-weights packed
+        packed = driver_caps("packed")
+        changes.append(("packed CPU weights", "--cpu-weights packed", {"driver": packed}, {"driver": packed.name}))
     if s.caps != DRIVER_NEXT:
         changes.append((f"driver: {DRIVER_NEXT.name}", "--cpu-weights packed --prefill-offload --lm-head-offload",
                         {"driver": DRIVER_NEXT}, {"driver": DRIVER_NEXT.name}))
