@@ -3,11 +3,12 @@ operand) against the kernel the first-use tuner picks, on the 7B/13B layer shape
 
     python benchmarks/sweep_batch_gemm.py [MS (e.g. 16,32,64)] [fp16|bf16] [time limit s]
     GRID="((64, 128), (64, 128), (4, 8), (3, 4), (False, True))" ...   # block_n, block_k, warps, stages, prefetch
+    BMS="(128, 256)" SHAPES=13b ...    # x rows per tile (default: M rounded up); only shapes whose name has "13b"
 
 Every config is timed in a CUDA graph over weight copies larger than L2 (kernels.timing.graph_time_per_call) and
 checked against an fp32 reference; the summary (current choice vs best swap-AB tile, us per call) comes last.
 """
-import sys, time, math, itertools
+import sys, time, math, itertools, os
 from pathlib import Path
 import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -20,7 +21,7 @@ from vramwise.quant import QuantSpec, quantize_rtn
 T0 = time.time()
 G = 128
 LIMIT = float(sys.argv[3]) if len(sys.argv) > 3 else 400
-SHAPES = DECODE_SHAPES
+SHAPES = [sh for sh in DECODE_SHAPES if os.environ.get("SHAPES", "") in sh[2]]  # e.g. SHAPES=13b
 MS = [int(v) for v in (sys.argv[1] if len(sys.argv) > 1 else "32").split(",")]
 DT = torch.bfloat16 if len(sys.argv) > 2 and sys.argv[2] == "bf16" else torch.float16
 dev = torch.device("cuda")
@@ -29,10 +30,9 @@ print(f"copy ceiling {bw/1e9:.0f} GB/s dtype {DT} {torch.cuda.get_device_name()}
 
 def cands(m, n, k):
     out = []
-    bm = max(16, triton_np2(m))
-    import os
+    bms = eval(os.environ.get("BMS", "None")) or (max(16, triton_np2(m)),)  # x rows per tile, e.g. BMS="(128, 256)"
     grid = eval(os.environ.get("GRID", "((64, 128, 256), (64, 128), (4, 8), (3, 4), (False, True))"))
-    for bn, bk, wp, st, pf in itertools.product(*grid):
+    for bm, (bn, bk, wp, st, pf) in itertools.product(bms, itertools.product(*grid)):
         if bn == 256 and wp == 4 or bn // wp < 16:
             continue
         progs = math.ceil(m / bm) * math.ceil(n / bn)

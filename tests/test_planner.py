@@ -499,3 +499,27 @@ def test_checkpoint_quant_gptq_config():
     scheme, desc = checkpoint_quant(src)
     assert scheme.linear == W4 and "GPTQ" in desc
     assert checkpoint_quant(SimpleNamespace(hf_config={})) is None
+
+
+def test_long_prefill_of_quantized_layers_pays_the_dequantize_pass():
+    # From DEQUANT_MIN_TOKENS rows on, a quantized layer is dequantized into an fp16 workspace for cuBLAS: the
+    # prefill prediction of an all-resident int4 13B (the weights in HBM, so flops and this pass are all there
+    # is) grows by about (packed bytes + 2 bytes a weight) / HBM per layer over the fp16 model's, whose layers
+    # read 2 bytes a weight and have the same flops.
+    from vramwise.memory.budget import DEQUANT_MIN_TOKENS
+    from vramwise.memory.costmodel import prefill_dequant_time
+
+    kw = dict(max_model_len=1024, max_num_seqs=1, prompt_len=512, gen_len=16, force_policy="resident",
+              alternatives=False, max_num_batched_tokens=512)
+    q4 = plan(L13, 70 * GiB, H100, W4, **kw)
+    fp = plan(L13, 70 * GiB, H100, FP16, **kw)
+    w = model_weights(L13, W4)
+    extra = sum(prefill_dequant_time(H100, wb, p, overheads=False) for wb, p in zip(w.layer_bytes, w.layer_params))
+    assert 512 >= DEQUANT_MIN_TOKENS and extra > 5e-3  # 40 layers x ~0.27 ms
+    gap = q4.prediction.ttft_s - fp.prediction.ttft_s
+    assert abs(gap - extra) < 0.1 * extra, (gap, extra)
+    # below the threshold the fused GEMM runs instead: no such pass
+    short = dict(kw, prompt_len=DEQUANT_MIN_TOKENS // 2)
+    gap_short = plan(L13, 70 * GiB, H100, W4, **short).prediction.ttft_s - plan(L13, 70 * GiB, H100, FP16,
+                                                                                  **short).prediction.ttft_s
+    assert gap_short < 0.2 * extra

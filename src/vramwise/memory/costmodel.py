@@ -276,6 +276,17 @@ def gpu_time(dev: DeviceProfile, weight_bytes: float, flops: float, other_bytes:
     return t + (dev.gpu_op_overhead_s if overheads else 0.0)
 
 
+def prefill_dequant_time(dev: DeviceProfile, weight_bytes: float, params: int, overheads: bool = True) -> float:
+    """What a long prefill (>= budget.DEQUANT_MIN_TOKENS rows) adds to a quantized layer on the GPU: the kernels
+    dequantize its packed weights into an fp16 workspace for cuBLAS (kernels/w4a16.py _dequant_matmul), a pass
+    that reads the packed bytes and writes 2 bytes per weight, which cuBLAS then reads back (gpu_time counts
+    the flops only). Measured on an H100 (benchmarks/bench_kernels.py, M = 512, 13B shapes, CUDA graphs):
+    65-72 us over the dense fp16 matmul per 13824 x 5120 matrix, against the (packed + 2 x params) / HBM =
+    60 us this gives; the model's whole layer: ~0.27 ms of its ~0.8 ms."""
+    t = (weight_bytes + 2.0 * params) / dev.hbm_bandwidth
+    return t + (dev.gpu_op_overhead_s if overheads else 0.0)
+
+
 def cpu_time(dev: DeviceProfile, weight_bytes: float, flops: float, other_bytes: float = 0.0, *,
              quantized: bool = True, bandwidth_share: float = 1.0, overheads: bool = True) -> float:
     """One layer on the CPU: max(w / (CPU_bw x share), flops / CPU_flops) + other / CPU_bw (+ fork/join).

@@ -46,6 +46,7 @@ from typing import Any
 from vramwise.config import ModelConfig, format_size
 from vramwise.memory.budget import (
     ACT_BYTES,
+    DEQUANT_MIN_TOKENS,
     FP16,
     FP32,
     KV_BLOCK_SIZE,
@@ -75,6 +76,7 @@ from vramwise.memory.costmodel import (
     dram_shares,
     gpu_time,
     handover_time,
+    prefill_dequant_time,
     linear_flops,
     simulate,
 )
@@ -1001,6 +1003,7 @@ def _prefill_steps(s: _Setup, cand: _Candidate, prompts: int, overheads: bool,
             past = done % s.prompt_len
             ctx = past + tokens / 2
         offload = offload_min is not None and cand.num_buffers > 0 and tokens >= offload_min
+        dequant = s.scheme.linear.quantized and tokens >= DEQUANT_MIN_TOKENS
         memo: dict[tuple[str, int, int], Op] = {}
         ops: list[Op] = []
         if cand.embeddings == "cpu":
@@ -1018,6 +1021,8 @@ def _prefill_steps(s: _Setup, cand: _Candidate, prompts: int, overheads: bool,
                 else:
                     copy = 0.0
                     run = gpu_time(dev, wb, flops, kv_rw, overheads=overheads)
+                    if dequant:  # the long-prefill path's dequantize pass (costmodel.prefill_dequant_time)
+                        run += prefill_dequant_time(dev, wb, params, overheads=overheads)
                     if place == STREAMED:
                         copy = copy_time(dev, wb, bandwidth_share=copy_share, overheads=overheads)
                     elif place == CPU:  # offloaded: weights + past KV in, the chunk's new KV back out
