@@ -160,7 +160,7 @@ def test_candidates_are_valid_and_start_with_the_default(m, g):
             elif m <= SKINNY_MAX_M:
                 assert cands[0] == _default_skinny_config(m, n, k, g, dev)
             elif m >= DEQUANT_MIN_M:
-                assert cands[0] == DequantConfig(1)
+                assert cands[0] == DequantConfig(2)
             for c in cands:
                 if isinstance(c, GemvConfig):
                     assert c.block_k % g == 0 and c.block_n % 8 == 0 and (c.block_k // 8) & (c.block_k // 8 - 1) == 0

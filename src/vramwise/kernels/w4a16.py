@@ -1266,7 +1266,7 @@ def _candidates(m: int, n: int, k: int, group_size: int, dtype: torch.dtype, dev
             out += _prefetch_candidates(m, n, k, g, device)
         out.append(DequantConfig(2))
         return list(dict.fromkeys(out))
-    out = [DequantConfig(1), DequantConfig(2)]
+    out = [DequantConfig(2), DequantConfig(1)]
     # Each weight is dequantized once per BLOCK_M rows of x, and Triton waits for each K-step's wgmma before
     # dequantizing the next tile (the operand comes from registers: one shared buffer), so per CTA the
     # dequant and the MMA do not overlap. sm_90 SASS per K-step of 64 (fp16, join unpack, fp16 math):
@@ -1362,7 +1362,10 @@ def _default_choice(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
     if use_fixed_config(device):
         return GemmConfig(block_m=32, block_n=32, block_k=min(group_size, 32), group_m=4, num_stages=1)
     if m >= DEQUANT_MIN_M:
-        return DequantConfig(1)
+        # v2 loads each packed word once: H100, M = 512, 13B shapes, dequantize + cuBLAS 166-180 us against v1's
+        # 211-222 (benchmarks/bench_kernels.py, session 7); under a budget (no first-use tuning) a 13B prefill
+        # spent 20 ms of its ~52 ms of kernels in v1's dequantize (benchmarks/profile_prefill.py).
+        return DequantConfig(2)
     return _tuned_gemm_config(x2, qweight, scales, mins, group_size)
 
 
