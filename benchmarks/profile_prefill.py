@@ -3,8 +3,9 @@
     python benchmarks/profile_prefill.py --random-weights llama-2-13b --gpu-memory 6GiB --lm-head-bits 8
         [--prompt-len 512] [--repeats 5] [--trace out.json]
 
-Each repeat adds one fresh prompt and times the engine steps until its first token (wall, synchronized); the last
-repeat runs under the torch profiler, which gives the sum of kernel times (compute stream and others), the sum of
+Each repeat adds one fresh prompt and times the engine steps until its first token is returned (wall, synchronized;
+with async scheduling that is one decode step after the prefill, so the figures include one decode step: about 3 ms
+of kernels and one more pass of the streamed layers' copies); the last repeat runs under the torch profiler, which gives the sum of kernel times (compute stream and others), the sum of
 host-to-device copy times (the streamed layers' weights) and the top kernels. With streamed layers the copies and
 the compute overlap: wall ~ max(copies, compute) when the pipeline keeps both busy; more is time both wait (on
 the host, or on each other). Prints markdown.
