@@ -75,10 +75,12 @@ class BudgetSetup:
 
     def predict(self, batch: int, prompt_len: int, gen_len: int) -> dict[str, float]:
         """The plan's predicted TTFT, prefill and decode rates for a benchmark run (planner.predict_workload)."""
-        from vramwise.memory.planner import predict_workload
+        from vramwise.memory.planner import driver_caps, predict_workload
 
+        # the caps the plan was made with: CPU layers costed as the driver holds their weights
         return predict_workload(self.model_config, self.limit, self.profile, self.quant, self.plan, batch,
-                                prompt_len, gen_len, cuda_graphs=self.cuda_graphs)
+                                prompt_len, gen_len, cuda_graphs=self.cuda_graphs,
+                                driver=driver_caps(self.cpu_weights))
 
     @property
     def needs_driver(self) -> bool:
