@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 
@@ -50,16 +49,15 @@ def test_measure_cpu_small():
 def test_doctor_on_cpu_reports_and_caches(cache_home, capsys):
     from vramwise.cli import main
 
-    t0 = time.perf_counter()
     assert main(["doctor"]) == 0
-    elapsed = time.perf_counter() - t0
     out = capsys.readouterr().out
     assert "no CUDA GPU: vramwise runs on the CPU" in out
     assert "fp32 GEMV weight read" in out and "0 problem(s)" in out
     data = json.loads(cache_path().read_text())
     assert data["version"] == REPORT_VERSION and data["gpu"] is None
     assert data["cpu"]["cpu_bandwidth"] > 0 and data["cpu"]["cpu_float_flops"] > 0
-    assert elapsed < 10
+    assert data["cpu"]["cpu_packed_bandwidth"] > 0 and data["cpu"]["cpu_quant_flops"] > 0  # torch's int4 kernel
+    assert "int4 GEMV weight read" in out
     # plan --device-profile auto: no GPU in the cache, so it falls back to the built-in h100 and says so
     assert main(["plan", "--random-weights", "llama-2-7b", "--gpu-memory", "6GiB"]) == 0
     assert "the cached doctor report has no GPU" in capsys.readouterr().out

@@ -152,6 +152,24 @@ def test_profile_from_doctor_report():
     cpu_only = profile_from_doctor({"gpu": None, "cpu": {"cpu_bandwidth": 9e9}})
     assert not cpu_only.has_gpu and cpu_only.cpu_bandwidth == 9e9
     assert DeviceProfile.from_dict(H100.to_dict()) == H100
+    # torch's packed int4 kernel measured by doctor (bandwidth.measure_cpu_packed): its own read rate and flops
+    packed = profile_from_doctor({"gpu": None, "cpu": {"cpu_bandwidth": 100e9, "cpu_packed_bandwidth": 30e9,
+                                                       "cpu_quant_flops": 0.5e12, "cpu_float_flops": 1e12}})
+    assert packed.cpu_packed_bandwidth == 30e9 and packed.cpu_quant_flops == 0.5e12
+
+
+def test_packed_cpu_layers_read_at_the_packed_kernels_rate():
+    # One token through a packed CPU layer is bound by the packed kernel's read rate, not the fp32 GEMV's;
+    # float layers keep cpu_bandwidth; 0 (unmeasured) falls back to cpu_bandwidth.
+    from vramwise.memory.costmodel import cpu_time
+
+    wb, flops = 170e6, 2 * 317e6
+    slow = H100.with_overrides(cpu_bandwidth=120e9, cpu_packed_bandwidth=40e9)
+    assert cpu_time(slow, wb, flops, quantized=True, overheads=False) == pytest.approx(wb / 40e9)
+    assert cpu_time(slow, wb, flops, quantized=False, overheads=False) == pytest.approx(wb / 120e9)
+    unmeasured = slow.with_overrides(cpu_packed_bandwidth=0.0)
+    assert cpu_time(unmeasured, wb, flops, quantized=True, overheads=False) == pytest.approx(
+        max(wb / 120e9, flops / H100.cpu_quant_flops))  # here the flops bound, 2.1 ms, above 1.4 ms of reading
 
 
 # ------------------------------------------------------------------------------------------------ planner

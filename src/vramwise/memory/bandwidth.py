@@ -247,6 +247,7 @@ def measure_cpu(scale: float = 1.0) -> dict[str, Any]:
     host_memory_bandwidth  copy of a 128 MiB fp32 buffer: (bytes read + written) / time
     cpu_bandwidth          fp32 GEMV y = W x over a 128 MiB W: bytes of W / time
     cpu_float_flops        fp32 GEMM (256 x 2048) @ (2048 x 2048): 2 M N K / time
+    cpu_packed_bandwidth, cpu_quant_flops   torch's packed int4 kernel (measure_cpu_packed)
     """
     import torch
 
@@ -271,7 +272,51 @@ def measure_cpu(scale: float = 1.0) -> dict[str, Any]:
     b = torch.randn(k, nn)
     t = _best_time(lambda: a @ b, 3)
     out["cpu_float_flops"] = 2.0 * m * k * nn / t
+    out.update(measure_cpu_packed(scale))
     return out
+
+
+def measure_cpu_packed(scale: float = 1.0) -> dict[str, float]:
+    """Rates of torch's packed int4 CPU kernel, the one CPU layers run with --cpu-weights packed
+    (quant/cpu_packed.py), on an int4 g128 weight of 4096 x 4096 (scaled), bf16 activations:
+
+    cpu_packed_bandwidth   one token: packed bytes (codes + bf16 scale/zero pairs) / time
+    cpu_quant_flops        16 tokens: 2 x 16 x N x K / time (the kernel is compute-bound there)
+
+    Each timed call starts with the weight out of the caches (a buffer, scaled, is read between
+    calls, untimed; 384 MiB, above a 300 MiB L3): a decode step reads every CPU layer's weights once. On the H100 machine's 16-core host
+    (torch 2.11) the kernel read 41 GB/s at one token where an fp32 GEMV reads 120-180: it is compute-bound
+    even there. Empty when this torch has no such kernel."""
+    import torch
+
+    op = getattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", None)
+    convert = getattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu", None)
+    if op is None or convert is None:
+        return {}
+    n, k, g = max(1024, int(4096 * scale) // 1024 * 1024), 4096, 128
+    try:
+        w = convert(torch.randint(0, 16, (n, k), dtype=torch.int32), 1)  # (N, K / 2) uint8
+        sz = torch.stack([torch.rand(k // g, n) * 0.01 + 1e-3, torch.randn(k // g, n) * 0.01],
+                         dim=-1).to(torch.bfloat16)  # (K / G, N, 2): scale, zero
+        flush = torch.ones(max(4 << 20, int((384 << 20) * scale)) // 4)  # fp32: read between calls
+        nbytes = w.numel() * w.element_size() + sz.numel() * sz.element_size()
+        res: dict[str, float] = {}
+        for m in (1, 16):
+            x = torch.randn(m, k, dtype=torch.bfloat16)
+            op(x, w, g, sz)  # warm-up
+            best = float("inf")
+            for _ in range(3):
+                flush.sum()
+                t0 = time.perf_counter()
+                op(x, w, g, sz)
+                best = min(best, time.perf_counter() - t0)
+            if m == 1:
+                res["cpu_packed_bandwidth"] = nbytes / best
+            else:
+                res["cpu_quant_flops"] = 2.0 * m * n * k / best
+        return res
+    except RuntimeError:  # a build without the kernel for this CPU
+        return {}
 
 
 def measure_context(device_index: int = 0) -> dict[str, Any]:
@@ -488,6 +533,9 @@ def format_report(rep: DoctorReport) -> str:
         lines.append(f"  memory copy (read + write)   {_gbs(c.get('host_memory_bandwidth'))}")
         lines.append(f"  fp32 GEMV weight read        {_gbs(c.get('cpu_bandwidth'))}")
         lines.append(f"  fp32 GEMM                    {c.get('cpu_float_flops', 0) / 1e9:,.1f} GFLOP/s")
+        if c.get("cpu_packed_bandwidth"):
+            lines.append(f"  int4 GEMV weight read        {_gbs(c.get('cpu_packed_bandwidth'))} (torch's packed kernel, "
+                         f"--cpu-weights packed; 16 tokens {c.get('cpu_quant_flops', 0) / 1e9:,.1f} GFLOP/s)")
     if rep.gpu:
         g = rep.gpu
         lines.append("")

@@ -56,7 +56,9 @@ class DeviceProfile:
     gpu_fp16_flops          fp16 tensor-core GEMM rate on LLM-shaped matrices (prefill)
     cuda_context_bytes      device memory the CUDA context, cuBLAS handle and loaded kernels take before
                             any tensor (NVML, per process)
-    cpu_bandwidth           rate at which a CPU GEMV reads packed weights (all cores)
+    cpu_bandwidth           rate at which a CPU GEMV reads its weights (all cores)
+    cpu_packed_bandwidth    the same for packed int4/int8 weights when that differs (torch's packed CPU kernel
+                            is compute-bound at one token); 0 = as cpu_bandwidth
     cpu_quant_flops         CPU matmul rate on int4/int8 weights when compute-bound (batches)
     cpu_float_flops         CPU matmul rate on fp32/fp16 weights
     host_memory_bandwidth   DRAM bandwidth that CPU compute and DMA copies share
@@ -83,6 +85,7 @@ class DeviceProfile:
     host_memory_bandwidth: float
     host_memory: int
     num_sms: int = 0
+    cpu_packed_bandwidth: float = 0.0
     library_workspace_bytes: int = 32 * MiB
     gpu_op_overhead_s: float = 25e-6
     cpu_op_overhead_s: float = 30e-6
@@ -127,6 +130,10 @@ class DeviceProfile:
 #:    ~55 GB/s.
 #:  - cpu_quant_flops: llama-batched-bench at 16 sequences, -ngl 22, decodes 26.0 tok/s aggregate = 615 ms
 #:    per step for 18 CPU layers + output (5.87 G weights x 2 x 16 tokens = 188 GFLOP): ~0.3 TFLOP/s.
+#: cpu_packed_bandwidth: torch's packed int4 CPU kernel (our --cpu-weights packed path) on the H100 machine's host,
+#:    one token, 13B layer shapes, weights out of the caches: 41 GB/s (benchmarks/bench_cpu_linear.py, session 7);
+#:    compute-bound there, unlike llama.cpp's 55 GB/s above. At 16 tokens the same kernel ran at 0.48-0.57 TFLOP/s
+#:    (cpu_quant_flops is llama.cpp's 0.3 above: kept, as the lower of the two).
 #: gpu_fp16_flops: 600 TFLOP/s on LLM-shaped GEMMs (an 8192^3 bf16 product ran at ~790 on such a machine).
 #: cpu_float_flops, host_memory_bandwidth and cuda_context_bytes: from `vramwise doctor` on that machine
 #: type (see H100_DOCTOR_NOTE); refine them with `vramwise doctor` on the machine you run on.
@@ -145,6 +152,7 @@ H100 = DeviceProfile(
     host_memory_bandwidth=120e9,
     host_memory=125 * GiB,
     num_sms=132,
+    cpu_packed_bandwidth=41e9,
     source="built-in: peers' H100 measurements",
 )
 
@@ -218,7 +226,7 @@ def profile_from_doctor(report: dict[str, Any]) -> DeviceProfile:
     else:
         base = CPU_GENERIC
     kw: dict[str, Any] = {}
-    for key in ("cpu_bandwidth", "cpu_float_flops", "host_memory_bandwidth", "host_memory"):
+    for key in ("cpu_bandwidth", "cpu_packed_bandwidth", "cpu_float_flops", "host_memory_bandwidth", "host_memory"):
         value = cpu.get(key)
         if isinstance(value, (int, float)) and value > 0:
             kw[key] = int(value) if key == "host_memory" else float(value)
@@ -295,7 +303,8 @@ def cpu_time(dev: DeviceProfile, weight_bytes: float, flops: float, other_bytes:
     when DMA copies compete for the same DRAM (mixed placements)."""
     rate = dev.cpu_quant_flops if quantized else dev.cpu_float_flops
     bw = dev.cpu_bandwidth * bandwidth_share
-    t = max(weight_bytes / bw, flops / rate) + other_bytes / bw
+    wbw = (dev.cpu_packed_bandwidth or dev.cpu_bandwidth) * bandwidth_share if quantized else bw
+    t = max(weight_bytes / wbw, flops / rate) + other_bytes / bw
     return t + (dev.cpu_op_overhead_s if overheads else 0.0)
 
 
