@@ -167,6 +167,12 @@ def test_packed_cpu_layers_read_at_the_packed_kernels_rate():
     slow = H100.with_overrides(cpu_bandwidth=120e9, cpu_packed_bandwidth=40e9)
     assert cpu_time(slow, wb, flops, quantized=True, overheads=False) == pytest.approx(wb / 40e9)
     assert cpu_time(slow, wb, flops, quantized=False, overheads=False) == pytest.approx(wb / 120e9)
+    # DRAM contention: packed CPU layers ask the packed kernel's rate of the host memory, not the fp32 GEMV's
+    from vramwise.memory.costmodel import dram_shares
+
+    host = slow.with_overrides(h2d_pinned_bandwidth=50e9, host_memory_bandwidth=80e9)
+    assert dram_shares(host, True, True) == pytest.approx((80 / 170, 80 / 170))
+    assert dram_shares(host, True, True, packed=True) == pytest.approx((80 / 90, 80 / 90))
     unmeasured = slow.with_overrides(cpu_packed_bandwidth=0.0)
     assert cpu_time(unmeasured, wb, flops, quantized=True, overheads=False) == pytest.approx(
         max(wb / 120e9, flops / H100.cpu_quant_flops))  # here the flops bound, 2.1 ms, above 1.4 ms of reading

@@ -322,13 +322,15 @@ def handover_time(dev: DeviceProfile, nbytes: float, overheads: bool = True) -> 
     return nbytes / dev.h2d_pinned_bandwidth + (dev.sync_latency_s if overheads else 0.0)
 
 
-def dram_shares(dev: DeviceProfile, copies: bool, cpu_compute: bool) -> tuple[float, float]:
+def dram_shares(dev: DeviceProfile, copies: bool, cpu_compute: bool, packed: bool = False) -> tuple[float, float]:
     """(copy share, CPU share) of their bandwidths when DMA copies and CPU compute both read host DRAM:
-    if H2D + CPU_bw exceeds the DRAM bandwidth, both slow down in proportion (an approximation that
-    assumes they run at the same time, which the mixed schedule arranges)."""
+    if H2D + the CPU layers' read rate exceeds the DRAM bandwidth, both slow down in proportion (an
+    approximation that assumes they run at the same time, which the mixed schedule arranges). packed: the CPU
+    layers hold packed weights, read at cpu_packed_bandwidth (a compute-bound kernel asks less of DRAM)."""
     if not (copies and cpu_compute) or dev.host_memory_bandwidth <= 0:
         return 1.0, 1.0
-    demand = dev.h2d_pinned_bandwidth + dev.cpu_bandwidth
+    demand = dev.h2d_pinned_bandwidth + ((dev.cpu_packed_bandwidth or dev.cpu_bandwidth) if packed
+                                         else dev.cpu_bandwidth)
     f = min(1.0, dev.host_memory_bandwidth / demand)
     return f, f
 

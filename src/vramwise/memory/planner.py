@@ -929,7 +929,7 @@ def _cpu_quantized(s: _Setup) -> bool:
 
 def _dram(s: _Setup, layers: tuple[str, ...] | list[str], lm_head: str) -> tuple[float, float]:
     places = set(layers) | {lm_head}
-    return dram_shares(s.device, STREAMED in places, CPU in places)
+    return dram_shares(s.device, STREAMED in places, CPU in places, packed=_cpu_quantized(s))
 
 
 def _decode_ops(s: _Setup, cand: _Candidate, batch: int, overheads: bool) -> tuple[list[Op], float]:
