@@ -121,6 +121,7 @@ from torch import nn
 from vramwise.config import format_size
 from vramwise.memory import placement as pl
 from vramwise.models.attention import AttentionMetadata
+from vramwise.quant.apply import set_submodule
 from vramwise.quant.cpu_packed import CpuPackedLinear
 
 log = logging.getLogger(__name__)
@@ -631,23 +632,22 @@ class OffloadDriver:
             if t.is_floating_point() and t.dtype != dtype:
                 r.set(t.to(dtype))
 
+    def _cpu_linear(self, packed: nn.Module) -> nn.Module:
+        """What a CPU unit computes a packed linear with: CpuPackedLinear (cpu_weights="packed"), or a float
+        nn.Linear in cpu_dtype dequantized once."""
+        if self.cpu_weights == PACKED:
+            return CpuPackedLinear.from_module(packed)
+        return pl.dequantized_linear(packed, HOST, self.cpu_dtype)
+
     def _setup_cpu_unit(self, name: str) -> int:
         """Weights to the host in cpu_dtype (packed linears dequantized once, or converted for the packed
         CPU kernels with cpu_weights="packed"), shared submodules cloned there, hooks that carry activations
         across. Returns the unit's host bytes."""
         module = self.model.get_submodule(name)
-        packed = self.cpu_weights == PACKED
         if pl.is_quantized(module):  # the unit is itself a packed linear (a quantized lm_head)
-            parent_name, _, child = name.rpartition(".")
-            if packed:
-                module = CpuPackedLinear.from_module(module)
-            else:
-                module = pl.dequantized_linear(module, HOST, self.cpu_dtype)
-            setattr(self.model.get_submodule(parent_name) if parent_name else self.model, child, module)
-        if packed:
-            _swap_packed_for_cpu(module)
-        else:
-            pl.dequantize_modules(module, HOST, self.cpu_dtype)
+            module = self._cpu_linear(module)
+            set_submodule(self.model, name, module)
+        pl.replace_packed_linears(module, self._cpu_linear)
         pl.warn_unregistered_tensors(module, self._shared)
         refs = pl.owned_tensors(module, self._shared)
         pl.move(refs, HOST)  # first, so that an up-cast to cpu_dtype allocates host memory, not device memory
@@ -929,15 +929,6 @@ class OffloadDriver:
         if callable(close):
             close()  # unpin: the buffers stay valid as ordinary host memory
         self.num_slots = 0
-
-
-def _swap_packed_for_cpu(root: nn.Module) -> int:
-    """Swap every packed linear under `root` for a CpuPackedLinear (on the host). Returns how many."""
-    swaps = [(name, m) for name, m in root.named_modules() if name and pl.is_quantized(m)]
-    for name, m in swaps:
-        parent_name, _, child = name.rpartition(".")
-        setattr(root.get_submodule(parent_name) if parent_name else root, child, CpuPackedLinear.from_module(m))
-    return len(swaps)
 
 
 #: The driver currently laid over each model, so that a second placement is not stacked on the first.

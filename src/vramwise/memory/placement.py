@@ -28,6 +28,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from vramwise.quant.apply import set_submodule
+
 log = logging.getLogger(__name__)
 
 #: Byte alignment of every tensor inside a packed layer. cudaMalloc blocks are 256-byte aligned, so a
@@ -274,13 +276,11 @@ def dequantized_linear(module: nn.Module, device: torch.device, dtype: torch.dty
     return lin
 
 
-def dequantize_modules(root: nn.Module, device: torch.device, dtype: torch.dtype) -> int:
-    """Swap every packed linear under `root` for a float nn.Linear on `device`. Returns how many."""
+def replace_packed_linears(root: nn.Module, convert: Callable[[nn.Module], nn.Module]) -> int:
+    """Swap every packed linear under `root` for convert(it). Returns how many."""
     swaps = [(name, m) for name, m in root.named_modules() if name and is_quantized(m)]
     for name, m in swaps:
-        parent_name, _, child = name.rpartition(".")
-        parent = root.get_submodule(parent_name) if parent_name else root
-        setattr(parent, child, dequantized_linear(m, device, dtype))
+        set_submodule(root, name, convert(m))
     return len(swaps)
 
 

@@ -10,12 +10,13 @@ from torch import nn
 from .formats import QuantSpec
 from .linear import QuantLinear
 
-__all__ = ["quantize_model"]
+__all__ = ["quantize_model", "set_submodule"]
 
 SpecFor = Callable[[str, nn.Linear], "QuantSpec | None"]
 
 
-def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    """Put `module` where root.<name> (a dotted submodule path) was."""
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, child, module)
@@ -54,7 +55,7 @@ def quantize_model(model: nn.Module, spec_for: SpecFor, *, progress: bool = Fals
         home = linear.weight.device
         src = linear if device is None else _moved_copy(linear, device)
         qlin = QuantLinear.from_linear(src, spec).to(home)
-        _set_submodule(model, name, qlin)
+        set_submodule(model, name, qlin)
         # Drop the fp weight now rather than when the loop ends (the caller may hold no other reference).
         del src
         linear.weight = None
