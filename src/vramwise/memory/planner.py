@@ -123,6 +123,8 @@ class DriverCaps:
 
 #: The driver as it is (memory/offload.py: CPU layers dequantized to fp32, lm_head on the device, ring >= 2).
 DRIVER_TODAY = DriverCaps()
+
+
 def driver_caps(cpu_weights: str = "fp32") -> DriverCaps:
     """What the driver executes with --cpu-weights `cpu_weights` (fp32 | bf16 | packed): the KV of CPU layers
     is in their compute dtype, fp32 for packed weights too (only the linears are packed; memory/offload.py
@@ -1139,8 +1141,9 @@ def _finish(s: _Setup, cand: _Candidate, budget: Budget, name: str) -> Plan:
     notes = []
     if cpu_layers:
         if s.caps.cpu_weights == "packed":
+            rate = s.device.cpu_packed_bandwidth or s.device.cpu_bandwidth  # what cpu_time reads them at
             notes.append(f"CPU layers keep their int4/int8 weights packed (torch's packed CPU kernels), costed "
-                         f"at {s.device.cpu_bandwidth / 1e9:.0f} GB/s of packed weight read")
+                         f"at {rate / 1e9:.0f} GB/s of packed weight read")
         else:
             notes.append(f"CPU layers hold {s.caps.cpu_weights} weights (the offload driver dequantizes them): "
                          f"{format_size(max(s.cpu_layer_bytes))} per layer read every step")
