@@ -50,13 +50,6 @@ def resolve_kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
     return _KV_CACHE_DTYPES[key]
 
 
-def kv_dtype_name(dtype: torch.dtype) -> str:
-    """The --kv-cache-dtype name of a storage dtype (what the planner and logs call it)."""
-    names = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int8: "int8",
-             FP8_KV_STORAGE: "fp8"}
-    return names.get(dtype, str(dtype).removeprefix("torch."))
-
-
 def quantize_kv(x: torch.Tensor, dtype: torch.dtype = torch.int8) -> tuple[torch.Tensor, torch.Tensor]:
     """x (T, H, D) float -> (codes (T, H, D) in `dtype` (int8, or uint8 e4m3 bits), fp16 scale (T, H)).
 
@@ -121,4 +114,4 @@ def check_kv_scales(
 
 
 __all__ = ["FP8_KV_STORAGE", "KV_SCALE_DTYPE", "QUANTIZED_KV_DTYPES", "check_kv_scales", "decode_kv_codes",
-           "dequantize_kv", "kv_dtype_name", "quantize_kv", "resolve_kv_cache_dtype", "write_kv_quantized"]
+           "dequantize_kv", "quantize_kv", "resolve_kv_cache_dtype", "write_kv_quantized"]
