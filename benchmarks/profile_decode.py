@@ -37,6 +37,8 @@ def main() -> None:
     ap.add_argument("--stream-buffers", type=int, default=2)
     ap.add_argument("--lm-head-bits", type=int, default=None, choices=(4, 8, 16))
     ap.add_argument("--trace", default=None, help="also write a Chrome trace of the profiled steps here")
+    ap.add_argument("--offload", default=None, help="force a placement, e.g. r:27,s:8,c:5 (else the planner's)")
+    ap.add_argument("--cpu-weights", default="fp32", choices=("fp32", "bf16", "packed"))
     ap.add_argument("--no-gemv-epilogues", action="store_true",
                     help="separate kernels for the MLP's residual add and SwiGLU (w4a16.EPILOGUES = False)")
     args = ap.parse_args()
@@ -50,7 +52,7 @@ def main() -> None:
     eng = LLMEngine(EngineConfig(
         model=f"random:{args.random_weights}", device="cuda", quantization=args.quantization, show_progress=False,
         enforce_eager=args.enforce_eager, memory=budget, num_stream_buffers=args.stream_buffers,
-        lm_head_bits=args.lm_head_bits,
+        lm_head_bits=args.lm_head_bits, offload=args.offload, cpu_weights=args.cpu_weights,
         cache=CacheConfig(cache_dtype=args.kv_cache_dtype,
                           kv_cache_memory=None if args.gpu_memory else (args.batch * max_len * 820_000) + (256 << 20)),
         scheduler=SchedulerConfig(max_num_seqs=args.batch, max_model_len=max_len, max_num_batched_tokens=4096),
@@ -76,6 +78,28 @@ def main() -> None:
             return r
         return w
 
+    # CPU-computed layers (a mixed placement): host time each step spends waiting for the GPU before them
+    # (the hidden state's D2H) and computing them (incl. the H2D of their output).
+    from vramwise.memory.offload import CPU, driver_of
+
+    drv = driver_of(eng.runner.model)
+    cpu_units = [i for i, p in enumerate(drv.placements) if p == CPU] if drv is not None else []
+    layers = eng.runner.model.model.layers
+    mark: dict[str, float] = {}
+
+    def cpu_pre(module, args):
+        t = time.perf_counter()
+        torch.cuda.synchronize()
+        mark["t"] = time.perf_counter()
+        phase["CPU layers: wait for the GPU before them"].append(mark["t"] - t)
+
+    def cpu_post(module, args, out):
+        phase["CPU layers: compute + H2D"].append(time.perf_counter() - mark["t"])
+
+    for i in cpu_units:
+        if i < len(layers):
+            layers[i].register_forward_pre_hook(cpu_pre, prepend=True)
+            layers[i].register_forward_hook(cpu_post)
     eng.scheduler.schedule = timed("schedule", sched)
     eng.runner.run = timed("runner.run (incl. the sync)", run)
     eng.scheduler.postprocess = timed("scheduler.postprocess", post)
@@ -109,7 +133,10 @@ def main() -> None:
     print("| what | ms per step |\n|---|---:|")
     print(f"| engine.step wall (median of {args.steps}) | {wall_ms:.3f} |")
     for k, v in phase.items():
-        print(f"| host: {k} | {statistics.median(v) * 1e3:.3f} |")
+        per_step = len(cpu_units) if k.startswith("CPU layers") else 1
+        print(f"| host: {k} | {statistics.median(v) * 1e3 * per_step:.3f} |")
+    if cpu_units:
+        print(f"| (CPU layers: {cpu_units}, medians x {len(cpu_units)}) | |")
     print(f"| GPU busy (sum of kernel times, profiler) | {busy_us / 1e3:.3f} |")
     print(f"| GPU idle per step (wall - busy) | {wall_ms - busy_us / 1e3:.3f} |")
     print(f"\ntokens/s at this wall time: {args.batch / (wall_ms / 1e3):.1f}\n")

@@ -81,18 +81,34 @@ def test_graph_mode_captures_streamed_models_and_int8_kv():
     assert _mode(["resident", "streamed", "streamed"], torch.float16) == ("cuda", None)
     assert _mode(["streamed"] * 3, torch.int8) == ("cuda", None)
     assert _mode(None, torch.int8) == ("cuda", None)
-    mode, why = _mode(["streamed", "cpu", "resident"], torch.float16)  # CPU-computed layers stay eager
-    assert mode == "off" and "CPU" in why
+    # CPU-computed layers: captured in pieces around them (segmented steps)
+    assert _mode(["streamed", "cpu", "resident"], torch.float16) == ("cuda", None)
     assert _mode(["streamed"] * 3, torch.float16, blocker="not pinned") == ("off", "not pinned")
 
 
-def test_capture_blocker_names_cpu_layers(deep_path):
+def test_cpu_layers_do_not_block_capture_they_split_it(deep_path):
     _, driver = laid_out(deep_path, "s,c,r,s,s,r,s", 2, "off")
-    assert "CPU" in driver.capture_blocker()
-    with pytest.raises(ValueError, match="computed on the CPU"):
-        laid_out(deep_path, "s,c,r,s,s,r,s", 2, "emulate")
+    assert driver.capture_blocker() is None and driver.segmented
     _, driver = laid_out(deep_path, "streamed", 2, "off")
     assert driver.capture_blocker() is None  # on the CPU nothing is pinned, and nothing needs to be
+    assert not driver.segmented
+
+
+@pytest.mark.parametrize(
+    "placements, buffers, want",
+    [
+        # (streamed ring indices, CPU layer after, slot break at) per piece
+        ("s,c,r,s,s,r,s", 2, [([0], 1, None), ([1, 2], None, None), ([3], None, 3)]),
+        ("r,s,s,c,s,c,s", 3, [([0, 1], 3, None), ([2], 5, None), ([3], None, None)]),
+        ("s,s,s,c,r,r,r", 2, [([0, 1], None, None), ([2], 3, 2), ([], None, None)]),
+        ("c,r,r,r,r,r,c", 2, [([], 0, None), ([], 6, None), ([], None, None)]),
+    ],
+)
+def test_segment_plan_breaks_at_cpu_layers_and_shared_slots(deep_path, placements, buffers, want):
+    """A piece ends before each CPU layer and before a streamed unit whose slot one of its own units reads."""
+    _, driver = laid_out(deep_path, placements, buffers, "off")
+    got = [(p.streamed, p.cpu_layer, p.slot_break_at) for p in driver.segment_plan()]
+    assert got == want
 
 
 # ---- emulated replays on the CPU ----------------------------------------------------------------------------
@@ -118,6 +134,54 @@ def test_emulated_streamed_steps_equal_eager(deep_path, placements, buffers, kv,
     assert driver._ring.owner == list(range(driver.num_slots))  # the next step's first units, loaded
     if extra.get("embed_on_cpu"):
         assert driver._emb_rows is not None and driver._emb_rows.shape[0] == MAX_SEQS
+
+
+@pytest.mark.parametrize(
+    "placements, buffers, kv, extra",
+    [
+        ("s,c,r,s,s,r,s", 2, "auto", {}),  # a slot break inside the step (units 1 and 3 share slot 1)
+        ("r,s,s,c,s,c,s", 3, "int8", {"embed_on_cpu": True}),
+        ("s,s,s,c,r,r,c", 2, "auto", {"lm_head": "streamed"}),  # the last piece is the final norm alone
+        ("c,r,r,r,r,r,r", 2, "auto", {}),  # CPU layers only, no ring
+    ],
+)
+def test_emulated_segmented_steps_equal_eager(deep_path, placements, buffers, kv, extra):
+    """Placements with CPU layers: decode steps run in pieces around them (the ring driven between the pieces,
+    the CPU layers on a HostStep built from the pinned twin) and give the all-resident eager tokens."""
+    llm, driver = laid_out(deep_path, placements, buffers, "emulate", kv=kv, **extra)
+    g = llm.engine.runner.graphs
+    assert g is not None and g.segmented
+    assert tokens(llm) == reference(deep_path, kv)
+    assert g.num_replays > 0
+    assert llm.engine.num_lookahead_steps > 0
+    if driver._ring is not None:
+        # Every streamed unit is loaded once per step, and only the pieces' own slot breaks wait for a copy
+        # issued at their start (a miss); the others were prefetched while an earlier piece or CPU layer ran.
+        breaks = sum(p.slot_break_at is not None for p in driver.segment_plan())
+        assert driver.stats.misses <= breaks * g.num_replays + driver.num_slots
+
+
+def test_segmented_step_uses_the_host_batch_from_the_twin(deep_path):
+    """The CPU layers of a segmented step read the step's batch from a HostStep built on the host twin _fill
+    wrote (no device-to-host copy of the static buffers), with the real context lengths, not the capture's
+    bound."""
+    llm, driver = laid_out(deep_path, "r,s,c,r,s,c,r", 2, "emulate")
+    g = llm.engine.runner.graphs
+    seen = []
+    real = g._host_step
+
+    def spy(meta, pad):
+        real(meta, pad)
+        host = meta.prepared["vramwise.offload.host_step"].meta
+        twin = g._io_host[g._last_twin]
+        lo, hi = twin.data_ptr(), twin.data_ptr() + twin.numel() * twin.element_size()
+        assert lo <= host.slot_mapping.data_ptr() < hi and lo <= host.context_lens_t.data_ptr() < hi
+        seen.append(host.context_lens_t.tolist())
+
+    g._host_step = spy
+    assert tokens(llm) == reference(deep_path, "auto")
+    assert seen and max(max(c) for c in seen) < g.context_bound
+    assert any(c[0] > 1 for c in seen)  # real contexts (prompt + generated), padding rows at 1
 
 
 def test_emulated_steps_copy_every_streamed_unit_once(deep_path):
@@ -373,6 +437,49 @@ def test_cuda_graphs_with_streamed_layers_equal_eager(gpu_path, placements, buff
     assert driver.stats.misses == 0
     if extra.get("embed_on_cpu"):
         assert graphs.engine.runner.graph_pool_bytes >= driver._emb_rows.numel() * driver._emb_rows.element_size()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "placements, buffers, kv, extra",
+    [
+        ("r,s,c,r,s,c,s", 3, "int8", {}),
+        ("s,c,r,s,s,r,s", 2, "auto", {"embed_on_cpu": True}),  # a slot break inside the step
+        ("s,s,s,c,r,r,c", 2, "auto", {"lm_head": "streamed"}),
+        ("c,r,r,r,r,r,r", 2, "fp8", {}),
+    ],
+)
+def test_cuda_graphs_with_cpu_layers_equal_eager(gpu_path, placements, buffers, kv, extra):
+    """Segmented steps on CUDA: one graph per piece between the CPU layers, the ring driven between them. Their
+    tokens equal the same padded steps run eagerly (emulate) and the all-resident eager engine's."""
+    graphs, driver = laid_out(gpu_path, placements, buffers, "cuda", device="cuda", kv=kv, **extra)
+    g = graphs.engine.runner.graphs
+    assert g.mode == "cuda" and g.segmented and set(g.pieces) == set(g.sizes) and not g.graphs
+    assert g.pieces[g.sizes[0]].num_graphs == len(driver.segment_plan())
+    emulated, _ = laid_out(gpu_path, placements, buffers, "emulate", device="cuda", kv=kv, **extra)
+    got = gpu_tokens(graphs)
+    assert got == gpu_tokens(emulated)
+    eager = LLM(gpu_path, device="cuda", dtype="float32", max_model_len=MAX_LEN, max_num_seqs=MAX_SEQS,
+                kv_cache_dtype=kv, enforce_eager=True, show_progress=False)
+    assert got == gpu_tokens(eager)
+    assert g.num_replays > 0 and driver.stats.replays == g.num_replays
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_with_packed_cpu_layers_real_shape():
+    """The bundled model's shape, int4, a mixed placement with packed CPU layers (torch's int4 CPU kernel)
+    through the engine's own flags: graphs on (segmented), tokens equal the same padded steps run eagerly."""
+    kw = {"device": "cuda", "max_model_len": 256, "max_num_seqs": 4, "show_progress": False, "quantization": "int4",
+          "offload": "r:18," + ",".join(["s", "c"] * 6), "num_stream_buffers": 3, "kv_cache_dtype": "int8",
+          "cpu_weights": "packed"}
+    graphs = LLM("random:smollm2-135m", **kw)
+    assert graphs.engine.graph_mode == "cuda" and graphs.engine.runner.graphs.segmented
+    emulated = LLM("random:smollm2-135m", decode_graphs="emulate", **kw)
+    prompts = [[(17 * i + j) % 1000 + 3 for j in range(5 + 7 * i)] for i in range(4)]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    got = [o.outputs[0].token_ids for o in graphs.generate(prompts, params)]
+    assert got == [o.outputs[0].token_ids for o in emulated.generate(prompts, params)]
+    assert graphs.engine.runner.graphs.num_replays > 0
 
 
 @pytest.mark.gpu

@@ -27,9 +27,19 @@ the in-step schedule (the copies of units N..S-1 are graph nodes on the forked c
 capture ends; no wrap-around prefetch inside) and record a StepSchedule per rung; after each replay,
 after_replay(schedule) sets the ring's host state to the schedule's end and issues the deferred wrap-around
 copies eagerly. With embeddings on the host, stage_embeddings(ids) puts the step's rows into a static device
-buffer the graph reads (ids from the pinned twin of input_ids that _fill wrote). Layers computed on the CPU
-keep the whole step eager (ModelRunner and the engine refuse graphs for them). int8 KV pages are captured
+buffer the graph reads (ids from the pinned twin of input_ids that _fill wrote). int8 KV pages are captured
 like float ones (quantize-on-write is fixed-shape torch ops, the decode kernel reads the scale pools).
+
+CPU layers (a "cpu" or mixed placement): a graph cannot contain host compute, so each rung's step is captured
+in pieces, one graph per run of device layers between two CPU layers (OffloadDriver.segment_plan; memory/
+offload.py "Segmented steps"). The capture is one forward of the model on a side stream: the driver's hooks
+end the current piece's capture at a CPU layer, run that layer once (on the capture's dummy batch, its K/V
+written to the scratch block), copy its output into a static device buffer and begin the next piece's
+capture, which reads that buffer. At replay the driver runs piece, CPU layer, piece, ...: the CPU layers
+eagerly on this step's batch, whose host copy (HostStep) _host_step builds from the pinned twin _fill wrote
+(no device-to-host copy besides the hidden state's). The streaming ring is driven eagerly between the pieces
+(no copy inside a graph), so the copies of later streamed layers run while the CPU computes. A step of a
+placement without CPU layers is captured whole, as above.
 
 Steps that run eagerly: any step with a prefill chunk (more than one new token for some sequence), steps
 that need prompt logprobs, more sequences than the largest rung, block tables longer than the bound.
@@ -43,14 +53,14 @@ step runs the captured step's ring schedule for real (begin_step_capture(live=Tr
 from __future__ import annotations
 
 import logging
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from vramwise.engine.scheduler import SchedulerOutput
 from vramwise.memory.budget import cuda_graph_capture_sizes
-from vramwise.memory.offload import CPU, StepSchedule, driver_of
+from vramwise.memory.offload import HOST_STEP_KEY, HostStep, SegmentedStep, StepSchedule, driver_of, host_metadata
 from vramwise.models.attention import AttentionMetadata
 
 log = logging.getLogger(__name__)
@@ -88,9 +98,13 @@ class DecodeGraphs:
         # (module doc, "Streamed models"). Layers computed on the CPU cannot be captured.
         self.offload = driver_of(model)
         blocker = self.offload.capture_blocker() if self.offload is not None else None
-        if blocker is not None and (mode == "cuda" or CPU in self.offload.placements):  # type: ignore[union-attr]
+        if blocker is not None and mode == "cuda":
             raise ValueError(f"decode graphs cannot be used with this placement: {blocker}; run eagerly")
+        # Layers computed on the CPU: each step is captured in pieces around them (module doc, "CPU layers").
+        self.segmented = self.offload is not None and self.offload.segmented
         self.schedules: dict[int, StepSchedule] = {}  # B_pad -> what its graph does to the streaming ring
+        self.pieces: dict[int, SegmentedStep] = {}  # B_pad -> its captured pieces (segmented steps)
+        self._pos_views: dict[int, torch.Tensor] = {}  # B_pad -> the positions view its capture was called with
         self.block_size = block_size
         self.sizes = graph_ladder(max_num_seqs)
         self.max_batch = self.sizes[-1]
@@ -254,6 +268,9 @@ class DecodeGraphs:
         if drv is not None:  # the embedding rows a step reads when the table is on the host: counted as pool
             drv.prepare_step_capture(self.max_batch)
         pool = torch.cuda.graph_pool_handle()
+        if self.segmented:
+            self._capture_segmented(metas, pool)
+            return
         try:
             for b in reversed(self.sizes):  # largest first: smaller graphs reuse its pool blocks
                 g = torch.cuda.CUDAGraph()
@@ -278,6 +295,46 @@ class DecodeGraphs:
         log.info(
             "captured decode graphs for batch sizes %s (pool %.1f MiB)", self.sizes, self.graph_pool_bytes / 2**20
         )
+
+    def _capture_segmented(self, metas: dict[int, AttentionMetadata], pool: Any) -> None:
+        """Capture each rung's step in pieces around its CPU layers (module doc, "CPU layers"), on a side stream
+        (a capture cannot run on the legacy default stream; between two pieces the CPU layer's copies run
+        eagerly on it)."""
+        drv = self.offload
+        before = torch.cuda.memory_reserved(self.device)
+        side = torch.cuda.Stream(device=self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        try:
+            with torch.cuda.stream(side):
+                for b in reversed(self.sizes):
+                    pos = self._pos_views[b] = self.positions[:b]
+                    drv.begin_segmented_capture(pool)  # type: ignore[union-attr]
+                    try:
+                        self.outputs[b] = self.model(self.input_ids[:b], pos, metas[b])
+                    except BaseException:
+                        drv.abort_segmented_capture()  # type: ignore[union-attr]
+                        raise
+                    self.pieces[b] = drv.end_segmented_capture()  # type: ignore[union-attr]
+        except RuntimeError as e:
+            raise RuntimeError(f"CUDA-graph capture of the decode step failed ({e}); run with --enforce-eager") from e
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        torch.cuda.synchronize(self.device)
+        self.graph_pool_bytes = max(0, torch.cuda.memory_reserved(self.device) - before)
+        log.info("captured decode graphs for batch sizes %s in %d pieces each around the CPU layers (pool %.1f MiB)",
+                 self.sizes, self.pieces[self.sizes[0]].num_graphs, self.graph_pool_bytes / 2**20)
+
+    def _host_step(self, meta: AttentionMetadata, pad: int) -> None:
+        """Give `meta` this step's batch on the host for the CPU layers (HostStep), from the pinned twin _fill
+        wrote: no device-to-host copy."""
+        h_ids, h_pos, h_slots, h_ctx, h_rows, h_bt = self._host_np[self._last_twin]
+        host = host_metadata(meta, slot_mapping=torch.from_numpy(h_slots[:pad]),
+                             block_tables=torch.from_numpy(h_bt[:pad]),
+                             context_lens_t=torch.from_numpy(h_ctx[:pad]))
+        step = HostStep(host)
+        pos = self._pos_views.get(pad)
+        if pos is not None:
+            step.tensors[id(pos)] = (pos, torch.from_numpy(h_pos[:pad]))
+        meta.prepared[HOST_STEP_KEY] = step
 
     def _reset_padding(self) -> None:
         """Every row a padding row (what warm-up and capture run on)."""
@@ -307,7 +364,22 @@ class DecodeGraphs:
                 # with embeddings on the host the lookahead gains nothing (but stays correct).
                 ids = self.input_ids[:pad].to("cpu")
             drv.stage_embeddings(ids)
-            drv.ensure_step_start()
+            if not self.segmented:  # a segmented step waits for each piece's own copies instead
+                drv.ensure_step_start()
+        if self.segmented:
+            meta = self._meta(pad, ctx)
+            self._host_step(meta, pad)
+            if self.mode == "cuda":
+                drv.replay_segmented(self.pieces[pad], meta)  # type: ignore[union-attr]
+                return self.outputs[pad][:n]
+            drv.begin_segmented_capture(live=True)  # type: ignore[union-attr]
+            try:
+                hidden = self.model(self.input_ids[:pad], self.positions[:pad], meta)
+            except BaseException:
+                drv.abort_segmented_capture()  # type: ignore[union-attr]
+                raise
+            drv.end_segmented_capture()  # type: ignore[union-attr]
+            return hidden[:n]
         if self.mode == "cuda":
             self.graphs[pad].replay()
             if drv is not None:

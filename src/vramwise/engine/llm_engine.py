@@ -179,8 +179,6 @@ class LLMEngine:
             raise ValueError(f"decode_graphs must be 'auto', 'emulate' or 'off', not {cfg.decode_graphs!r}")
         if cfg.enforce_eager or cfg.decode_graphs == "off":
             return "off", None
-        if self.offload is not None and self.offload.layers_with("cpu"):
-            return "off", "layers computed on the CPU cannot be part of a CUDA graph"
         # Streamed layers and embeddings on the host are captured with the step (the ring's copies are graph
         # nodes; memory/offload.py "Captured decode steps"); the int8 KV write and read are capturable too
         # (fixed-shape torch ops and the decode kernel with its scale pools; no host sync).

@@ -187,8 +187,6 @@ class ModelRunner:
         self.swap_space = None  # HostSwapSpace once enable_swap() is called
         self.graphs: DecodeGraphs | None = None
         if graphs != "off":
-            if self._host_layers:
-                raise ValueError("decode graphs cannot include layers computed on the host; run them eagerly")
             self.graphs = DecodeGraphs(
                 model, device, block_size, max_model_len or cfg.max_position_embeddings, max_num_seqs,
                 scratch_block=num_blocks, mode=graphs,

@@ -332,6 +332,44 @@ class _StepRecorder:
     deferred: list[int] = field(default_factory=list)  # slots whose wrap-around copy was held back
 
 
+@dataclass
+class _Segment:
+    """One piece of a segmented decode step (module doc, "Segmented steps"): the device units between two
+    breaks, captured as one CUDA graph.
+
+    streamed: ring indices of the streamed units it reads; cpu_layer: the decoder layer computed on the CPU
+    right after it (None: the last piece, or a piece that ends because its next streamed unit shares a slot
+    with one of its own: slot_break_at, set on the piece that starts there, is that unit)."""
+
+    streamed: list[int] = field(default_factory=list)
+    cpu_layer: int | None = None
+    slot_break_at: int | None = None
+    graph: Any = None  # torch.cuda.CUDAGraph once captured
+    x_out: torch.Tensor | None = None  # (T, hidden) the piece ends with: the CPU unit's input (kept alive)
+    x_in: torch.Tensor | None = None  # (T, hidden) static device buffer the next piece starts from
+    cpu_call: tuple[nn.Module, tuple, dict] | None = None  # the CPU unit's call as captured: (module, args, kwargs)
+
+
+@dataclass
+class SegmentedStep:
+    """A decode step captured in pieces around its CPU-computed layers (OffloadDriver.end_segmented_capture);
+    replay_segmented() runs it."""
+
+    segments: list[_Segment]
+
+    @property
+    def num_graphs(self) -> int:
+        return len(self.segments)
+
+
+@dataclass
+class _SegRecorder:
+    live: bool  # the step runs eagerly (emulate mode) with the pieces' ring schedule; else a CUDA capture
+    segments: list[_Segment]
+    pool: Any = None  # the graphs' memory pool (torch.cuda.graph_pool_handle())
+    k: int = 0  # the piece being captured / run
+
+
 class _SlotRing:
     """N equal device buffers (uint8, slot_bytes each) and, on CUDA, the copy stream and per-slot events.
 
@@ -460,6 +498,14 @@ def _decoder_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
+def _hidden_arg(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """The hidden state among a unit's call arguments: its first floating-point tensor ((T, hidden))."""
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, torch.Tensor) and a.is_floating_point():
+            return a
+    return None
+
+
 def _embedding(model: nn.Module) -> nn.Embedding:
     emb = getattr(getattr(model, "model", None), "embed_tokens", None)
     if not isinstance(emb, nn.Module):
@@ -510,6 +556,7 @@ class OffloadDriver:
         self.released = False
         # Captured decode steps (module doc): the in-step schedule's state while one is captured or emulated.
         self._step: _StepRecorder | None = None
+        self._seg: _SegRecorder | None = None  # a segmented step (module doc) being captured or run live
         self._emb: nn.Module | None = None
         self._emb_rows: torch.Tensor | None = None  # (max_tokens, hidden) device rows a captured step reads
         self._emb_stage: list[torch.Tensor] = []  # two (max_tokens, hidden) pinned host buffers, used in turn
@@ -698,6 +745,9 @@ class OffloadDriver:
 
     def _make_streamed_pre(self, j: int):
         def pre(module: nn.Module, args: tuple) -> None:
+            if self._seg is not None:  # a segmented step: the ring is driven between its pieces
+                self._seg_streamed_pre(j, args)
+                return
             if j == 0 and self._step is None:
                 self._restore_step_start()
             s = j % self.num_slots
@@ -723,6 +773,8 @@ class OffloadDriver:
         n, count = self.num_slots, len(self._streamed)
 
         def post(module: nn.Module, args: tuple, output: Any) -> None:
+            if self._seg is not None:
+                return
             s = j % n
             self._ring.mark_free(s)  # type: ignore[union-attr]
             nxt = j + n if j + n < count else s  # the slot's next user: later this step, or next step's
@@ -739,14 +791,14 @@ class OffloadDriver:
 
     # -- embeddings on the host -------------------------------------------------------------------------
     def _emb_pre(self, module: nn.Module, args: tuple) -> tuple:
-        if self._step is not None and not self._step.live:
+        if (self._step is not None and not self._step.live) or (self._seg is not None and not self._seg.live):
             # Capturing: the lookup must not read device ids (a sync). It runs once, now, on dummy host ids;
             # its rows are discarded for the staging buffer's (_emb_post), which the graph reads by address.
             return (torch.zeros(args[0].shape[0], dtype=torch.long), *args[1:])
         return tuple(a.to(HOST) if isinstance(a, torch.Tensor) else a for a in args)
 
     def _emb_post(self, module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
-        if self._step is not None:
+        if self._step is not None or self._seg is not None:
             # A captured (or emulated) step reads the rows stage_embeddings() put on the device: (T, hidden).
             if self._emb_rows is None or out.shape[0] > self._emb_rows.shape[0]:
                 raise RuntimeError(f"a captured step of {out.shape[0]} tokens has no embedding staging buffer that "
@@ -756,11 +808,10 @@ class OffloadDriver:
 
     # -- captured decode steps (module doc, "Captured decode steps") --------------------------------------
     def capture_blocker(self) -> str | None:
-        """Why this placement's decode steps cannot be captured as CUDA graphs (None: they can): layers
-        computed on the CPU, or streamed units whose host buffers are pageable (file-backed, or a pageable
-        allocator): CUDA refuses a copy from pageable memory inside a capture."""
-        if CPU in self.placements:
-            return "layers computed on the CPU cannot be part of a CUDA graph"
+        """Why this placement's decode steps cannot be captured as CUDA graphs (None: they can): streamed
+        units whose host buffers are pageable (file-backed, or a pageable allocator): CUDA refuses a copy from
+        pageable memory inside a capture. (Layers computed on the CPU split the step into pieces instead:
+        segmented(), module doc "Segmented steps".)"""
         if self.device.type == "cuda" and not all(st.host.is_pinned() for st in self._streamed):
             return "streamed layers' host buffers are not pinned (a pageable copy cannot be captured)"
         return None
@@ -881,8 +932,172 @@ class OffloadDriver:
             if ring.owner[s] != s:
                 self._load(s, prefetch=True)
 
+    # -- segmented steps: captured pieces around CPU layers (module doc, "Segmented steps") -----------------
+    @property
+    def segmented(self) -> bool:
+        """Whether a captured decode step of this placement is split into pieces (it has CPU-computed decoder
+        layers), rather than captured whole with the ring's copies inside."""
+        return CPU in self.placements
+
+    def segment_plan(self) -> list[_Segment]:
+        """The pieces of a decode step, from the placements: a piece ends before each CPU decoder layer, and
+        before a streamed unit whose slot an earlier unit of the same piece reads (its copy must wait for that
+        reader, so it cannot be issued between pieces ahead of it). Fresh objects on every call."""
+        n = self.num_slots
+        segs = [_Segment()]
+        j = 0
+        for i, p in enumerate(self.placements):
+            if p == CPU:
+                segs[-1].cpu_layer = i
+                segs.append(_Segment())
+            elif p == STREAMED:
+                if any(u % n == j % n for u in segs[-1].streamed):
+                    segs.append(_Segment(slot_break_at=j))
+                segs[-1].streamed.append(j)
+                j += 1
+        return segs
+
+    def _seg_begin(self, seg: _Segment) -> None:
+        """Eager, before a piece runs: each streamed unit it reads is loaded (or loading; a miss issues it
+        now) and the compute stream waits for its copy."""
+        ring = self._ring
+        for j in seg.streamed:
+            s = j % self.num_slots
+            if ring.owner[s] != j:  # type: ignore[union-attr]
+                self._load(j, prefetch=False)
+            ring.wait_loaded(s)  # type: ignore[union-attr]
+
+    def _seg_end(self, seg: _Segment) -> None:
+        """Eager, after a piece was queued: its slots are free once it has run, and each one's next user (a
+        later unit of this step, or the next step's) is copied in on the copy stream, overlapping the CPU
+        layer that follows the piece."""
+        ring, n, count = self._ring, self.num_slots, len(self._streamed)
+        for j in seg.streamed:
+            s = j % n
+            ring.mark_free(s)  # type: ignore[union-attr]
+            nxt = j + n if j + n < count else s
+            if ring.owner[s] != nxt:  # type: ignore[union-attr]
+                self._load(nxt, prefetch=True)
+
+    def begin_segmented_capture(self, pool: Any = None, live: bool = False) -> None:
+        """Start a segmented step for one forward of the model (called on the capture stream). live=False:
+        CUDA-graph capture, the first piece's capture begins now and the hooks break it at each piece's end;
+        live=True: the forward runs eagerly (emulate mode, CPU tests) with the same ring schedule at the same
+        points. Close with end_segmented_capture()."""
+        if self._seg is not None or self._step is not None:
+            raise RuntimeError("a captured step is already being recorded")
+        segs = self.segment_plan()
+        self._seg = rec = _SegRecorder(live, segs, pool)
+        if live:
+            self._seg_begin(segs[0])
+        else:
+            self._seg_graph_begin(rec)
+
+    def _seg_graph_begin(self, rec: _SegRecorder) -> None:
+        g = torch.cuda.CUDAGraph()
+        rec.segments[rec.k].graph = g
+        g.capture_begin(pool=rec.pool)
+
+    def _seg_advance(self, x: torch.Tensor | None) -> None:
+        """Close the current piece (its output `x` kept alive: the next piece, or the CPU unit, reads it)."""
+        rec = self._seg
+        seg = rec.segments[rec.k]  # type: ignore[union-attr]
+        seg.x_out = x
+        if rec.live:  # type: ignore[union-attr]
+            self._seg_end(seg)
+        else:
+            seg.graph.capture_end()
+
+    def _seg_open_next(self) -> None:
+        rec = self._seg
+        rec.k += 1  # type: ignore[union-attr]
+        if rec.k >= len(rec.segments):  # type: ignore[union-attr]
+            raise RuntimeError("the forward ran past the segment plan (units called out of order?)")
+        if rec.live:  # type: ignore[union-attr]
+            self._seg_begin(rec.segments[rec.k])  # type: ignore[union-attr]
+        else:
+            self._seg_graph_begin(rec)  # type: ignore[arg-type]
+
+    def _seg_streamed_pre(self, j: int, args: tuple) -> None:
+        rec = self._seg
+        nxt = rec.k + 1  # type: ignore[union-attr]
+        if nxt < len(rec.segments) and rec.segments[nxt].slot_break_at == j:  # type: ignore[union-attr]
+            self._seg_advance(_hidden_arg(args, {}))
+            self._seg_open_next()
+
+    def _seg_cpu_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        rec = self._seg
+        seg = rec.segments[rec.k]  # type: ignore[union-attr]
+        seg.cpu_call = (module, args, kwargs)
+        self._seg_advance(_hidden_arg(args, kwargs))
+
+    def _seg_cpu_post(self, out: torch.Tensor) -> torch.Tensor:
+        rec = self._seg
+        if rec.live:  # type: ignore[union-attr]
+            self._seg_open_next()
+            return out
+        seg = rec.segments[rec.k]  # type: ignore[union-attr]
+        seg.x_in = x_in = torch.empty_like(out)  # static: the replay copies the CPU unit's output here
+        x_in.copy_(out)
+        self._seg_open_next()
+        return x_in
+
+    def end_segmented_capture(self) -> SegmentedStep:
+        """Close the last piece (inside the model's forward it must be the plan's last) and return the step."""
+        rec, self._seg = self._seg, None
+        if rec is None:
+            raise RuntimeError("end_segmented_capture without begin_segmented_capture")
+        if rec.k != len(rec.segments) - 1:
+            self._abort_seg(rec)
+            raise RuntimeError(f"the forward ended in piece {rec.k} of {len(rec.segments)}: the model did not run "
+                               "every placed unit in order")
+        last = rec.segments[-1]
+        if rec.live:
+            self._seg_end(last)
+        else:
+            last.graph.capture_end()
+        return SegmentedStep(rec.segments)
+
+    def abort_segmented_capture(self) -> None:
+        rec, self._seg = self._seg, None
+        if rec is not None:
+            self._abort_seg(rec)
+
+    def _abort_seg(self, rec: _SegRecorder) -> None:
+        g = rec.segments[rec.k].graph
+        if not rec.live and g is not None:
+            try:
+                g.capture_end()
+            except RuntimeError:
+                pass  # the capture was already invalidated; the graph is thrown away
+
+    def replay_segmented(self, step: SegmentedStep, meta: AttentionMetadata) -> None:
+        """Run a captured segmented step: each piece's graph, the ring's copies between them, and the CPU
+        layers eagerly on `meta` (this step's batch: real context lengths, its HostStep prepared)."""
+        for seg in step.segments:
+            self._seg_begin(seg)
+            seg.graph.replay()
+            self._seg_end(seg)
+            if seg.cpu_call is None:
+                continue
+            module, args, kwargs = seg.cpu_call
+            x = seg.x_out
+
+            def sub(a: Any) -> Any:
+                if isinstance(a, AttentionMetadata):
+                    return meta
+                if isinstance(a, torch.Tensor) and a.is_floating_point():
+                    return x
+                return a
+
+            out = module(*(sub(a) for a in args), **{k: sub(v) for k, v in kwargs.items()})
+            seg.x_in.copy_(out)  # type: ignore[union-attr]
+        self.stats.replays += 1
+
     # -- CPU-unit hooks ---------------------------------------------------------------------------------
     def _cpu_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if self._seg is not None:
+            self._seg_cpu_pre(module, args, kwargs)
         step = next((host_step(a) for a in (*args, *kwargs.values()) if isinstance(a, AttentionMetadata)), None)
 
         def to_host(a: Any) -> Any:
@@ -900,7 +1115,8 @@ class OffloadDriver:
         if isinstance(output, torch.Tensor):
             # (T, hidden) back for the next device layer, in the device layers' dtype. Pageable H2D: small
             # (a decode step moves T x hidden x 2 bytes), so not staged through pinned memory.
-            return output.to(self.device, self.dtype)
+            out = output.to(self.device, self.dtype)
+            return self._seg_cpu_post(out) if self._seg is not None else out
         return output
 
     # -- undo -------------------------------------------------------------------------------------------
