@@ -108,6 +108,32 @@ def test_torch_backend_accepts_context_lens_t():
     torch.testing.assert_close(out, paged_attention_torch(q, k_cache, v_cache, [0, 1, 2], ctx, bt, 0.2))
 
 
+@pytest.mark.parametrize("ctx", [1, 16, 37, 64])
+def test_decode_over_consecutive_pages_reads_them_as_a_view(ctx):
+    """One decoding sequence whose pages are consecutive blocks reads them as a view of the pool (no gather);
+    same output as the same K/V behind a scattered block table, and as an explicit softmax over them."""
+    bs, hkv, hq, d, nb = 16, 2, 4, 32, 12
+    torch.manual_seed(ctx)
+    k_cache, v_cache = torch.randn(nb, bs, hkv, d), torch.randn(nb, bs, hkv, d)
+    n = -(-ctx // bs)
+    run = torch.arange(3, 3 + n).unsqueeze(0)  # blocks 3, 4, ...: one run
+    scattered = torch.tensor([[11, 2, 7, 0][:n]])
+    k2, v2 = k_cache.clone(), v_cache.clone()
+    k2[scattered[0]], v2[scattered[0]] = k_cache[run[0]], v_cache[run[0]]  # the same K/V on other pages
+    q = torch.randn(1, hq, d)
+    prepared: dict = {}
+    got = paged_attention_torch(q, k_cache, v_cache, [0, 1], [ctx], run, 0.3, prepared)
+    assert prepared[("decode", bs)][-1] == 3  # the view path was taken
+    other: dict = {}
+    want = paged_attention_torch(q, k2, v2, [0, 1], [ctx], scattered, 0.3, other)
+    assert other[("decode", bs)][-1] == (11 if n == 1 else None)  # one page is a run of one
+    torch.testing.assert_close(got, want)
+    keys = k_cache[run[0]].reshape(-1, hkv, d)[:ctx].repeat_interleave(hq // hkv, dim=1)  # (ctx, Hq, D)
+    vals = v_cache[run[0]].reshape(-1, hkv, d)[:ctx].repeat_interleave(hq // hkv, dim=1)
+    p = torch.softmax(torch.einsum("hd,chd->hc", q[0], keys) * 0.3, dim=-1)
+    torch.testing.assert_close(got[0], torch.einsum("hc,chd->hd", p, vals))
+
+
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 @pytest.mark.parametrize("num_sms", [1, 132])
 def test_ticket_buffer_size_matches_budget(monkeypatch, num_sms):

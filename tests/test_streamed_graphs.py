@@ -451,7 +451,8 @@ def test_cuda_graphs_with_streamed_layers_equal_eager(gpu_path, placements, buff
 )
 def test_cuda_graphs_with_cpu_layers_equal_eager(gpu_path, placements, buffers, kv, extra):
     """Segmented steps on CUDA: one graph per piece between the CPU layers, the ring driven between them. Their
-    tokens equal the same padded steps run eagerly (emulate) and the all-resident eager engine's."""
+    tokens equal the same padded steps run eagerly (emulate), the same placement's eager engine's and, with float
+    KV (CPU layers keep theirs in fp32 whatever --kv-cache-dtype says), the all-resident eager engine's."""
     graphs, driver = laid_out(gpu_path, placements, buffers, "cuda", device="cuda", kv=kv, **extra)
     g = graphs.engine.runner.graphs
     assert g.mode == "cuda" and g.segmented and set(g.pieces) == set(g.sizes) and not g.graphs
@@ -459,9 +460,12 @@ def test_cuda_graphs_with_cpu_layers_equal_eager(gpu_path, placements, buffers, 
     emulated, _ = laid_out(gpu_path, placements, buffers, "emulate", device="cuda", kv=kv, **extra)
     got = gpu_tokens(graphs)
     assert got == gpu_tokens(emulated)
-    eager = LLM(gpu_path, device="cuda", dtype="float32", max_model_len=MAX_LEN, max_num_seqs=MAX_SEQS,
-                kv_cache_dtype=kv, enforce_eager=True, show_progress=False)
-    assert got == gpu_tokens(eager)
+    same_eager, _ = laid_out(gpu_path, placements, buffers, "off", device="cuda", kv=kv, **extra)
+    assert got == gpu_tokens(same_eager)
+    if kv == "auto":
+        eager = LLM(gpu_path, device="cuda", dtype="float32", max_model_len=MAX_LEN, max_num_seqs=MAX_SEQS,
+                    enforce_eager=True, show_progress=False)
+        assert got == gpu_tokens(eager)
     assert g.num_replays > 0 and driver.stats.replays == g.num_replays
 
 

@@ -108,7 +108,7 @@ def _decode_batch(
     # Index tensors depend only on the batch, not the layer: build once per step when a cache is given.
     key = ("decode", bs)
     if prepared is not None and key in prepared:
-        rows, bt, mask, length, first = prepared[key]
+        rows, bt, mask, length, first, run = prepared[key]
     else:
         row_list = [query_start_loc[i] for i in idx]
         ctx_list = [context_lens[i] for i in idx]
@@ -125,11 +125,23 @@ def _decode_batch(
             mask = (torch.arange(length, device=q.device)[None, :] < ctx[:, None])[:, None, None, :]  # (B,1,1,L)
         # rows 0..B-1 in order (an all-decode step): q and out are used as they are, no gather or scatter
         first = row_list[0] if row_list == list(range(row_list[0], row_list[0] + len(row_list))) else None
+        # One sequence whose pages are consecutive blocks (the block manager hands out a FIFO of free blocks,
+        # so a fresh sequence's table usually is one run): read the pages as a view of the pool instead of
+        # gathering them. Checked on host tensors only (a device table would need a sync to read).
+        run = None
+        if len(idx) == 1 and bt.device.type == "cpu":
+            pages = bt[0].tolist()
+            if pages == list(range(pages[0], pages[0] + len(pages))):
+                run = pages[0]
         if prepared is not None:
-            prepared[key] = (rows, bt, mask, length, first)
+            prepared[key] = (rows, bt, mask, length, first, run)
     B, max_blocks = bt.shape
-    k = k_cache[bt].reshape(B, max_blocks * bs, hkv, d)[:, :length]  # (B, L, Hkv, D)
-    v = v_cache[bt].reshape(B, max_blocks * bs, hkv, d)[:, :length]
+    if run is not None:  # (1, L, Hkv, D) views of blocks run .. run + max_blocks - 1
+        k = k_cache[run : run + max_blocks].reshape(1, max_blocks * bs, hkv, d)[:, :length]
+        v = v_cache[run : run + max_blocks].reshape(1, max_blocks * bs, hkv, d)[:, :length]
+    else:
+        k = k_cache[bt].reshape(B, max_blocks * bs, hkv, d)[:, :length]  # (B, L, Hkv, D)
+        v = v_cache[bt].reshape(B, max_blocks * bs, hkv, d)[:, :length]
     if k_scale is not None and v_scale is not None:  # int8 pages: dequantize with their (token, head) scales
         k = dequantize_kv(k, k_scale[bt].reshape(B, max_blocks * bs, hkv)[:, :length], q.dtype)
         v = dequantize_kv(v, v_scale[bt].reshape(B, max_blocks * bs, hkv)[:, :length], q.dtype)
