@@ -125,14 +125,16 @@ class DriverCaps:
 DRIVER_TODAY = DriverCaps()
 
 
-def driver_caps(cpu_weights: str = "fp32") -> DriverCaps:
-    """What the driver executes with --cpu-weights `cpu_weights` (fp32 | bf16 | packed): the KV of CPU layers
-    is in their compute dtype, fp32 for packed weights too (only the linears are packed; memory/offload.py
-    CPU_WEIGHT_FORMATS)."""
-    if cpu_weights == "fp32":
+def driver_caps(cpu_weights: str = "fp32", prefill_offload: bool = False) -> DriverCaps:
+    """What the driver executes with --cpu-weights `cpu_weights` (fp32 | bf16 | packed) and --prefill-offload:
+    the KV of CPU layers is in their compute dtype, fp32 for packed weights too (only the linears are packed;
+    memory/offload.py CPU_WEIGHT_FORMATS)."""
+    if cpu_weights == "fp32" and not prefill_offload:
         return DRIVER_TODAY
+    name = "today" + (f", {cpu_weights} CPU weights" if cpu_weights != "fp32" else "") + (
+        ", prefill offload" if prefill_offload else "")
     return DriverCaps(cpu_weights=cpu_weights, cpu_kv_bytes=2 if cpu_weights == "bf16" else 4,
-                      name=f"today, {cpu_weights} CPU weights")
+                      prefill_offload=prefill_offload, name=name)
 
 
 #: What the issue's targets need from it: a packed int4/int8 CPU kernel, prefill offload, lm_head offload.

@@ -1,0 +1,169 @@
+"""Prefill offload on the CPU (memory/offload.py, "Prefill offload"): long steps run the CPU decoder layers on the
+device through their twins, with the CPU as both sides. The twin computes from the layer's weights as loaded in
+the model dtype (float32 here, as the CPU layers), so every output is bit for bit the all-resident one: whole
+prompts, chunked prompts (a later chunk's twin reads the earlier chunk's KV back from the host), steps mixing
+decodes and a prefill chunk, and CPU-computed decode steps reading the KV the twins wrote. The ring lends a slot
+and gets it back: the next step starts from the step-start state with no miss."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from test_offload import PROMPTS, deep_path, greedy, new_llm, offload  # noqa: F401  (deep_path: fixture)
+
+from vramwise.engine.runner import ModelRunner
+from vramwise.memory.offload import CPU, STREAMED, apply_plan
+from vramwise.sampling_params import SamplingParams
+
+LONG = list(range(40, 77))  # 37 tokens: 5 chunks of 8 with max_num_batched_tokens=8
+SHORT = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def reference(deep_path):  # noqa: F811
+    llm = new_llm(deep_path)
+    return greedy(llm), llm.engine.score(PROMPTS[2] + PROMPTS[0])
+
+
+def _step_at_start(driver) -> bool:
+    """Slot s holds streamed unit s, in its bytes too (what a captured decode step expects to find)."""
+    ring = driver._ring
+    return all(ring.owner[s] == s and torch.equal(ring.slots[s][: driver._streamed[s].layout.nbytes],
+                                                  driver._streamed[s].host) for s in range(driver.num_slots))
+
+
+@pytest.mark.parametrize(
+    "placements, buffers, extra",
+    [
+        ("r,s,c,s,s,c,r", 2, {}),  # a CPU layer between streamed ones: borrows the slot needed last
+        ("c,c,s,s,s,c,c", 3, {}),  # runs of CPU layers: two slots in turn, given back after each run
+        ("s,s,s,r,r,c,c", 2, {"lm_head": "streamed"}),  # CPU layers last: they borrow the next step's slots
+        ("c:3,r:4", 2, {}),  # nothing streams: the twins get a slot of their own
+    ],
+)
+def test_offloaded_prefill_gives_the_resident_output_bit_for_bit(deep_path, reference, placements, buffers, extra):  # noqa: F811
+    ref_tokens, ref_logits = reference
+    llm = new_llm(deep_path)
+    driver = offload(llm, placements, buffers, prefill_offload_min_tokens=5, **extra)
+    cpu = driver.layers_with(CPU)
+    assert sorted(t.index for t in driver._twins.values()) == cpu
+    assert torch.equal(llm.engine.score(PROMPTS[2] + PROMPTS[0]), ref_logits)  # one 18-token step, offloaded
+    assert driver.stats.offloaded_layers == len(cpu)
+    # The prompts prefill in one 23-token step (offloaded); 9 decode steps of 4 tokens run on the CPU and read
+    # the KV the twins wrote back to the host pages.
+    assert greedy(llm) == ref_tokens
+    assert driver.stats.offloaded_layers == 2 * len(cpu)
+    assert driver.stats.misses == 0  # every slot a twin borrowed was reloaded ahead of its streamed unit
+    if driver._ring is not None:
+        assert driver.stats.slots_borrowed > 0 and _step_at_start(driver)
+        assert driver._twin_ring is None and driver.prefill_offload_bytes() == driver.bytes_kv_scratch
+    else:
+        assert driver.bytes_twin_slot == driver.twin_slot_bytes > 0
+    host_k = llm.engine.model.model.layers[cpu[0]].self_attn.attn.kv_cache[0]
+    assert driver._kv_scratch[0].shape == host_k.shape and driver.bytes_kv_scratch == 2 * host_k.numel() * 4
+
+
+def test_ring_is_back_in_its_step_start_state_after_an_offloaded_prefill(deep_path):  # noqa: F811
+    """A CPU layer after the last streamed one borrows a slot that holds the NEXT step's first unit; the
+    prefill leaves the ring as every step leaves it, so ensure_step_start (before a captured decode step)
+    has nothing to load."""
+    llm = new_llm(deep_path)
+    driver = offload(llm, "s,s,s,s,s,c,c", 3, prefill_offload_min_tokens=5)
+    llm.engine.score(PROMPTS[2] + PROMPTS[0])
+    assert driver.stats.slots_borrowed == 2  # two slots in turn for the run of two CPU layers
+    assert _step_at_start(driver) and driver.stats.misses == 0
+    loads = driver.stats.loads
+    driver.ensure_step_start()
+    assert driver.stats.loads == loads
+
+
+def test_threshold_counts_the_tokens_of_the_whole_step(deep_path, reference):  # noqa: F811
+    ref_tokens, _ = reference
+    for min_tokens, offloaded_steps in [(23, 1), (24, 0), (4, 10)]:  # one 23-token prefill, 9 steps of 4 tokens
+        llm = new_llm(deep_path)
+        driver = offload(llm, "r,s,c,s,s,c,r", 2, prefill_offload_min_tokens=min_tokens)
+        assert greedy(llm) == ref_tokens
+        assert driver.stats.offloaded_layers == 2 * offloaded_steps, min_tokens
+        assert (driver.stats.kv_bytes_out > 0) == (offloaded_steps > 0)
+
+
+def test_chunked_prefill_and_mixed_steps(deep_path):  # noqa: F811
+    """Prompts in chunks of 8 tokens: a later chunk's twin reads the earlier chunks' KV from the host pages;
+    a short prompt decodes in the same steps as the long one's chunks; decode steps (below the threshold)
+    then run on the CPU over KV written by the twins."""
+    prompts = [[7, 8, 9], LONG, PROMPTS[2]]
+    want = greedy(new_llm(deep_path, max_num_batched_tokens=8), prompts, SHORT)
+    llm = new_llm(deep_path, max_num_batched_tokens=8)
+    driver = offload(llm, "r,c,s,c,c,s,r", 2, prefill_offload_min_tokens=5)
+    seen = []  # per offloaded step: (any decode row, any chunk after the first)
+    run_twin = driver._run_twin
+
+    def spy(twin, args, kwargs):
+        meta = args[2]
+        rows = [(meta.query_start_loc[b + 1] - meta.query_start_loc[b], meta.context_lens[b])
+                for b in range(len(meta.context_lens))]
+        seen.append((any(n == 1 for n, _ in rows), any(1 < n < ctx for n, ctx in rows)))
+        return run_twin(twin, args, kwargs)
+
+    driver._run_twin = spy
+    assert greedy(llm, prompts, SHORT) == want
+    assert (True, True) in seen  # a step with a decode row and a later chunk of a prompt, offloaded
+    assert driver.stats.kv_bytes_in > 0
+    steps = len(seen) // 3
+    assert steps >= 5 and driver.stats.offloaded_layers == 3 * steps
+    # decode-only steps (3 tokens at most) stayed on the CPU: the KV they read came back from the twins
+    assert llm.engine.scheduler is not None and all(len(p) > 0 for p in want)
+
+
+def test_apply_plan_and_setup_pass_the_threshold(deep_path, reference):  # noqa: F811
+    plan = SimpleNamespace(layers=["resident", "streamed", "cpu", "streamed", "streamed", "cpu", "resident"],
+                           num_stream_buffers=2, lm_head="resident", embeddings="gpu", prefill_offload_min_tokens=6)
+    llm = new_llm(deep_path)
+    eng = llm.engine
+    driver = apply_plan(eng.model, plan, eng.device)
+    eng.runner = ModelRunner(eng.model, eng.model_config, eng.device, eng.dtype, eng.block_manager.num_blocks,
+                             eng.block_manager.block_size, eng.config.seed, kv_layers=driver.kv_layers(eng.dtype))
+    assert driver.prefill_offload_min_tokens == 6 and len(driver._twins) == 2
+    assert "prefill offload from 6 tokens" in driver.summary()
+    assert greedy(llm) == reference[0]
+    assert driver.stats.offloaded_layers == 2
+
+
+def test_engine_prefill_offload_option(deep_path, reference):  # noqa: F811
+    llm = new_llm(deep_path, offload="r,s,c,s,s,c,r", prefill_offload=True, prefill_offload_min_tokens=5)
+    assert llm.engine.offload.prefill_offload_min_tokens == 5
+    assert greedy(llm) == reference[0]
+    assert llm.engine.offload.stats.offloaded_layers == 2
+    with pytest.raises(ValueError, match="prefill_offload_min_tokens must be >= 1"):
+        new_llm(deep_path, offload="r,s,c,s,s,c,r", prefill_offload=True, prefill_offload_min_tokens=0)
+
+
+def test_release_restores_the_cpu_layers_forward(deep_path, reference):  # noqa: F811
+    llm = new_llm(deep_path)
+    driver = offload(llm, "r,s,c,s,s,c,r", 2, prefill_offload_min_tokens=5)
+    layer = llm.engine.model.model.layers[2]
+    assert "forward" in layer.__dict__
+    assert greedy(llm) == reference[0]
+    driver.release()
+    assert "forward" not in layer.__dict__ and not llm.engine.model.model._forward_hooks
+    assert driver.prefill_offload_bytes() == 0
+    offload(llm, "c,s,s,r,s,s,c", 2)  # laid out again without prefill offload: the CPU layers run on the CPU
+    assert greedy(llm) == reference[0]
+
+
+def test_twin_is_packed_from_the_layer_as_loaded(deep_path):  # noqa: F811
+    """The twin packs the layer's own tensors (the model dtype, device format) like a streamed unit; the CPU
+    layer itself is converted as before; the twin shares the rotary table with the device layers."""
+    llm = new_llm(deep_path)
+    model = llm.engine.model
+    want = {n: t.clone() for n, t in model.model.layers[2].state_dict().items()}
+    driver = offload(llm, "r,s,c,s,s,c,r", 2, prefill_offload_min_tokens=5)
+    twin = next(t for t in driver._twins.values() if t.index == 2)
+    got = twin.module.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in want)
+    assert twin.layout.nbytes == driver._streamed[0].layout.nbytes  # same layer shape, same packing
+    assert twin.module.self_attn.rotary is model.model.rotary
+    assert twin.module is not model.model.layers[2] and not twin.module._forward_pre_hooks
+    assert [p for p in driver.placements] == ["resident", STREAMED, CPU, STREAMED, STREAMED, CPU, "resident"]
