@@ -35,16 +35,25 @@ def _step_at_start(driver) -> bool:
 
 
 @pytest.mark.parametrize(
-    "placements, buffers, extra",
+    "placements, buffers, extra, reloads",
     [
-        ("r,s,c,s,s,c,r", 2, {}),  # a CPU layer between streamed ones: borrows the slot needed last
-        ("c,c,s,s,s,c,c", 3, {}),  # runs of CPU layers: two slots in turn, given back after each run
-        ("s,s,s,r,r,c,c", 2, {"lm_head": "streamed"}),  # CPU layers last: they borrow the next step's slots
-        ("c:3,r:4", 2, {}),  # nothing streams: the twins get a slot of their own
+        # A CPU layer right after a streamed one takes that unit's slot, whose next load waits for the twin:
+        # the step copies what a step without offload copies, plus the twins.
+        ("r,s,c,s,s,c,r", 2, {}, 0),
+        # 3 slots for 3 streamed layers (each keeps its slot): each run of CPU layers displaces one unit
+        ("c,c,s,s,s,c,c", 3, {}, 2),
+        # CPU layers after a resident one: they borrow the slot of the next step's first unit
+        ("s,s,s,r,r,c,c", 2, {"lm_head": "streamed"}, 1),
+        ("c:3,r:4", 2, {}, 0),  # nothing streams: the twins get a slot of their own
     ],
 )
-def test_offloaded_prefill_gives_the_resident_output_bit_for_bit(deep_path, reference, placements, buffers, extra):  # noqa: F811
+def test_offloaded_prefill_gives_the_resident_output_bit_for_bit(deep_path, reference, placements, buffers, extra,
+                                                                 reloads):  # noqa: F811
     ref_tokens, ref_logits = reference
+    base = new_llm(deep_path)
+    base_driver = offload(base, placements, buffers, **extra)
+    base.engine.score(PROMPTS[2] + PROMPTS[0])
+    greedy(base)
     llm = new_llm(deep_path)
     driver = offload(llm, placements, buffers, prefill_offload_min_tokens=5, **extra)
     cpu = driver.layers_with(CPU)
@@ -56,6 +65,8 @@ def test_offloaded_prefill_gives_the_resident_output_bit_for_bit(deep_path, refe
     assert greedy(llm) == ref_tokens
     assert driver.stats.offloaded_layers == 2 * len(cpu)
     assert driver.stats.misses == 0  # every slot a twin borrowed was reloaded ahead of its streamed unit
+    assert driver.stats.loads == base_driver.stats.loads + 2 * reloads  # streamed units' copies
+    assert driver.stats.offload_bytes == 2 * sum(t.layout.nbytes for t in driver._twins.values())
     if driver._ring is not None:
         assert driver.stats.slots_borrowed > 0 and _step_at_start(driver)
         assert driver._twin_ring is None and driver.prefill_offload_bytes() == driver.bytes_kv_scratch
@@ -70,9 +81,11 @@ def test_ring_is_back_in_its_step_start_state_after_an_offloaded_prefill(deep_pa
     prefill leaves the ring as every step leaves it, so ensure_step_start (before a captured decode step)
     has nothing to load."""
     llm = new_llm(deep_path)
-    driver = offload(llm, "s,s,s,s,s,c,c", 3, prefill_offload_min_tokens=5)
+    driver = offload(llm, "s,s,s,s,c,c,c", 3, prefill_offload_min_tokens=5)
     llm.engine.score(PROMPTS[2] + PROMPTS[0])
-    assert driver.stats.slots_borrowed == 2  # two slots in turn for the run of two CPU layers
+    # the last streamed unit hands over its slot (holding nothing yet); a run of 3 CPU layers takes a second
+    # slot, in turn with the first, and reloads its unit
+    assert driver.stats.slots_borrowed == 2 and driver.stats.loads == 3 + 1 + 2
     assert _step_at_start(driver) and driver.stats.misses == 0
     loads = driver.stats.loads
     driver.ensure_step_start()
@@ -167,3 +180,46 @@ def test_twin_is_packed_from_the_layer_as_loaded(deep_path):  # noqa: F811
     assert twin.module.self_attn.rotary is model.model.rotary
     assert twin.module is not model.model.layers[2] and not twin.module._forward_pre_hooks
     assert [p for p in driver.placements] == ["resident", STREAMED, CPU, STREAMED, STREAMED, CPU, "resident"]
+
+
+def test_borrowed_slots_keep_the_ring_event_protocol(deep_path, reference, monkeypatch):  # noqa: F811
+    """The CUDA branch of the ring run on the CPU against test_offload's checker of its ordering, with twins
+    borrowing slots: a twin's copy waits for the slot's last reader, the twin waits for its copy, and the
+    displaced unit's reload waits for the twin."""
+    import contextlib
+
+    from test_offload import _Protocol
+
+    class Checker(_Protocol):
+        def layer_in_slot(self, s: int):
+            slot = self.ring.slots[s]
+            twin = next((t for t in self.driver._twins.values()
+                         if torch.equal(slot[: t.layout.nbytes], t.host)), None)
+            return ("twin", twin.index) if twin is not None else super().layer_in_slot(s)
+
+        def twin_starts(self, index: int) -> None:
+            s = self.driver._twin_last_slot
+            v = self.compute_waited[s]
+            assert v is not None and v == self.loaded_v[s] and self.loaded_layer[s][v] == ("twin", index)
+            self.slot_idle[s] = False
+            self.twin_runs += 1
+
+    llm = new_llm(deep_path)
+    driver = offload(llm, "s,c,s,s,c,c,c", 3, prefill_offload_min_tokens=5)  # a lone CPU layer and a run of 3
+    proto = Checker(driver)
+    proto.twin_runs = 0
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: proto.compute)
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    streamed = driver.layers_with(STREAMED)
+    layers = llm.engine.model.model.layers
+    for j, i in enumerate(streamed):
+        layers[i].register_forward_pre_hook(lambda m, a, j=j: proto.layer_starts(j))
+    for twin in driver._twins.values():
+        twin.module.register_forward_pre_hook(lambda m, a, i=twin.index: proto.twin_starts(i))
+    assert greedy(llm) == reference[0]
+    assert proto.twin_runs == 4 and driver.stats.offloaded_layers == 4  # the prefill step only
+    # 3 slots for 3 streamed units: every unit keeps its slot, so each borrowed slot is one reload: the lone CPU
+    # layer takes one, the run of 3 two in turn
+    assert driver.stats.slots_borrowed == 3 and driver.stats.misses == 0
+    assert proto.copies == driver.stats.loads - 3 + 4  # 3 primed before the fakes; 4 twin copies
+    driver.release()

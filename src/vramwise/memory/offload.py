@@ -617,6 +617,17 @@ class OffloadDriver:
         self.twin_slot_bytes = pl.align(max((t.layout.nbytes for t in self._twins.values()), default=0))
         for twin in self._twins.values():
             self._dispatch_to_twin(twin.layer)
+        # length of the run of consecutive twin layers each decoder layer is in (0: not a twin)
+        twin_at = [id(layer) in self._twins for layer in layers]
+        self._twin_run = [0] * len(layers)
+        i = 0
+        while i < len(layers):
+            k = i
+            while k < len(layers) and twin_at[k]:
+                k += 1
+            for m in range(i, k):
+                self._twin_run[m] = k - i
+            i = max(k, i + 1)
         if self._twins:  # the step's new KV rows reach the host pages by the end of the forward
             self._hooks.append(model.model.register_forward_hook(self._flush_kv_hook, always_call=True))
         self._streamed: list[_Streamed] = []
@@ -815,12 +826,24 @@ class OffloadDriver:
 
     def _make_streamed_post(self, j: int):
         n, count = self.num_slots, len(self._streamed)
+        name = self._streamed[j].name
+        layers = _decoder_layers(self.model)
+        # the decoder layer after this unit is a CPU layer with a twin (prefill offload)
+        twin_follows = (name.startswith("model.layers.") and int(name.rsplit(".", 1)[1]) + 1 < len(layers)
+                        and id(layers[int(name.rsplit(".", 1)[1]) + 1]) in self._twins)
 
         def post(module: nn.Module, args: tuple, output: Any) -> None:
             s = j % n
             self._ring.mark_free(s)  # type: ignore[union-attr]
             nxt = j + n if j + n < count else s  # the slot's next user: later this step, or next step's
             if self._ring.owner[s] == nxt:  # type: ignore[union-attr]
+                return
+            if twin_follows and self._step is None and _step_tokens(args, {}) >= self.prefill_offload_min_tokens:
+                # An offloaded step: the CPU layer's twin runs next, from this slot (the one needed last);
+                # the slot's next user is loaded after it (_give_back_slots), one copy as in any step.
+                self._ring.owner[s] = None  # type: ignore[union-attr]
+                self._borrowed[s] = nxt
+                self.stats.slots_borrowed += 1
                 return
             if nxt == s and self._step is not None:
                 # A captured step issues no wrap-around copy (it would outlive the graph): after_replay()
@@ -1075,8 +1098,10 @@ class OffloadDriver:
     def _borrow_slot(self, twin: _Twin) -> tuple[_SlotRing, int]:
         """A device slot for the twin: a ring slot when the ring's slots are large enough, the one whose
         streamed unit is needed last (that unit is reloaded, as a prefetch, when the run of CPU layers
-        ends: no miss); with 3+ slots, consecutive twins alternate between two slots so that one's copy
-        overlaps the other's compute. Without a ring (nothing streams), one slot of the twins' own."""
+        ends: no miss). A streamed unit just before the run already handed over its slot without loading its
+        next user (_make_streamed_post): no extra copy then. With 3+ slots and a run of 3+ CPU layers,
+        consecutive twins alternate between two slots so that one's copy overlaps the other's compute (for one
+        extra reload per run). Without a ring (nothing streams), one slot of the twins' own."""
         ring = self._ring
         if ring is None or self.slot_bytes < twin.layout.nbytes:
             if self._twin_ring is None:
@@ -1090,7 +1115,8 @@ class OffloadDriver:
             u = ring.owner[s]
             return (u is None, 0 if u is None else (u - first) % count)
 
-        choices = [s for s in range(n) if n < 3 or s != self._twin_last_slot]
+        alternate = n >= 3 and self._twin_run[twin.index] >= 3
+        choices = [s for s in range(n) if not alternate or s != self._twin_last_slot]
         s = max(choices, key=later)
         u = ring.owner[s]
         if u is not None:
