@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from test_offload import PROMPTS, deep_path, greedy, new_llm, offload  # noqa: F401  (deep_path: fixture)
+from test_offload import PROMPTS, greedy, make_deep_tiny_model, new_llm, offload
 
 from vramwise.engine.runner import ModelRunner
 from vramwise.memory.offload import CPU, STREAMED, apply_plan
@@ -22,7 +22,12 @@ SHORT = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
-def reference(deep_path):  # noqa: F811
+def deep_path(tmp_path_factory) -> str:
+    return make_deep_tiny_model(tmp_path_factory.mktemp("deep_prefill"))
+
+
+@pytest.fixture(scope="module")
+def reference(deep_path):
     llm = new_llm(deep_path)
     return greedy(llm), llm.engine.score(PROMPTS[2] + PROMPTS[0])
 
@@ -48,7 +53,7 @@ def _step_at_start(driver) -> bool:
     ],
 )
 def test_offloaded_prefill_gives_the_resident_output_bit_for_bit(deep_path, reference, placements, buffers, extra,
-                                                                 reloads):  # noqa: F811
+                                                                 reloads):
     ref_tokens, ref_logits = reference
     base = new_llm(deep_path)
     base_driver = offload(base, placements, buffers, **extra)
@@ -69,14 +74,15 @@ def test_offloaded_prefill_gives_the_resident_output_bit_for_bit(deep_path, refe
     assert driver.stats.offload_bytes == 2 * sum(t.layout.nbytes for t in driver._twins.values())
     if driver._ring is not None:
         assert driver.stats.slots_borrowed > 0 and _step_at_start(driver)
-        assert driver._twin_ring is None and driver.prefill_offload_bytes() == driver.bytes_kv_scratch
+        assert driver._twin_ring is None and driver.prefill_offload_bytes() == (driver.bytes_kv_scratch, 0)
     else:
         assert driver.bytes_twin_slot == driver.twin_slot_bytes > 0
     host_k = llm.engine.model.model.layers[cpu[0]].self_attn.attn.kv_cache[0]
     assert driver._kv_scratch[0].shape == host_k.shape and driver.bytes_kv_scratch == 2 * host_k.numel() * 4
+    assert driver.prefill_offload_bytes(tuple(host_k.shape)) == driver.prefill_offload_bytes()
 
 
-def test_ring_is_back_in_its_step_start_state_after_an_offloaded_prefill(deep_path):  # noqa: F811
+def test_ring_is_back_in_its_step_start_state_after_an_offloaded_prefill(deep_path):
     """A CPU layer after the last streamed one borrows a slot that holds the NEXT step's first unit; the
     prefill leaves the ring as every step leaves it, so ensure_step_start (before a captured decode step)
     has nothing to load."""
@@ -92,7 +98,7 @@ def test_ring_is_back_in_its_step_start_state_after_an_offloaded_prefill(deep_pa
     assert driver.stats.loads == loads
 
 
-def test_threshold_counts_the_tokens_of_the_whole_step(deep_path, reference):  # noqa: F811
+def test_threshold_counts_the_tokens_of_the_whole_step(deep_path, reference):
     ref_tokens, _ = reference
     for min_tokens, offloaded_steps in [(23, 1), (24, 0), (4, 10)]:  # one 23-token prefill, 9 steps of 4 tokens
         llm = new_llm(deep_path)
@@ -102,7 +108,7 @@ def test_threshold_counts_the_tokens_of_the_whole_step(deep_path, reference):  #
         assert (driver.stats.kv_bytes_out > 0) == (offloaded_steps > 0)
 
 
-def test_chunked_prefill_and_mixed_steps(deep_path):  # noqa: F811
+def test_chunked_prefill_and_mixed_steps(deep_path):
     """Prompts in chunks of 8 tokens: a later chunk's twin reads the earlier chunks' KV from the host pages;
     a short prompt decodes in the same steps as the long one's chunks; decode steps (below the threshold)
     then run on the CPU over KV written by the twins."""
@@ -130,7 +136,7 @@ def test_chunked_prefill_and_mixed_steps(deep_path):  # noqa: F811
     assert llm.engine.scheduler is not None and all(len(p) > 0 for p in want)
 
 
-def test_apply_plan_and_setup_pass_the_threshold(deep_path, reference):  # noqa: F811
+def test_apply_plan_and_setup_pass_the_threshold(deep_path, reference):
     plan = SimpleNamespace(layers=["resident", "streamed", "cpu", "streamed", "streamed", "cpu", "resident"],
                            num_stream_buffers=2, lm_head="resident", embeddings="gpu", prefill_offload_min_tokens=6)
     llm = new_llm(deep_path)
@@ -144,7 +150,7 @@ def test_apply_plan_and_setup_pass_the_threshold(deep_path, reference):  # noqa:
     assert driver.stats.offloaded_layers == 2
 
 
-def test_engine_prefill_offload_option(deep_path, reference):  # noqa: F811
+def test_engine_prefill_offload_option(deep_path, reference):
     llm = new_llm(deep_path, offload="r,s,c,s,s,c,r", prefill_offload=True, prefill_offload_min_tokens=5)
     assert llm.engine.offload.prefill_offload_min_tokens == 5
     assert greedy(llm) == reference[0]
@@ -153,7 +159,7 @@ def test_engine_prefill_offload_option(deep_path, reference):  # noqa: F811
         new_llm(deep_path, offload="r,s,c,s,s,c,r", prefill_offload=True, prefill_offload_min_tokens=0)
 
 
-def test_release_restores_the_cpu_layers_forward(deep_path, reference):  # noqa: F811
+def test_release_restores_the_cpu_layers_forward(deep_path, reference):
     llm = new_llm(deep_path)
     driver = offload(llm, "r,s,c,s,s,c,r", 2, prefill_offload_min_tokens=5)
     layer = llm.engine.model.model.layers[2]
@@ -161,12 +167,12 @@ def test_release_restores_the_cpu_layers_forward(deep_path, reference):  # noqa:
     assert greedy(llm) == reference[0]
     driver.release()
     assert "forward" not in layer.__dict__ and not llm.engine.model.model._forward_hooks
-    assert driver.prefill_offload_bytes() == 0
+    assert driver.prefill_offload_bytes() == (0, 0)
     offload(llm, "c,s,s,r,s,s,c", 2)  # laid out again without prefill offload: the CPU layers run on the CPU
     assert greedy(llm) == reference[0]
 
 
-def test_twin_is_packed_from_the_layer_as_loaded(deep_path):  # noqa: F811
+def test_twin_is_packed_from_the_layer_as_loaded(deep_path):
     """The twin packs the layer's own tensors (the model dtype, device format) like a streamed unit; the CPU
     layer itself is converted as before; the twin shares the rotary table with the device layers."""
     llm = new_llm(deep_path)
@@ -182,7 +188,7 @@ def test_twin_is_packed_from_the_layer_as_loaded(deep_path):  # noqa: F811
     assert [p for p in driver.placements] == ["resident", STREAMED, CPU, STREAMED, STREAMED, CPU, "resident"]
 
 
-def test_borrowed_slots_keep_the_ring_event_protocol(deep_path, reference, monkeypatch):  # noqa: F811
+def test_borrowed_slots_keep_the_ring_event_protocol(deep_path, reference, monkeypatch):
     """The CUDA branch of the ring run on the CPU against test_offload's checker of its ordering, with twins
     borrowing slots: a twin's copy waits for the slot's last reader, the twin waits for its copy, and the
     displaced unit's reload waits for the twin."""

@@ -469,7 +469,9 @@ def _unique_bytes(tensors: Any, device: torch.device) -> int:
 
 
 def _device_kv_bytes(engine: Any) -> int:
-    """Bytes of the KV pages of the layers computed on the device (CPU layers keep theirs on the host)."""
+    """Bytes of the KV pages of the layers computed on the device (CPU layers keep theirs on the host), and,
+    with prefill offload, the one layer of device pages the CPU layers' twins use (allocated at the first
+    offloaded step; counted from the pool's geometry, so the figure does not depend on whether one ran)."""
     kv = engine.runner.kv_cache
     driver = getattr(engine, "offload", None)
     scales = getattr(kv, "scales", None)  # an int8 cache keeps per-(token, head) scales beside its pages
@@ -479,7 +481,16 @@ def _device_kv_bytes(engine: Any) -> int:
             continue
         parts = list(kv.layer(i)) + list((scales(i) if callable(scales) else None) or ())
         total += sum(t.numel() * t.element_size() for t in parts)
-    return total
+    return total + _prefill_offload_bytes(engine)[0]
+
+
+def _prefill_offload_bytes(engine: Any) -> tuple[int, int]:
+    """(device KV pages, own weight slot) of the offload driver's prefill offload; (0, 0) without it."""
+    driver = getattr(engine, "offload", None)
+    if driver is None or not hasattr(driver, "prefill_offload_bytes") or "cpu" not in driver.placements:
+        return 0, 0
+    kv = engine.runner.kv_cache
+    return driver.prefill_offload_bytes(tuple(kv.layer(driver.placements.index("cpu"))[0].shape))
 
 
 def memory_report(engine: Any) -> dict[str, Any]:
@@ -487,8 +498,8 @@ def memory_report(engine: Any) -> dict[str, Any]:
 
         cuda_context       the plan's context term (NVML at start-up, or the device profile's)
         resident_weights   device tensors of the model (resident layers, lm_head, norms, embeddings there)
-        stream_buffers     the offload ring (slots x slot bytes)
-        kv_pool            KV pages of the device-side layers
+        stream_buffers     the offload ring (slots x slot bytes), or prefill offload's own weight slot
+        kv_pool            KV pages of the device-side layers (+ prefill offload's one layer of pages)
         activations, workspace, margin   as planned (they live in torch's cache once the warm-up ran)
         graph_pool         the runner's CUDA-graph pool (0 without graphs)
         total_planned      the sum of the above
@@ -505,7 +516,7 @@ def memory_report(engine: Any) -> dict[str, Any]:
     planned = setup.plan.budget if setup is not None else None
     on_gpu = device.type == "cuda"
     if driver is not None:
-        resident, ring = driver.bytes_resident, driver.bytes_slots
+        resident, ring = driver.bytes_resident, driver.bytes_slots + _prefill_offload_bytes(engine)[1]
     else:
         model = engine.model
         resident = _unique_bytes([*model.parameters(), *model.buffers()], device) if (on_gpu or setup) else 0

@@ -1222,16 +1222,17 @@ class OffloadDriver:
         """Device bytes of the twins' own weight slot (only when the ring cannot lend one; 0 until used)."""
         return sum(t.numel() for t in self._twin_ring.slots) if self._twin_ring is not None else 0
 
-    def prefill_offload_bytes(self, kv_pages: tuple[int, ...] | None = None) -> int:
-        """Device bytes prefill offload takes beyond the ring: the KV scratch (of `kv_pages` = (num_blocks,
-        block_size, Hkv, D) when given, else as allocated) and, without a ring large enough, the twins' slot."""
+    def prefill_offload_bytes(self, kv_pages: Sequence[int] | None = None) -> tuple[int, int]:
+        """Device bytes prefill offload takes beyond the ring, allocated at the first offloaded step:
+        (the twins' K and V pages, of `kv_pages` = a CPU layer's page shape (num_blocks, block_size, Hkv, D)
+        when given, else as allocated; the twins' own weight slot, when the ring cannot lend one)."""
         if not self._twins:
-            return 0
+            return 0, 0
         kv = self.bytes_kv_scratch
         if kv_pages is not None:
             kv = 2 * math.prod(kv_pages) * torch.empty((), dtype=self.dtype).element_size()
         ring_lends = self._ring is not None and self.slot_bytes >= self.twin_slot_bytes
-        return kv + (0 if ring_lends else self.twin_slot_bytes)
+        return kv, 0 if ring_lends else self.twin_slot_bytes
 
     # -- undo -------------------------------------------------------------------------------------------
     def release(self) -> None:
