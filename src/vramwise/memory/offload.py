@@ -96,6 +96,42 @@ table is cloned onto the host (copied, so its values are bit-identical).
 While the CPU computes, H2D copies already queued for streamed layers go on (the copy engine and the CPU
 work side by side; the D2H of the hidden states syncs the compute stream only).
 
+Prefill offload (prefill_offload_min_tokens = M; the planner's DriverCaps.prefill_offload and its threshold): a
+512-token prefill of a 13B layer takes ~0.3-0.6 s on the CPU (issue 5), against ~3 ms to copy its int4 weights
+to the GPU, so a forward whose step has at least M tokens (T of the flat batch, all sequences together: read
+from the AttentionMetadata's slot_mapping) runs every CPU decoder layer on the device instead:
+  * Weights: at apply time, before a CPU layer is converted to its CPU form, its tensors as loaded (device
+    format: packed int4/int8 linears stay packed, floats in the model dtype) are packed into a host buffer
+    (ByteLayout / pack, pinned on CUDA) exactly as a streamed unit's, and a twin is kept: a structural copy of
+    the layer (placement.structural_copy: its own parameter objects, no hooks, the shared rotary table of the
+    device layers) whose tensors point at that buffer. The CPU unit's forward is replaced by a dispatcher
+    (an instance attribute; release() removes it): its pre-hook decides, from T, whether the twin runs.
+  * The twin borrows a ring slot (eager steps only: offloaded steps are prefills, never captured). A streamed
+    unit whose next decoder layer is a CPU layer hands its slot over in its post-hook instead of loading the
+    slot's next user (the unit needed last); otherwise the twin takes the slot whose unit is needed last and
+    marks it as holding nothing. Its weights are copied in on the copy stream (the ring's events: the copy
+    waits for the slot's last reader, the twin for the copy), its tensors re-pointed at the slot. After the
+    last CPU layer of a run, every displaced unit is reloaded as a prefetch (it runs later in the step or in
+    the next one): a CPU layer right after a streamed one costs no extra copy, others one reload per run, and
+    the step ends in the step-start state (slot s holds unit s) that captured decode steps expect. With 3+
+    slots and a run of 3+ CPU layers, twins alternate between two slots so one's copy overlaps the other's
+    compute. With no ring (nothing streams) or slots smaller than the twin, the twins get one slot of their own
+    (a second device buffer of the largest CPU layer, allocated at the first offloaded step, with its own copy
+    stream): the planner plans 1 buffer for such a placement and memory_report counts it in stream_buffers.
+  * KV: one scratch device KV cache (K and V of the host layer's page shape (num_blocks, block_size, Hkv, D)
+    in the model dtype, so block tables and slot mappings index it unchanged), shared by all twins (they run
+    one at a time), allocated at the first offloaded step. Before a twin runs, the pages holding each
+    sequence's past tokens (context minus this step's new ones: earlier chunks of a chunked prompt, the
+    history of a decode row in the step) are copied host -> device through pinned staging and cast; the twin's
+    attention (the device backend) writes the step's rows there and attends over them; its new rows
+    (slot_mapping) are copied device -> pinned host without waiting, and scattered into the host pages (cast
+    back to cpu_dtype) when the model's forward returns (a forward hook), so that a CPU-computed decode step,
+    a later chunk's twin or a KV swap reads them. The scratch is one more layer of device KV: the planner adds
+    it to its KV term, memory_report to kv_pool.
+  * StreamStats counts the twin runs (offloaded_layers), their weight bytes, the slots borrowed and the KV
+    bytes both ways; the reloads of displaced units are ordinary prefetches in loads.
+Host memory: each CPU layer is held twice (CPU form and device format, the latter pinned).
+
 The lm_head (final projection, as large as a layer or larger) can be placed too: streamed (the last unit
 of the ring) or on the CPU. Embeddings can stay on the CPU (the lookup is a gather; rows go to the GPU).
 
@@ -199,9 +235,11 @@ def parse_placements(spec: str | Sequence[str], num_layers: int) -> list[str]:
 
 
 #: Prefill offload's threshold (tokens in a step) when no planner gives one (--offload without --gpu-memory).
-#: From the planner's cost model: a 13B int4 layer copied at PCIe 4/5 rates (5-10 ms) against the CPU's
-#: ~1 ms per token for it (bench_cpu_linear.py rates), the GPU wins from a few tokens on; 128 leaves
-#: decode batches (and short chat turns) on the CPU, where copying the weights every step would cost more.
+#: The planner's own threshold (a whole step simulated both ways) for 13B int4 under 6 GiB on its built-in
+#: H100 profile is 4 tokens with 1 sequence and 17 with 16: the GPU wins from small steps on, and the planner
+#: keeps the threshold above max_num_seqs so that decode steps, which it costs with CPU layers on the CPU, stay
+#: there. 128 is above the CLI's default max_num_seqs (64), so no decode step is offloaded, while every
+#: prefill chunk of a real prompt is.
 DEFAULT_PREFILL_OFFLOAD_MIN_TOKENS = 128
 
 

@@ -104,7 +104,11 @@ class DriverCaps:
                         CPU kernels, quant/cpu_packed.py; the cost model then uses cpu_quant_flops)
     cpu_kv_bytes        bytes per KV element of CPU layers (their compute dtype: 4 for fp32); 0 = the pool's
     prefill_offload     long prefill chunks may run CPU layers on the GPU through the ring (their past KV
-                        copied in, the new KV copied back), as llama.cpp does for big batches
+                        copied in, the new KV copied back), as llama.cpp does for big batches (--prefill-offload;
+                        memory/offload.py "Prefill offload"). Planned: Plan.prefill_offload_min_tokens (a step
+                        simulated both ways, above max_num_seqs); one more layer of KV pages in the model dtype
+                        in the KV term (the twins' device pages); a CPU placement gets one buffer (the twins' own
+                        weight slot: nothing streams)
     lm_head_offload     the lm_head may be streamed or computed on the CPU (today it stays on the device)
     min_stream_buffers  smallest ring the driver accepts
     """
