@@ -50,6 +50,8 @@ def _step_at_start(driver) -> bool:
         # CPU layers after a resident one: they borrow the slot of the next step's first unit
         ("s,s,s,r,r,c,c", 2, {"lm_head": "streamed"}, 1),
         ("c:3,r:4", 2, {}, 0),  # nothing streams: the twins get a slot of their own
+        # embeddings and lm_head on the CPU (the head has no twin): the first units' slots are borrowed
+        ("c:2,s:4,r", 3, {"embed_on_cpu": True, "lm_head": "cpu"}, 1),
     ],
 )
 def test_offloaded_prefill_gives_the_resident_output_bit_for_bit(deep_path, reference, placements, buffers, extra,
@@ -229,3 +231,19 @@ def test_borrowed_slots_keep_the_ring_event_protocol(deep_path, reference, monke
     assert driver.stats.slots_borrowed == 3 and driver.stats.misses == 0
     assert proto.copies == driver.stats.loads - 3 + 4  # 3 primed before the fakes; 4 twin copies
     driver.release()
+
+
+def test_preemption_and_swap_with_offloaded_prefills(deep_path):  # recomputed prompts, swapped host pages
+    """With 4 KV blocks the four requests are preempted as they grow: by recompute (a new prefill, offloaded
+    again) or, with swap space, by copying every layer's pages out and back, the CPU layers' host pages among
+    them, which must hold the rows the twins wrote."""
+    long = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    want = greedy(new_llm(deep_path), params=long)
+    for swap in (0, 1 << 20):
+        llm = new_llm(deep_path, num_kv_blocks=4, swap_space=swap)
+        driver = offload(llm, "s,c,r,s,c,s,s", 2, prefill_offload_min_tokens=5)
+        if swap:
+            llm.engine.runner.enable_swap(swap)
+        assert greedy(llm, params=long) == want
+        assert llm.engine.scheduler.num_preemptions > 0 and driver.stats.offloaded_layers > 0
+        assert (llm.engine.scheduler.num_swap_outs > 0) == bool(swap)
