@@ -247,3 +247,17 @@ def test_preemption_and_swap_with_offloaded_prefills(deep_path):  # recomputed p
         assert greedy(llm, params=long) == want
         assert llm.engine.scheduler.num_preemptions > 0 and driver.stats.offloaded_layers > 0
         assert (llm.engine.scheduler.num_swap_outs > 0) == bool(swap)
+
+
+def test_a_step_recorded_for_capture_is_never_offloaded(deep_path, reference):
+    """Between begin_step_capture and end_step_capture (here live: the emulated schedule) the CPU layers run
+    on the CPU whatever the step's size: an offloaded step's borrowed slots cannot be part of a graph."""
+    llm = new_llm(deep_path)
+    driver = offload(llm, "r,s,c,s,s,c,r", 2, prefill_offload_min_tokens=5)
+    driver.ensure_step_start()
+    driver.begin_step_capture(live=True)
+    logits = llm.engine.score(PROMPTS[2] + PROMPTS[0])
+    driver.after_replay(driver.end_step_capture())
+    assert torch.equal(logits, reference[1]) and driver.stats.offloaded_layers == 0
+    assert torch.equal(llm.engine.score(PROMPTS[2] + PROMPTS[0]), reference[1])
+    assert driver.stats.offloaded_layers == 2 and driver.stats.misses == 0

@@ -866,9 +866,10 @@ class OffloadDriver:
         n, count = self.num_slots, len(self._streamed)
         name = self._streamed[j].name
         layers = _decoder_layers(self.model)
-        # the decoder layer after this unit is a CPU layer with a twin (prefill offload)
-        twin_follows = (name.startswith("model.layers.") and int(name.rsplit(".", 1)[1]) + 1 < len(layers)
-                        and id(layers[int(name.rsplit(".", 1)[1]) + 1]) in self._twins)
+        # the decoder layer after this unit is a CPU layer whose twin runs from a ring slot (prefill offload)
+        after = int(name.rsplit(".", 1)[1]) + 1 if name.startswith("model.layers.") else len(layers)
+        twin = self._twins.get(id(layers[after])) if after < len(layers) else None
+        twin_follows = twin is not None and twin.layout.nbytes <= self.slot_bytes
 
         def post(module: nn.Module, args: tuple, output: Any) -> None:
             s = j % n
@@ -876,7 +877,7 @@ class OffloadDriver:
             nxt = j + n if j + n < count else s  # the slot's next user: later this step, or next step's
             if self._ring.owner[s] == nxt:  # type: ignore[union-attr]
                 return
-            if twin_follows and self._step is None and _step_tokens(args, {}) >= self.prefill_offload_min_tokens:
+            if twin_follows and self._offloads(args, {}):
                 # An offloaded step: the CPU layer's twin runs next, from this slot (the one needed last);
                 # the slot's next user is loaded after it (_give_back_slots), one copy as in any step.
                 self._ring.owner[s] = None  # type: ignore[union-attr]
@@ -1040,7 +1041,7 @@ class OffloadDriver:
     def _cpu_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         self._flush_kv()  # a CPU layer reads its host pages: earlier twins' rows must be in them (normally are)
         twin = self._twins.get(id(module))
-        if twin is not None and self._step is None and _step_tokens(args, kwargs) >= self.prefill_offload_min_tokens:
+        if twin is not None and self._offloads(args, kwargs):
             self._twin_pending = twin  # the forward runs the twin, on the device tensors as they are
             return None
         step = next((host_step(a) for a in (*args, *kwargs.values()) if isinstance(a, AttentionMetadata)), None)
@@ -1085,6 +1086,15 @@ class OffloadDriver:
         del values
         pl.point_at(refs, layout.views(host))  # the twin holds no device memory between runs
         self._twins[id(layer)] = _Twin(index, layer, twin, refs, layout, host, attn_path)
+
+    def _offloads(self, args: tuple, kwargs: dict) -> bool:
+        """Whether the step of this layer call runs its CPU layers on the device: eager (not recorded for a
+        captured step, nor inside any CUDA-graph capture) and at least prefill_offload_min_tokens tokens."""
+        if self._step is not None or self.prefill_offload_min_tokens is None:
+            return False
+        if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return False
+        return _step_tokens(args, kwargs) >= self.prefill_offload_min_tokens
 
     def _dispatch_to_twin(self, layer: nn.Module) -> None:
         """The CPU unit's forward runs its twin when its pre-hook chose to (_cpu_pre), else its own."""
