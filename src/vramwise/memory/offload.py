@@ -156,8 +156,8 @@ import torch
 from torch import nn
 
 from vramwise.config import format_size
-from vramwise.memory import placement as pl
 from vramwise.kernels.attention_backend import select_attention_backend
+from vramwise.memory import placement as pl
 from vramwise.models.attention import Attention, AttentionMetadata
 from vramwise.quant.apply import set_submodule
 from vramwise.quant.cpu_packed import CpuPackedLinear
