@@ -560,6 +560,11 @@ def test_prefill_offload_threshold_and_memory_are_what_the_driver_runs():
     off = plan(L13, 6 * GiB, H100, W4, max_num_seqs=1, driver=caps, **kw)
     on_cpu = plan(L13, 6 * GiB, H100, W4, max_num_seqs=1, driver=driver_caps("packed"), force_policy="mixed", **kw)
     assert off.policy == "mixed" and off.num_cpu > 0 and on_cpu.prefill_offload_min_tokens is None
+    w = model_weights(L13, W4)
+    cpu_layers = [i for i, x in enumerate(off.layers) if x == CPU]
+    streamed = sum(w.layer_bytes[i] for i, x in enumerate(off.layers) if x == STREAMED)
+    # host: streamed layers, CPU layers packed (their CPU form) and again as loaded (the twins), embeddings
+    assert off.host_weight_bytes == streamed + 2 * sum(w.layer_bytes[i] for i in cpu_layers) + 32000 * 5120 * 2
     assert 1 < off.prefill_offload_min_tokens <= 512
     assert off.prediction.ttft_s < on_cpu.prediction.ttft_s / 3  # the 512-token prompt's CPU layers on the GPU
     twin = 2 * L13.num_key_value_heads * L13.head_dim * 2  # fp16 K and V per token

@@ -1173,6 +1173,8 @@ def _finish(s: _Setup, cand: _Candidate, budget: Budget, name: str) -> Plan:
     cpu_layers = sum(1 for p in cand.layers if p == CPU)
     host_weights = sum(wb for wb, p in zip(w.layer_bytes, cand.layers) if p == STREAMED)
     host_weights += sum(cb for cb, p in zip(s.cpu_layer_bytes, cand.layers) if p == CPU)
+    if _offload_threshold(s, cand) is not None:  # prefill offload: CPU layers also kept as loaded, for the GPU
+        host_weights += sum(wb for wb, p in zip(w.layer_bytes, cand.layers) if p == CPU)
     if cand.lm_head != RESIDENT:
         host_weights += w.lm_head_bytes
     if cand.embeddings == "cpu":
