@@ -1074,8 +1074,7 @@ class OffloadDriver:
         if attn_path is None:
             raise TypeError(f"decoder layer {index} ({type(layer).__name__}) has no Attention module; prefill "
                             "offload needs one to give the twin device KV pages")
-        pl.warn_unregistered_tensors(layer, self._shared)
-        twin = pl.structural_copy(layer, self._shared)
+        twin = pl.structural_copy(layer, self._shared)  # (_setup_cpu_unit warns of unregistered tensors)
         refs = pl.owned_tensors(twin, self._shared)
         keep = self._quantized_ids(twin)  # packed modules keep their dtypes (scales), as _cast_floats does
         values = [r.get() for r in refs]

@@ -316,8 +316,8 @@ class Plan:
             lines.append(f"              ring of {self.num_stream_buffers} x {format_size(self.stream_buffer_bytes)} "
                          f"stream buffers")
         if self.prefill_offload_min_tokens is not None and self.num_cpu:
-            lines.append(f"              CPU layers run on the GPU (streamed) for prefill chunks of >= "
-                         f"{self.prefill_offload_min_tokens} tokens")
+            lines.append(f"              CPU layers run on the GPU (through a stream buffer) in steps of >= "
+                         f"{self.prefill_offload_min_tokens} tokens (prefill offload)")
         if self.host_weight_bytes or self.host_kv_bytes:
             pinned = " (pinned)" if self.budget.limit else ""
             lines.append(f"host memory   {format_size(self.host_weight_bytes)} weights{pinned}"
