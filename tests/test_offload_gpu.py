@@ -1,6 +1,7 @@
 """Offload driver on CUDA (marked gpu): streamed layers from pinned host memory give the resident output bit
 for bit, CPU layers keep their KV and batch tensors on the host, H2D copies run on a side stream and overlap
-compute, and the GPU holds the slots rather than the streamed layers."""
+compute, and the GPU holds the slots rather than the streamed layers; with prefill offload, long steps run the
+CPU layers on the GPU bit for bit like the resident model."""
 
 from __future__ import annotations
 
