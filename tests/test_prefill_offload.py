@@ -261,3 +261,22 @@ def test_a_step_recorded_for_capture_is_never_offloaded(deep_path, reference):
     assert torch.equal(logits, reference[1]) and driver.stats.offloaded_layers == 0
     assert torch.equal(llm.engine.score(PROMPTS[2] + PROMPTS[0]), reference[1])
     assert driver.stats.offloaded_layers == 2 and driver.stats.misses == 0
+
+
+def test_packed_cpu_layers_offload_their_int4_weights_as_loaded(deep_path):
+    """int4 layers on the CPU as CpuPackedLinear (bf16 activations): an offloaded step computes them from their
+    QuantLinear buffers as loaded, i.e. exactly as the all-resident int4 model does; the CPU path does not."""
+    from vramwise.quant.cpu_packed import CpuPackedLinear
+    from vramwise.quant.linear import QuantLinear
+
+    prompt = PROMPTS[2] + PROMPTS[0]
+    want = new_llm(deep_path, quantization="int4-g32").engine.score(prompt)
+    kw = {"quantization": "int4-g32", "offload": "r,c,s,c,c,s,r", "cpu_weights": "packed"}
+    on_cpu = new_llm(deep_path, **kw).engine.score(prompt)
+    llm = new_llm(deep_path, prefill_offload=True, prefill_offload_min_tokens=5, **kw)
+    driver = llm.engine.offload
+    assert isinstance(llm.engine.model.model.layers[1].mlp.down_proj, CpuPackedLinear)
+    twin = next(t for t in driver._twins.values() if t.index == 1)
+    assert isinstance(twin.module.mlp.down_proj, QuantLinear) and twin.module.mlp.down_proj.qweight.dtype == torch.int32
+    assert torch.equal(llm.engine.score(prompt), want) and not torch.equal(on_cpu, want)
+    assert driver.stats.offloaded_layers == 3
