@@ -228,6 +228,9 @@ def test_engine_flags_reach_the_config():
     assert make_engine_config(args).cpu_weights == "fp32"  # the default: dequantized, as before
     args = p.parse_args(["generate", "hi", "--offload", "r,c", "--cpu-weights", "packed"])
     assert make_engine_config(args).cpu_weights == "packed"
+    args = p.parse_args(["generate", "hi", "--offload", "r,c", "--prefill-offload", "--prefill-offload-min-tokens", "64"])
+    assert (make_engine_config(args).prefill_offload, make_engine_config(args).prefill_offload_min_tokens) == (True, 64)
+    assert make_engine_config(p.parse_args(["generate", "hi"])).prefill_offload is False
     args = p.parse_args(["generate", "hi", "--gpu-memory", "1GiB", "--gpu-memory-utilization", "0.5"])
     with pytest.raises(ValueError, match="not both"):
         make_engine_config(args)
@@ -319,3 +322,29 @@ def test_context_allowance_env_is_read_and_checked(monkeypatch):
     monkeypatch.setenv("VRAMWISE_CONTEXT_ALLOWANCE", "lots")
     with pytest.raises(ValueError, match="VRAMWISE_CONTEXT_ALLOWANCE"):
         module_loading_allowance()
+
+
+def test_prefill_offload_is_planned_executed_and_counted(deep_path, reference):
+    """--prefill-offload under a budget: the plan's threshold reaches the driver, the CPU layers run on the
+    "device" for the prefill (same greedy output), and the twins' one layer of device KV pages is in both the
+    plan's KV term and the engine's report (the ring lends the twins their weight slot)."""
+    mem = MemoryBudgetConfig(gpu_memory=200 * MiB, device_profile=STREAM_CARD)
+    llm = engine_llm(deep_path, mem, offload="r,s,c,s,s,c,r", prefill_offload=True)
+    eng = llm.engine
+    threshold = eng.budget_setup.plan.prefill_offload_min_tokens
+    assert eng.budget_setup.prefill_offload and threshold is not None
+    assert eng.offload.prefill_offload_min_tokens == threshold and len(eng.offload._twins) == 2
+    assert outputs(llm) == reference
+    assert eng.offload.stats.offloaded_layers > 0
+    r = eng.memory_report()
+    cfg = eng.model_config
+    per_block = 2 * eng.block_manager.block_size * cfg.num_key_value_heads * cfg.head_dim * 4  # K+V, fp32
+    blocks = eng.block_manager.num_blocks
+    assert r["kv_pool"] == blocks * (5 + 1) * per_block  # 5 GPU-side layers + the twins' pages
+    assert eng.offload.bytes_kv_scratch == blocks * per_block  # allocated by the prefill, as reported
+    assert r["stream_buffers"] == eng.offload.bytes_slots
+    planned = r["planned"]
+    assert planned["kv_pool"] == r["kv_pool"] + (5 + 1) * per_block  # + the graphs' scratch block, planned
+    assert r["total_planned"] <= mem.gpu_memory
+    with pytest.raises(ValueError, match="prefill offload is off"):
+        engine_llm(deep_path, offload="r,s,c,s,s,c,r", prefill_offload_min_tokens=8)

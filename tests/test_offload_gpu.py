@@ -1,6 +1,7 @@
 """Offload driver on CUDA (marked gpu): streamed layers from pinned host memory give the resident output bit
 for bit, CPU layers keep their KV and batch tensors on the host, H2D copies run on a side stream and overlap
-compute, and the GPU holds the slots rather than the streamed layers."""
+compute, and the GPU holds the slots rather than the streamed layers; with prefill offload, long steps run the
+CPU layers on the GPU bit for bit like the resident model."""
 
 from __future__ import annotations
 
@@ -157,3 +158,34 @@ def test_bundled_model_mixed_placement_on_cuda():
     llm = LLM(device="cuda", dtype="float32", max_model_len=256, show_progress=False)
     offload(llm, ["resident", "streamed", "cpu"] * 10, 3)
     assert greedy(llm, prompts, params) == want
+
+
+@pytest.mark.parametrize("placements, buffers", [("r,s,c,s,s,c,r", 2), ("c,c,s,s,s,c,c", 3), ("c:3,r:4", 2)])
+def test_prefill_offload_runs_cpu_layers_on_the_gpu(deep_path, placements, buffers):
+    """Prefill offload (memory/offload.py "Prefill offload") on CUDA, fp32: a long step runs every layer on
+    the GPU with the same kernels as the all-resident model (bit for bit); decode steps run the CPU layers on
+    the CPU over the KV the twins copied back (greedy tokens agree); chunked prompts with a decode in the same
+    steps too; the ring is back in its step-start state, with no miss; the twins' weights are pinned."""
+    from test_prefill_offload import LONG, SHORT, _step_at_start
+
+    ref = new_llm(deep_path, device="cuda", dtype="float32")
+    want_tokens, want_logits = greedy(ref), ref.engine.score(PROMPTS[2] + PROMPTS[0])
+    llm = new_llm(deep_path, device="cuda", dtype="float32")
+    driver = offload(llm, placements, buffers, prefill_offload_min_tokens=5)
+    assert all(t.host.is_pinned() for t in driver._twins.values())
+    assert torch.equal(llm.engine.score(PROMPTS[2] + PROMPTS[0]), want_logits)  # one 18-token step, all on the GPU
+    assert greedy(llm) == want_tokens
+    ncpu = len(driver.layers_with(CPU))
+    assert driver.stats.offloaded_layers == 2 * ncpu and driver.stats.misses == 0
+    assert driver._kv_scratch[0].device.type == "cuda"
+    if driver._ring is not None:
+        assert _step_at_start(driver)
+    else:
+        assert driver._twin_ring.slots[0].device.type == "cuda"
+
+    prompts = [[7, 8, 9], LONG, PROMPTS[2]]
+    chunked_ref = new_llm(deep_path, device="cuda", dtype="float32", max_num_batched_tokens=8)
+    chunked = new_llm(deep_path, device="cuda", dtype="float32", max_num_batched_tokens=8)
+    driver = offload(chunked, placements, buffers, prefill_offload_min_tokens=5)
+    assert greedy(chunked, prompts, SHORT) == greedy(chunked_ref, prompts, SHORT)
+    assert driver.stats.offloaded_layers >= 5 * ncpu and driver.stats.kv_bytes_in > 0 and driver.stats.misses == 0

@@ -547,3 +547,35 @@ def test_long_prefill_of_quantized_layers_pays_the_dequantize_pass():
     gap_short = plan(L13, 70 * GiB, H100, W4, **short).prediction.ttft_s - plan(L13, 70 * GiB, H100, FP16,
                                                                                   **short).prediction.ttft_s
     assert gap_short < 0.2 * extra
+
+
+def test_prefill_offload_threshold_and_memory_are_what_the_driver_runs():
+    """--prefill-offload (memory/offload.py "Prefill offload"): the threshold is a whole-step comparison above
+    the decode batch (decode steps keep their CPU layers on the CPU, as the decode model costs them); the
+    twins' one layer of device KV pages (model dtype) is in the KV term; a CPU placement plans the one weight
+    slot the driver's twins get when nothing streams."""
+    caps = driver_caps("packed", prefill_offload=True)
+    assert caps.prefill_offload and caps.cpu_weights == "packed" and "prefill offload" in caps.name
+    kw = {"max_model_len": 640, "kv_dtype": "int8", "alternatives": False}
+    off = plan(L13, 6 * GiB, H100, W4, max_num_seqs=1, driver=caps, **kw)
+    on_cpu = plan(L13, 6 * GiB, H100, W4, max_num_seqs=1, driver=driver_caps("packed"), force_policy="mixed", **kw)
+    assert off.policy == "mixed" and off.num_cpu > 0 and on_cpu.prefill_offload_min_tokens is None
+    w = model_weights(L13, W4)
+    cpu_layers = [i for i, x in enumerate(off.layers) if x == CPU]
+    streamed = sum(w.layer_bytes[i] for i, x in enumerate(off.layers) if x == STREAMED)
+    # host: streamed layers, CPU layers packed (their CPU form) and again as loaded (the twins), embeddings
+    assert off.host_weight_bytes == streamed + 2 * sum(w.layer_bytes[i] for i in cpu_layers) + 32000 * 5120 * 2
+    assert 1 < off.prefill_offload_min_tokens <= 512
+    assert off.prediction.ttft_s < on_cpu.prediction.ttft_s / 3  # the 512-token prompt's CPU layers on the GPU
+    twin = 2 * L13.num_key_value_heads * L13.head_dim * 2  # fp16 K and V per token
+    gpu_layers = sum(1 for x in off.layers if x != CPU)
+    per_token = off.kv_bytes_per_token  # the GPU-side layers' pool
+    assert per_token % gpu_layers == 0
+    tokens = (off.kv_num_blocks + off.kv_scratch_blocks) * off.kv_block_size
+    assert off.budget.kv_pool == tokens * (per_token + twin)
+    batch16 = plan(L13, 6 * GiB, H100, W4, max_num_seqs=16, driver=caps, **kw)
+    if batch16.prefill_offload_min_tokens is not None:
+        assert batch16.prefill_offload_min_tokens > 16  # decode steps of up to 16 sequences stay on the CPU
+    cpu = plan(L13, 6 * GiB, H100, W4, max_num_seqs=1, force_policy="cpu", driver=caps, **kw)
+    assert cpu.num_stream_buffers == 1 and cpu.prefill_offload_min_tokens is not None
+    assert cpu.budget.stream_buffers == max(model_weights(L13, W4).layer_bytes)

@@ -35,6 +35,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="how CPU-computed layers (--offload / --gpu-memory) hold weights: fp32 or bf16 "
                         "(dequantized), or packed int4/int8 (torch's packed CPU kernels, bf16 activations; "
                         "1/8 of the fp32 bytes at int4); the planner costs the same (default: fp32)")
+    g.add_argument("--prefill-offload", action="store_true",
+                   help="long prefill steps run the CPU-computed layers on the GPU (their weights copied in through "
+                        "the stream buffers, their KV through one layer's device pages); the planner costs it")
+    g.add_argument("--prefill-offload-min-tokens", type=positive_int, default=None, metavar="N",
+                   help="with --prefill-offload: steps of at least N tokens are offloaded (default: the planner's "
+                        "threshold under --gpu-memory, else 128)")
     g.add_argument("--gpu-memory", type=size, default=None, metavar="SIZE",
                    help="GPU-memory budget of the whole process (NVML's figure), e.g. 6GiB: the planner places "
                         "layers (resident / streamed / CPU) and sizes the KV pool to fit; start-up refuses a "
@@ -107,6 +113,8 @@ def make_engine_config(args: argparse.Namespace, show_progress: bool = True):
         offload=getattr(args, "offload", None),
         num_stream_buffers=getattr(args, "stream_buffers", 2),
         cpu_weights=getattr(args, "cpu_weights", "fp32"),
+        prefill_offload=bool(getattr(args, "prefill_offload", False)),
+        prefill_offload_min_tokens=getattr(args, "prefill_offload_min_tokens", None),
         enforce_eager=bool(getattr(args, "enforce_eager", False)),
         async_scheduling=bool(getattr(args, "async_scheduling", True)),
         **extra,

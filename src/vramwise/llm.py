@@ -21,7 +21,8 @@ class LLM:
     Extra keyword arguments: device, dtype, seed, max_model_len, max_num_seqs, max_num_batched_tokens,
     num_kv_blocks, kv_cache_memory (bytes), block_size, show_progress, quantization (see model_loader),
     offload (layer placement, see memory/offload.py), num_stream_buffers, cpu_weights (fp32 | bf16 | packed:
-    how CPU-computed layers hold weights), enforce_eager, decode_graphs,
+    how CPU-computed layers hold weights), prefill_offload and prefill_offload_min_tokens (long steps run the
+    CPU-computed layers on the device), enforce_eager, decode_graphs,
     async_scheduling, fuse_projections (see EngineConfig), kv_cache_dtype (auto | fp16 | bf16 | int8 | fp8), swap_space (bytes of host memory for preempted
     sequences' KV; 0 = recompute); or a whole engine_config.
     """
@@ -44,6 +45,8 @@ class LLM:
         offload: str | None = None,
         num_stream_buffers: int = 2,
         cpu_weights: str = "fp32",
+        prefill_offload: bool = False,
+        prefill_offload_min_tokens: int | None = None,
         enforce_eager: bool = False,
         decode_graphs: str = "auto",
         async_scheduling: bool = True,
@@ -73,6 +76,8 @@ class LLM:
             offload=offload,
             num_stream_buffers=num_stream_buffers,
             cpu_weights=cpu_weights,
+            prefill_offload=prefill_offload,
+            prefill_offload_min_tokens=prefill_offload_min_tokens,
             enforce_eager=enforce_eager,
             decode_graphs=decode_graphs,
             async_scheduling=async_scheduling,

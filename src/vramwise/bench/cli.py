@@ -49,7 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def bench_settings(args: argparse.Namespace) -> dict:
     """The settings that define the measured scenario, stored in the report (JSON-safe values)."""
-    keys = ("model", "random_weights", "quantization", "gpu_memory", "offload", "cpu_weights", "kv_cache_memory",
+    keys = ("model", "random_weights", "quantization", "gpu_memory", "offload", "cpu_weights", "prefill_offload", "kv_cache_memory",
             "num_kv_blocks", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "dtype", "device")
     return {k: getattr(args, k, None) for k in keys}
 

@@ -94,9 +94,10 @@ class LLMEngine:
         self.tokenizer: Tokenizer | None = source.load_tokenizer()  # None for random-weight models
         self.dtype = resolve_dtype(config.dtype, self.device, self.model_config)
         self.kv_dtype = resolve_kv_cache_dtype(config.cache.cache_dtype, self.dtype)  # before loading: fail fast
-        from vramwise.memory.offload import cpu_weight_options
+        from vramwise.memory.offload import cpu_weight_options, prefill_offload_threshold
 
         cpu_weight_options(config.cpu_weights)  # a bad --cpu-weights fails before loading too
+        prefill_min = prefill_offload_threshold(config)  # a bad threshold fails before loading too
         if isinstance(source, RandomWeightSource):  # draw the weights where they will live
             source.device, source.dtype = self.device, self.dtype
         max_len = min(config.scheduler.max_model_len, self.model_config.max_position_embeddings)
@@ -118,14 +119,16 @@ class LLMEngine:
         self.offload = None  # OffloadDriver when layers are streamed or computed on the CPU
         if self.budget_setup is not None:
             self.offload = enforce.apply_budget_placement(self.budget_setup, self.model, self.device,
-                                                          config.num_stream_buffers)
+                                                          config.num_stream_buffers,
+                                                          prefill_offload_min_tokens=config.prefill_offload_min_tokens)
         elif config.offload:
             from vramwise.memory.offload import OffloadConfig, cpu_weight_options, setup_offload
 
             cpu_dtype, cpu_weights = cpu_weight_options(config.cpu_weights)
             self.offload = setup_offload(
                 self.model, OffloadConfig(placements=config.offload, num_stream_buffers=config.num_stream_buffers,
-                                          cpu_dtype=cpu_dtype, cpu_weights=cpu_weights),
+                                          cpu_dtype=cpu_dtype, cpu_weights=cpu_weights,
+                                          prefill_offload_min_tokens=prefill_min),
                 self.device,
             )
         self.placement_name = self.offload.summary() if self.offload else "all-resident"

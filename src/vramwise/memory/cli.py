@@ -62,7 +62,8 @@ def register(subparsers: Any) -> None:
                    help="how CPU-computed layers hold weights (as `serve --cpu-weights`): fp32 / bf16 "
                         "(dequantized), or packed int4/int8 (torch's packed CPU kernels)")
     g.add_argument("--prefill-offload", action="store_true",
-                   help="long prefill chunks run CPU layers on the GPU through the stream buffers")
+                   help="long prefill chunks run CPU layers on the GPU through the stream buffers "
+                        "(as `serve --prefill-offload`)")
     g.add_argument("--lm-head-offload", action="store_true", help="the lm_head may be streamed or CPU-computed")
     p.add_argument("--device-profile", default="auto",
                    help="h100 | rtx2060 | cpu | auto (doctor's cached measurements, else h100) | PATH.json")
@@ -232,10 +233,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     profile, profile_note = resolve_profile(args.device_profile)
     budget = _budget(args, profile)
-    caps = driver_caps(args.cpu_weights)  # what `serve --cpu-weights` runs
-    if args.prefill_offload or args.lm_head_offload:  # capabilities the driver does not have yet
-        caps = replace(caps, prefill_offload=args.prefill_offload, lm_head_offload=args.lm_head_offload,
-                       name="custom")
+    caps = driver_caps(args.cpu_weights, args.prefill_offload)  # what `serve --cpu-weights --prefill-offload` runs
+    if args.lm_head_offload:  # a capability the driver does not have yet
+        caps = replace(caps, lm_head_offload=True, name="custom")
     for known in (DRIVER_TODAY, DRIVER_NEXT):
         if (caps.cpu_weights, caps.prefill_offload, caps.lm_head_offload) == (
                 known.cpu_weights, known.prefill_offload, known.lm_head_offload):

@@ -72,6 +72,7 @@ class BudgetSetup:
     quant: Any = None
     cuda_graphs: bool = True
     cpu_weights: str = "fp32"  # --cpu-weights: how CPU layers hold weights, as planned (planner.driver_caps)
+    prefill_offload: bool = False  # --prefill-offload: long prefills run CPU layers on the GPU, as planned
 
     def predict(self, batch: int, prompt_len: int, gen_len: int) -> dict[str, float]:
         """The plan's predicted TTFT, prefill and decode rates for a benchmark run (planner.predict_workload)."""
@@ -80,7 +81,7 @@ class BudgetSetup:
         # the caps the plan was made with: CPU layers costed as the driver holds their weights
         return predict_workload(self.model_config, self.limit, self.profile, self.quant, self.plan, batch,
                                 prompt_len, gen_len, cuda_graphs=self.cuda_graphs,
-                                driver=driver_caps(self.cpu_weights))
+                                driver=driver_caps(self.cpu_weights, self.prefill_offload))
 
     @property
     def needs_driver(self) -> bool:
@@ -221,7 +222,8 @@ def prepare_budget(config: EngineConfig, source: Any, model_config: ModelConfig,
         kv_dtype=_kv_dtype(config.cache.cache_dtype, dtype), max_num_batched_tokens=chunk,
         cuda_graphs=not getattr(config, "enforce_eager", False), block_size=config.cache.block_size,
         model_name=str(getattr(source, "path", "") or model_config.architecture),
-        driver=driver_caps(getattr(config, "cpu_weights", "fp32")),  # CPU layers costed as the driver holds them
+        # CPU layers costed as the driver holds them, long prefills as it runs them
+        driver=driver_caps(getattr(config, "cpu_weights", "fp32"), bool(getattr(config, "prefill_offload", False))),
     )
     forced = config.offload is not None
     try:
@@ -248,7 +250,8 @@ def prepare_budget(config: EngineConfig, source: Any, model_config: ModelConfig,
     setup = BudgetSetup(limit=limit, profile=profile, plan=result, context_bytes=context,
                         context_measured=measured, load_device=load_device, forced=forced, monitor=monitor,
                         model_config=model_config, quant=quant, cuda_graphs=kw["cuda_graphs"],
-                        cpu_weights=getattr(config, "cpu_weights", "fp32"))
+                        cpu_weights=getattr(config, "cpu_weights", "fp32"),
+                        prefill_offload=bool(getattr(config, "prefill_offload", False)))
     if monitor is not None:  # an engine that fails to build after this point must not leave the poller running
         weakref.finalize(setup, _stop_quietly, monitor)
     log.info("GPU-memory budget %s: %s, KV %d blocks, chunk %d tokens", format_size(limit),
@@ -325,10 +328,11 @@ def _offloads(p: Any) -> bool:
 
 
 def apply_budget_placement(setup: BudgetSetup, model: torch.nn.Module, device: torch.device,
-                           num_stream_buffers: int) -> Any:
+                           num_stream_buffers: int, prefill_offload_min_tokens: int | None = None) -> Any:
     """Lay the loaded model out as the plan says (None when everything is resident: no driver, no hooks).
     A placement forced by --offload keeps its own ring size. CPU layers hold their weights as
-    --cpu-weights says (the format the plan was costed with)."""
+    --cpu-weights says (the format the plan was costed with); with --prefill-offload, steps of the plan's
+    prefill_offload_min_tokens (or the one given) run them on the device."""
     from vramwise.memory.offload import apply_placement, apply_plan, cpu_weight_options
 
     if device.type == "cuda":
@@ -338,10 +342,17 @@ def apply_budget_placement(setup: BudgetSetup, model: torch.nn.Module, device: t
             model.to(device)
         return None
     cpu_dtype, cpu_weights = cpu_weight_options(setup.cpu_weights)
+    prefill_min = None
+    if setup.prefill_offload:
+        prefill_min = prefill_offload_min_tokens or setup.plan.prefill_offload_min_tokens
+        if prefill_min is None and "cpu" in setup.plan.layers:
+            log.info("--prefill-offload: the planner found no prefill chunk that the GPU runs faster than the CPU "
+                     "for this placement; CPU layers always run on the CPU")
     if setup.forced:
         return apply_placement(model, list(setup.plan.layers), device, num_stream_buffers, cpu_dtype=cpu_dtype,
-                               cpu_weights=cpu_weights)
-    return apply_plan(model, setup.plan, device, cpu_dtype=cpu_dtype, cpu_weights=cpu_weights)
+                               cpu_weights=cpu_weights, prefill_offload_min_tokens=prefill_min)
+    return apply_plan(model, setup.plan, device, cpu_dtype=cpu_dtype, cpu_weights=cpu_weights,
+                      prefill_offload_min_tokens=prefill_min)
 
 
 def kv_num_blocks(setup: BudgetSetup, requested_blocks: int | None) -> int:
@@ -458,7 +469,9 @@ def _unique_bytes(tensors: Any, device: torch.device) -> int:
 
 
 def _device_kv_bytes(engine: Any) -> int:
-    """Bytes of the KV pages of the layers computed on the device (CPU layers keep theirs on the host)."""
+    """Bytes of the KV pages of the layers computed on the device (CPU layers keep theirs on the host), and,
+    with prefill offload, the one layer of device pages the CPU layers' twins use (allocated at the first
+    offloaded step; counted from the pool's geometry, so the figure does not depend on whether one ran)."""
     kv = engine.runner.kv_cache
     driver = getattr(engine, "offload", None)
     scales = getattr(kv, "scales", None)  # an int8 cache keeps per-(token, head) scales beside its pages
@@ -468,7 +481,16 @@ def _device_kv_bytes(engine: Any) -> int:
             continue
         parts = list(kv.layer(i)) + list((scales(i) if callable(scales) else None) or ())
         total += sum(t.numel() * t.element_size() for t in parts)
-    return total
+    return total + _prefill_offload_bytes(engine)[0]
+
+
+def _prefill_offload_bytes(engine: Any) -> tuple[int, int]:
+    """(device KV pages, own weight slot) of the offload driver's prefill offload; (0, 0) without it."""
+    driver = getattr(engine, "offload", None)
+    if driver is None or not hasattr(driver, "prefill_offload_bytes") or "cpu" not in driver.placements:
+        return 0, 0
+    kv = engine.runner.kv_cache
+    return driver.prefill_offload_bytes(tuple(kv.layer(driver.placements.index("cpu"))[0].shape))
 
 
 def memory_report(engine: Any) -> dict[str, Any]:
@@ -476,8 +498,8 @@ def memory_report(engine: Any) -> dict[str, Any]:
 
         cuda_context       the plan's context term (NVML at start-up, or the device profile's)
         resident_weights   device tensors of the model (resident layers, lm_head, norms, embeddings there)
-        stream_buffers     the offload ring (slots x slot bytes)
-        kv_pool            KV pages of the device-side layers
+        stream_buffers     the offload ring (slots x slot bytes), or prefill offload's own weight slot
+        kv_pool            KV pages of the device-side layers (+ prefill offload's one layer of pages)
         activations, workspace, margin   as planned (they live in torch's cache once the warm-up ran)
         graph_pool         the runner's CUDA-graph pool (0 without graphs)
         total_planned      the sum of the above
@@ -494,7 +516,7 @@ def memory_report(engine: Any) -> dict[str, Any]:
     planned = setup.plan.budget if setup is not None else None
     on_gpu = device.type == "cuda"
     if driver is not None:
-        resident, ring = driver.bytes_resident, driver.bytes_slots
+        resident, ring = driver.bytes_resident, driver.bytes_slots + _prefill_offload_bytes(engine)[1]
     else:
         model = engine.model
         resident = _unique_bytes([*model.parameters(), *model.buffers()], device) if (on_gpu or setup) else 0

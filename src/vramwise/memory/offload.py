@@ -96,6 +96,42 @@ table is cloned onto the host (copied, so its values are bit-identical).
 While the CPU computes, H2D copies already queued for streamed layers go on (the copy engine and the CPU
 work side by side; the D2H of the hidden states syncs the compute stream only).
 
+Prefill offload (prefill_offload_min_tokens = M; the planner's DriverCaps.prefill_offload and its threshold): a
+512-token prefill of a 13B layer takes ~0.3-0.6 s on the CPU (issue 5), against ~3 ms to copy its int4 weights
+to the GPU, so a forward whose step has at least M tokens (T of the flat batch, all sequences together: read
+from the AttentionMetadata's slot_mapping) runs every CPU decoder layer on the device instead:
+  * Weights: at apply time, before a CPU layer is converted to its CPU form, its tensors as loaded (device
+    format: packed int4/int8 linears stay packed, floats in the model dtype) are packed into a host buffer
+    (ByteLayout / pack, pinned on CUDA) exactly as a streamed unit's, and a twin is kept: a structural copy of
+    the layer (placement.structural_copy: its own parameter objects, no hooks, the shared rotary table of the
+    device layers) whose tensors point at that buffer. The CPU unit's forward is replaced by a dispatcher
+    (an instance attribute; release() removes it): its pre-hook decides, from T, whether the twin runs.
+  * The twin borrows a ring slot (eager steps only: offloaded steps are prefills, never captured). A streamed
+    unit whose next decoder layer is a CPU layer hands its slot over in its post-hook instead of loading the
+    slot's next user (the unit needed last); otherwise the twin takes the slot whose unit is needed last and
+    marks it as holding nothing. Its weights are copied in on the copy stream (the ring's events: the copy
+    waits for the slot's last reader, the twin for the copy), its tensors re-pointed at the slot. After the
+    last CPU layer of a run, every displaced unit is reloaded as a prefetch (it runs later in the step or in
+    the next one): a CPU layer right after a streamed one costs no extra copy, others one reload per run, and
+    the step ends in the step-start state (slot s holds unit s) that captured decode steps expect. With 3+
+    slots and a run of 3+ CPU layers, twins alternate between two slots so one's copy overlaps the other's
+    compute. With no ring (nothing streams) or slots smaller than the twin, the twins get one slot of their own
+    (a second device buffer of the largest CPU layer, allocated at the first offloaded step, with its own copy
+    stream): the planner plans 1 buffer for such a placement and memory_report counts it in stream_buffers.
+  * KV: one scratch device KV cache (K and V of the host layer's page shape (num_blocks, block_size, Hkv, D)
+    in the model dtype, so block tables and slot mappings index it unchanged), shared by all twins (they run
+    one at a time), allocated at the first offloaded step. Before a twin runs, the pages holding each
+    sequence's past tokens (context minus this step's new ones: earlier chunks of a chunked prompt, the
+    history of a decode row in the step) are copied host -> device through pinned staging and cast; the twin's
+    attention (the device backend) writes the step's rows there and attends over them; its new rows
+    (slot_mapping) are copied device -> pinned host without waiting, and scattered into the host pages (cast
+    back to cpu_dtype) when the model's forward returns (a forward hook), so that a CPU-computed decode step,
+    a later chunk's twin or a KV swap reads them. The scratch is one more layer of device KV: the planner adds
+    it to its KV term, memory_report to kv_pool.
+  * StreamStats counts the twin runs (offloaded_layers), their weight bytes, the slots borrowed and the KV
+    bytes both ways; the reloads of displaced units are ordinary prefetches in loads.
+Host memory: each CPU layer is held twice (CPU form and device format, the latter pinned).
+
 The lm_head (final projection, as large as a layer or larger) can be placed too: streamed (the last unit
 of the ring) or on the CPU. Embeddings can stay on the CPU (the lookup is a gather; rows go to the GPU).
 
@@ -109,6 +145,7 @@ Engine integration (the lead wires `--offload-policy`):
 from __future__ import annotations
 
 import logging
+import math
 import re
 import weakref
 from collections.abc import Sequence
@@ -119,8 +156,9 @@ import torch
 from torch import nn
 
 from vramwise.config import format_size
+from vramwise.kernels.attention_backend import select_attention_backend
 from vramwise.memory import placement as pl
-from vramwise.models.attention import AttentionMetadata
+from vramwise.models.attention import Attention, AttentionMetadata
 from vramwise.quant.apply import set_submodule
 from vramwise.quant.cpu_packed import CpuPackedLinear
 
@@ -196,6 +234,28 @@ def parse_placements(spec: str | Sequence[str], num_layers: int) -> list[str]:
     return out
 
 
+#: Prefill offload's threshold (tokens in a step) when no planner gives one (--offload without --gpu-memory).
+#: The planner's own threshold (a whole step simulated both ways) for 13B int4 under 6 GiB on its built-in
+#: H100 profile is 4 tokens with 1 sequence and 17 with 16: the GPU wins from small steps on, and the planner
+#: keeps the threshold above max_num_seqs so that decode steps, which it costs with CPU layers on the CPU, stay
+#: there. 128 is above the CLI's default max_num_seqs (64), so no decode step is offloaded, while every
+#: prefill chunk of a real prompt is.
+DEFAULT_PREFILL_OFFLOAD_MIN_TOKENS = 128
+
+
+def prefill_offload_threshold(config: Any) -> int | None:
+    """The engine's prefill-offload threshold without a planner: EngineConfig.prefill_offload_min_tokens,
+    DEFAULT_PREFILL_OFFLOAD_MIN_TOKENS, or None when prefill offload is off. Bad values are named."""
+    given = getattr(config, "prefill_offload_min_tokens", None)
+    if not getattr(config, "prefill_offload", False):
+        if given is not None:
+            raise ValueError("prefill_offload_min_tokens is set but prefill offload is off; pass --prefill-offload")
+        return None
+    if given is not None and int(given) < 1:
+        raise ValueError(f"prefill_offload_min_tokens must be >= 1 (or None for never), got {given}")
+    return DEFAULT_PREFILL_OFFLOAD_MIN_TOKENS if given is None else int(given)
+
+
 def cpu_weight_options(fmt: str) -> tuple[str, str]:
     """--cpu-weights fp32 | bf16 | packed -> (cpu_dtype, cpu_weights) for apply_placement / OffloadConfig."""
     if fmt not in CPU_WEIGHT_FORMATS:
@@ -232,6 +292,8 @@ class OffloadConfig:
     cpu_weights: how CPU layers hold packed (int4/int8) linears: dequantized (once, to cpu_dtype) | packed
                  (CpuPackedLinear: torch's packed CPU kernels; int8 a quarter, int4 about an eighth of the
                  fp32 bytes; group-wise int8 such as GGUF Q8_0 is held in bf16, half of fp32).
+    prefill_offload_min_tokens: steps of at least this many tokens run the CPU decoder layers on the device
+                 (module doc, "Prefill offload"); None = never.
     """
 
     placements: tuple[str, ...] | str | None = None
@@ -240,6 +302,7 @@ class OffloadConfig:
     lm_head: str = RESIDENT
     cpu_dtype: str = "auto"
     cpu_weights: str = DEQUANTIZED
+    prefill_offload_min_tokens: int | None = None
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -283,6 +346,16 @@ def host_metadata(meta: AttentionMetadata, **host_tensors: torch.Tensor) -> Atte
     return replace(meta, **changes)
 
 
+def _step_tokens(args: tuple, kwargs: dict) -> int:
+    """Tokens T of the step a layer call belongs to: from its AttentionMetadata (slot_mapping (T,)), else from
+    its hidden states (T, hidden)."""
+    values = (*args, *kwargs.values())
+    meta = next((a for a in values if isinstance(a, AttentionMetadata)), None)
+    if meta is not None:
+        return int(meta.slot_mapping.shape[0])
+    return next((int(a.shape[0]) for a in values if isinstance(a, torch.Tensor) and a.is_floating_point()), 0)
+
+
 def host_step(meta: AttentionMetadata) -> HostStep:
     step = meta.prepared.get(HOST_STEP_KEY)
     if step is None:
@@ -304,6 +377,12 @@ class StreamStats:
     bytes_copied: int = 0
     replays: int = 0  # captured steps replayed (their copies are counted in loads from the step's schedule)
     replayed_loads: int = 0  # of loads, those a graph replay performed
+    # Prefill offload (module doc): CPU decoder layers run on the device by their twins.
+    offloaded_layers: int = 0  # twin runs (one per CPU layer per offloaded step)
+    offload_bytes: int = 0  # twin weights copied H2D (not in bytes_copied, which is the streamed units')
+    slots_borrowed: int = 0  # ring slots a twin took from a streamed unit (each reloaded, counted in prefetches)
+    kv_bytes_in: int = 0  # past KV pages copied host -> device scratch (as held on the host)
+    kv_bytes_out: int = 0  # new KV rows copied device -> host (in the device dtype)
 
 
 @dataclass
@@ -535,6 +614,29 @@ class _Streamed:
     dst: torch.Tensor | None = None  # uint8 view of its slot, (layout.nbytes,)
 
 
+@dataclass
+class _Twin:
+    """The device twin of a CPU decoder layer (module doc, "Prefill offload")."""
+
+    index: int  # decoder layer index
+    layer: nn.Module  # the CPU unit (computes on the host)
+    module: nn.Module  # its structural copy, device format; tensors point at `host` views or a slot's
+    refs: list[pl.TensorRef]  # the twin's tensors, in `layout` order
+    layout: pl.ByteLayout
+    host: torch.Tensor  # uint8 (layout.nbytes,): the layer's tensors as loaded (pinned when the device is CUDA)
+    attn_path: str  # where the Attention module sits in the layer (and in the twin)
+
+
+@dataclass
+class _KVWriteBack:
+    """New KV rows a twin wrote, on their way to the host pages (flushed by _flush_kv)."""
+
+    pages: tuple[torch.Tensor, torch.Tensor]  # the CPU layer's host K, V pages (num_blocks, block_size, Hkv, D)
+    slots: torch.Tensor  # (T,) int64 host: page row of each row below
+    rows: tuple[torch.Tensor, torch.Tensor]  # (T, Hkv, D) K, V in the device dtype, host (pinned on CUDA)
+    done: torch.cuda.Event | None  # recorded after the D2H copies (None on the CPU: already there)
+
+
 class OffloadDriver:
     """Runs `placements` over `model`. Build it with apply_placement(); undo it with release().
 
@@ -544,7 +646,8 @@ class OffloadDriver:
 
     def __init__(self, model: nn.Module, placements: list[str], device: torch.device, num_stream_buffers: int,
                  embed_on_cpu: bool, cpu_dtype: torch.dtype, dtype: torch.dtype,
-                 host_allocator: pl.HostAllocator | None, lm_head: str, cpu_weights: str = DEQUANTIZED) -> None:
+                 host_allocator: pl.HostAllocator | None, lm_head: str, cpu_weights: str = DEQUANTIZED,
+                 prefill_offload_min_tokens: int | None = None) -> None:
         self.model = model
         self.placements = placements
         self.lm_head = lm_head
@@ -572,15 +675,46 @@ class OffloadDriver:
         if lm_head != RESIDENT:
             units.append(("lm_head", lm_head))
 
-        # 1. CPU units first and streamed units next: both free device memory when the model was loaded on
-        #    the GPU, before resident layers and the slots take theirs.
-        self.bytes_cpu = 0
-        for name, p in units:
-            if p == CPU:
-                self.bytes_cpu += self._setup_cpu_unit(name)
+        # Prefill offload (module doc): the device twins of CPU decoder layers and their state.
+        self.prefill_offload_min_tokens = prefill_offload_min_tokens
+        self._twins: dict[int, _Twin] = {}  # id(CPU decoder layer) -> its twin
+        self._twin_pending: _Twin | None = None  # set by the CPU pre-hook for the forward that follows it
+        self._twin_ring: _SlotRing | None = None  # one slot of its own, when the ring cannot lend one
+        self._twin_last_slot: int | None = None  # ring slot the previous twin of a run of CPU layers used
+        self._borrowed: dict[int, int] = {}  # ring slot -> the streamed unit a twin displaced from it
+        self._kv_scratch: tuple[torch.Tensor, torch.Tensor] | None = None  # device K, V pages, one layer's
+        self._kv_pending: list[_KVWriteBack] = []
+        self._patched: list[nn.Module] = []  # CPU units whose forward dispatches to their twin
         if host_allocator is None:
             host_allocator = pl.PinnedHostMemory() if device.type == "cuda" else pl.pageable_allocator
         self._allocator = host_allocator
+
+        # 1. CPU units first and streamed units next: both free device memory when the model was loaded on
+        #    the GPU, before resident layers and the slots take theirs. A CPU decoder layer's twin is packed
+        #    from its tensors as loaded, before they are converted to the CPU form.
+        self.bytes_cpu = 0
+        for name, p in units:
+            if p == CPU:
+                if prefill_offload_min_tokens is not None and name != "lm_head":
+                    self._make_twin(int(name.rsplit(".", 1)[1]), dtype)
+                self.bytes_cpu += self._setup_cpu_unit(name)
+        self.bytes_twins = sum(t.layout.nbytes for t in self._twins.values())  # host bytes
+        self.twin_slot_bytes = pl.align(max((t.layout.nbytes for t in self._twins.values()), default=0))
+        for twin in self._twins.values():
+            self._dispatch_to_twin(twin.layer)
+        # length of the run of consecutive twin layers each decoder layer is in (0: not a twin)
+        twin_at = [id(layer) in self._twins for layer in layers]
+        self._twin_run = [0] * len(layers)
+        i = 0
+        while i < len(layers):
+            k = i
+            while k < len(layers) and twin_at[k]:
+                k += 1
+            for m in range(i, k):
+                self._twin_run[m] = k - i
+            i = max(k, i + 1)
+        if self._twins:  # the step's new KV rows reach the host pages by the end of the forward
+            self._hooks.append(model.model.register_forward_hook(self._flush_kv_hook, always_call=True))
         self._streamed: list[_Streamed] = []
         for name, p in units:
             if p != STREAMED:
@@ -634,6 +768,8 @@ class OffloadDriver:
             self._hooks.append(s.module.register_forward_hook(self._make_streamed_post(j), always_call=True))
         for j in range(n):  # prime the ring: the first step starts with its first N streamed units loaded
             self._load(j, prefetch=True)
+        # streamed units that run before decoder layer i in a step (where a twin sits in the ring's order)
+        self._streamed_before = [sum(p == STREAMED for p in placements[:i]) for i in range(len(placements))]
 
     # -- bookkeeping ------------------------------------------------------------------------------------
     def layers_with(self, placement: str) -> list[int]:
@@ -663,7 +799,14 @@ class OffloadDriver:
                 f"memory, {self.num_slots} slot(s) of {format_size(self.slot_bytes)}), {counts[CPU]} on the CPU "
                 f"({format_size(self.bytes_cpu)} in {str(self.cpu_dtype).removeprefix('torch.')}"
                 f"{', linears packed' if self.cpu_weights == PACKED else ''}){head}"
-                f"{', embeddings on the CPU' if self.embed_on_cpu else ''}")
+                f"{', embeddings on the CPU' if self.embed_on_cpu else ''}"
+                f"{self._prefill_summary()}")
+
+    def _prefill_summary(self) -> str:
+        if not self._twins:
+            return ""
+        return (f", prefill offload from {self.prefill_offload_min_tokens} tokens "
+                f"({format_size(self.bytes_twins)} of device-format CPU layers in host memory)")
 
     # -- setup helpers ----------------------------------------------------------------------------------
     def _quantized_ids(self, module: nn.Module) -> set[int]:
@@ -771,6 +914,12 @@ class OffloadDriver:
 
     def _make_streamed_post(self, j: int):
         n, count = self.num_slots, len(self._streamed)
+        name = self._streamed[j].name
+        layers = _decoder_layers(self.model)
+        # the decoder layer after this unit is a CPU layer whose twin runs from a ring slot (prefill offload)
+        after = int(name.rsplit(".", 1)[1]) + 1 if name.startswith("model.layers.") else len(layers)
+        twin = self._twins.get(id(layers[after])) if after < len(layers) else None
+        twin_follows = twin is not None and twin.layout.nbytes <= self.slot_bytes
 
         def post(module: nn.Module, args: tuple, output: Any) -> None:
             if self._seg is not None:
@@ -779,6 +928,13 @@ class OffloadDriver:
             self._ring.mark_free(s)  # type: ignore[union-attr]
             nxt = j + n if j + n < count else s  # the slot's next user: later this step, or next step's
             if self._ring.owner[s] == nxt:  # type: ignore[union-attr]
+                return
+            if twin_follows and self._offloads(args, {}):
+                # An offloaded step: the CPU layer's twin runs next, from this slot (the one needed last);
+                # the slot's next user is loaded after it (_give_back_slots), one copy as in any step.
+                self._ring.owner[s] = None  # type: ignore[union-attr]
+                self._borrowed[s] = nxt
+                self.stats.slots_borrowed += 1
                 return
             if nxt == s and self._step is not None:
                 # A captured step issues no wrap-around copy (it would outlive the graph): after_replay()
@@ -1095,9 +1251,14 @@ class OffloadDriver:
         self.stats.replays += 1
 
     # -- CPU-unit hooks ---------------------------------------------------------------------------------
-    def _cpu_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        if self._seg is not None:
+    def _cpu_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        if self._seg is not None:  # a segmented decode step (never offloaded: _offloads)
             self._seg_cpu_pre(module, args, kwargs)
+        self._flush_kv()  # a CPU layer reads its host pages: earlier twins' rows must be in them (normally are)
+        twin = self._twins.get(id(module))
+        if twin is not None and self._offloads(args, kwargs):
+            self._twin_pending = twin  # the forward runs the twin, on the device tensors as they are
+            return None
         step = next((host_step(a) for a in (*args, *kwargs.values()) if isinstance(a, AttentionMetadata)), None)
 
         def to_host(a: Any) -> Any:
@@ -1119,6 +1280,223 @@ class OffloadDriver:
             return self._seg_cpu_post(out) if self._seg is not None else out
         return output
 
+    # -- prefill offload (module doc, "Prefill offload") -----------------------------------------------
+    def _make_twin(self, index: int, dtype: torch.dtype) -> None:
+        """Pack CPU decoder layer `index` as loaded (floats of its plain modules in `dtype`, packed linears as
+        they are: what a streamed unit would hold) into a host buffer, and keep a structural copy of the layer
+        pointing at it: the twin, re-pointed at a device slot when it runs."""
+        layer = _decoder_layers(self.model)[index]
+        attn_path = next((n for n, m in layer.named_modules() if isinstance(m, Attention)), None)
+        if attn_path is None:
+            raise TypeError(f"decoder layer {index} ({type(layer).__name__}) has no Attention module; prefill "
+                            "offload needs one to give the twin device KV pages")
+        twin = pl.structural_copy(layer, self._shared)  # (_setup_cpu_unit warns of unregistered tensors)
+        refs = pl.owned_tensors(twin, self._shared)
+        keep = self._quantized_ids(twin)  # packed modules keep their dtypes (scales), as _cast_floats does
+        values = [r.get() for r in refs]
+        layout = pl.ByteLayout.of_shapes(
+            (tuple(t.shape), dtype if t.is_floating_point() and id(r.module) not in keep else t.dtype)
+            for r, t in zip(refs, values))
+        host = pl.pack_values(values, layout, self._allocator)  # cast while copying; the layer is untouched
+        del values
+        pl.point_at(refs, layout.views(host))  # the twin holds no device memory between runs
+        self._twins[id(layer)] = _Twin(index, layer, twin, refs, layout, host, attn_path)
+
+    def _offloads(self, args: tuple, kwargs: dict) -> bool:
+        """Whether the step of this layer call runs its CPU layers on the device: eager (not recorded for a
+        captured step, nor inside any CUDA-graph capture) and at least prefill_offload_min_tokens tokens."""
+        if self._step is not None or self._seg is not None or self.prefill_offload_min_tokens is None:
+            return False
+        if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return False
+        return _step_tokens(args, kwargs) >= self.prefill_offload_min_tokens
+
+    def _dispatch_to_twin(self, layer: nn.Module) -> None:
+        """The CPU unit's forward runs its twin when its pre-hook chose to (_cpu_pre), else its own."""
+        own = layer.forward
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            twin, self._twin_pending = self._twin_pending, None
+            if twin is None:
+                return own(*args, **kwargs)
+            if twin.layer is not layer:
+                raise RuntimeError(f"prefill offload: a twin of layer {twin.index} was pending at another layer")
+            return self._run_twin(twin, args, kwargs)
+
+        layer.forward = forward  # an instance attribute; release() deletes it
+        self._patched.append(layer)
+
+    def _run_twin(self, twin: _Twin, args: tuple, kwargs: dict) -> Any:
+        """Run CPU layer twin.index on the device: its weights into a slot, the step's past KV into the
+        scratch pages, the twin's forward on the device tensors, the new KV rows back to the host pages."""
+        meta = next(a for a in (*args, *kwargs.values()) if isinstance(a, AttentionMetadata))
+        host_meta = host_step(meta).meta
+        ring, s = self._borrow_slot(twin)
+        slot = ring.slots[s]
+        ring.copy_in(s, slot[: twin.layout.nbytes], twin.host)
+        ring.wait_loaded(s)
+        pl.point_at(twin.refs, twin.layout.views(slot))
+        host_attn: Attention = twin.layer.get_submodule(twin.attn_path)  # type: ignore[assignment]
+        if host_attn.kv_cache is None:
+            raise RuntimeError("attention layer has no KV cache bound; the runner binds one before running")
+        if host_attn.kv_scales is not None:
+            raise NotImplementedError("prefill offload of a CPU layer whose host KV pages are quantized")
+        pages = host_attn.kv_cache
+        scratch = self._scratch_for(pages[0])
+        self._upload_past_kv(pages, scratch, host_meta)
+        attn: Attention = twin.module.get_submodule(twin.attn_path)  # type: ignore[assignment]
+        attn.kv_cache, attn.kv_scales = scratch, None
+        attn.backend = select_attention_backend(self.device)
+        out = twin.module(*args, **kwargs)
+        ring.mark_free(s)  # the slot's readers are queued: a later copy into it waits for them
+        self._write_back_kv(pages, scratch, meta.slot_mapping, host_meta.slot_mapping)
+        self.stats.offloaded_layers += 1
+        self.stats.offload_bytes += twin.layout.nbytes
+        layers = _decoder_layers(self.model)
+        nxt = twin.index + 1
+        if nxt >= len(layers) or id(layers[nxt]) not in self._twins:
+            self._give_back_slots()  # the run of CPU layers ends: the displaced streamed units reload now
+        return out
+
+    def _borrow_slot(self, twin: _Twin) -> tuple[_SlotRing, int]:
+        """A device slot for the twin: a ring slot when the ring's slots are large enough, the one whose
+        streamed unit is needed last (that unit is reloaded, as a prefetch, when the run of CPU layers
+        ends: no miss). A streamed unit just before the run already handed over its slot without loading its
+        next user (_make_streamed_post): no extra copy then. With 3+ slots and a run of 3+ CPU layers,
+        consecutive twins alternate between two slots so that one's copy overlaps the other's compute (for one
+        extra reload per run). Without a ring (nothing streams), one slot of the twins' own."""
+        ring = self._ring
+        if ring is None or self.slot_bytes < twin.layout.nbytes:
+            if self._twin_ring is None:
+                self._twin_ring = _SlotRing(self.device, 1, self.twin_slot_bytes)
+                log.info("prefill offload: %s of device memory for the twins' weight slot",
+                         format_size(self.twin_slot_bytes))
+            return self._twin_ring, 0
+        n, count, first = self.num_slots, len(self._streamed), self._streamed_before[twin.index]
+
+        def later(s: int) -> tuple[bool, int]:  # borrowed slots first, then the unit needed last
+            u = ring.owner[s]
+            return (u is None, 0 if u is None else (u - first) % count)
+
+        alternate = n >= 3 and self._twin_run[twin.index] >= 3
+        choices = [s for s in range(n) if not alternate or s != self._twin_last_slot]
+        s = max(choices, key=later)
+        u = ring.owner[s]
+        if u is not None:
+            self._borrowed[s] = u
+            ring.owner[s] = None
+            self.stats.slots_borrowed += 1
+        self._twin_last_slot = s
+        return ring, s
+
+    def _give_back_slots(self) -> None:
+        """Reload the streamed units the twins displaced (prefetches: their layers are still ahead)."""
+        for s, u in sorted(self._borrowed.items()):
+            if self._ring is not None and self._ring.owner[s] is None:
+                self._load(u, prefetch=True)
+        self._borrowed.clear()
+        self._twin_last_slot = None
+
+    def _scratch_for(self, host_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The twins' device K, V pages: the host layer's page geometry (num_blocks, block_size, Hkv, D), so
+        block tables and slot mappings index them unchanged; in the device layers' dtype. Allocated at the
+        first offloaded step (zeros: pages no step wrote hold finite values), again if the pool changes."""
+        cur = self._kv_scratch
+        if cur is None or cur[0].shape != host_k.shape:
+            self._kv_scratch = None
+            cur = self._kv_scratch = (torch.zeros(host_k.shape, dtype=self.dtype, device=self.device),
+                                      torch.zeros(host_k.shape, dtype=self.dtype, device=self.device))
+            log.info("prefill offload: %s of device memory for one layer's KV pages",
+                     format_size(self.bytes_kv_scratch))
+        return cur
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """A host tensor on the device without a stream sync (through pinned memory on CUDA)."""
+        if self.device.type != "cuda":
+            return t.to(self.device)
+        return t.pin_memory().to(self.device, non_blocking=True)
+
+    def _upload_past_kv(self, pages: tuple[torch.Tensor, torch.Tensor], scratch: tuple[torch.Tensor, torch.Tensor],
+                        host_meta: AttentionMetadata) -> None:
+        """Copy the pages holding each sequence's past tokens (its context before this step's new ones) from
+        the host pages into the scratch, cast to the device dtype. Whole pages: the tail of a sequence's last
+        page is then overwritten by the step's own rows."""
+        block = pages[0].shape[1]
+        qsl, ctx, tables = host_meta.query_start_loc, host_meta.context_lens, host_meta.block_tables
+        ids = []
+        for b in range(len(ctx)):
+            past = ctx[b] - (qsl[b + 1] - qsl[b])
+            if past > 0:
+                ids.append(tables[b, : math.ceil(past / block)])
+        if not ids:
+            return
+        idx = torch.unique(torch.cat(ids)).to(torch.long)  # (P,) block ids; shared blocks copied once
+        idx_dev = self._to_device(idx)
+        pin = self.device.type == "cuda"
+        for src, dst in zip(pages, scratch):
+            stage = torch.empty((idx.numel(), *src.shape[1:]), dtype=src.dtype, pin_memory=pin)
+            torch.index_select(src, 0, idx, out=stage)  # (P, block, Hkv, D) in the host dtype
+            moved = stage.to(self.device, non_blocking=True) if pin else stage
+            dst.index_copy_(0, idx_dev, moved.to(self.dtype))
+            self.stats.kv_bytes_in += stage.numel() * stage.element_size()
+
+    def _write_back_kv(self, pages: tuple[torch.Tensor, torch.Tensor], scratch: tuple[torch.Tensor, torch.Tensor],
+                       slots_dev: torch.Tensor, slots_host: torch.Tensor) -> None:
+        """Queue the copy of the rows this step wrote (slot_mapping) from the scratch to the host; the host
+        pages get them at _flush_kv (the end of the forward), so the host does not wait for the twin here."""
+        pin = self.device.type == "cuda"
+        rows = []
+        for src in scratch:
+            r = src.flatten(0, 1).index_select(0, slots_dev)  # (T, Hkv, D) on the device
+            if pin:
+                host = torch.empty(r.shape, dtype=r.dtype, pin_memory=True)
+                host.copy_(r, non_blocking=True)
+                r = host
+            rows.append(r)
+            self.stats.kv_bytes_out += r.numel() * r.element_size()
+        done = None
+        if pin:
+            done = torch.cuda.Event()
+            done.record(torch.cuda.current_stream(self.device))
+        self._kv_pending.append(_KVWriteBack(pages, slots_host, (rows[0], rows[1]), done))
+
+    def _flush_kv(self) -> None:
+        """Scatter the queued KV rows into the host pages (cast to their dtype), after their copies landed."""
+        if not self._kv_pending:
+            return
+        pending, self._kv_pending = self._kv_pending, []
+        with torch.no_grad():
+            for wb in pending:
+                if wb.done is not None:
+                    wb.done.synchronize()
+                for page, rows in zip(wb.pages, wb.rows):
+                    page.flatten(0, 1).index_copy_(0, wb.slots, rows.to(page.dtype))
+
+    def _flush_kv_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self._flush_kv()
+
+    @property
+    def bytes_kv_scratch(self) -> int:
+        """Device bytes of the twins' KV pages (0 until the first offloaded step)."""
+        return sum(t.numel() * t.element_size() for t in self._kv_scratch) if self._kv_scratch else 0
+
+    @property
+    def bytes_twin_slot(self) -> int:
+        """Device bytes of the twins' own weight slot (only when the ring cannot lend one; 0 until used)."""
+        return sum(t.numel() for t in self._twin_ring.slots) if self._twin_ring is not None else 0
+
+    def prefill_offload_bytes(self, kv_pages: Sequence[int] | None = None) -> tuple[int, int]:
+        """Device bytes prefill offload takes beyond the ring, allocated at the first offloaded step:
+        (the twins' K and V pages, of `kv_pages` = a CPU layer's page shape (num_blocks, block_size, Hkv, D)
+        when given, else as allocated; the twins' own weight slot, when the ring cannot lend one)."""
+        if not self._twins:
+            return 0, 0
+        kv = self.bytes_kv_scratch
+        if kv_pages is not None:
+            kv = 2 * math.prod(kv_pages) * torch.empty((), dtype=self.dtype).element_size()
+        ring_lends = self._ring is not None and self.slot_bytes >= self.twin_slot_bytes
+        return kv, 0 if ring_lends else self.twin_slot_bytes
+
     # -- undo -------------------------------------------------------------------------------------------
     def release(self) -> None:
         """Remove the hooks and free the device slots. Streamed units are left computing from their host
@@ -1128,9 +1506,19 @@ class OffloadDriver:
         if self.released:
             return
         self.released = True
+        self._flush_kv()
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
+        for layer in self._patched:
+            layer.__dict__.pop("forward", None)  # the class's forward again
+        self._patched.clear()
+        if self._twin_ring is not None:
+            self._twin_ring.close()
+            self._twin_ring = None
+        self._twins.clear()
+        self._kv_scratch = None
+        self._borrowed.clear()
         for parent, attr, original in reversed(self._restore):
             setattr(parent, attr, original)
         self._restore.clear()
@@ -1170,6 +1558,7 @@ def apply_placement(
     cpu_weights: str = DEQUANTIZED,
     dtype: torch.dtype | None = None,
     host_allocator: pl.HostAllocator | None = None,
+    prefill_offload_min_tokens: int | None = None,
 ) -> OffloadDriver:
     """Lay `model` out as `placements` says (one of resident | streamed | cpu per decoder layer) for running
     on `device`, and return the driver that executes it. The model may start anywhere (all on the CPU is
@@ -1183,7 +1572,8 @@ def apply_placement(
     float, in cpu_dtype). dtype: compute dtype of the device
     units (default: the embedding's). host_allocator: where streamed units' host buffers come from
     (default: pinned memory when `device` is CUDA, else pageable; placement.file_backed_allocator for
-    models larger than RAM).
+    models larger than RAM). prefill_offload_min_tokens: steps of at least this many tokens (all sequences
+    together) run the CPU decoder layers on the device (module doc, "Prefill offload"); None = never.
     """
     layers = _decoder_layers(model)
     names = parse_placements(placements, len(layers))
@@ -1197,6 +1587,8 @@ def apply_placement(
         if getattr(lm, "weight", None) is _embedding(model).weight:
             raise ValueError(f"lm_head placement {head!r}: this model ties lm_head to the token embedding, "
                              "which the first step reads on the device; keep lm_head resident")
+    if prefill_offload_min_tokens is not None and int(prefill_offload_min_tokens) < 1:
+        raise ValueError(f"prefill_offload_min_tokens must be >= 1 (or None for never), got {prefill_offload_min_tokens}")
     if num_stream_buffers < 2:
         raise ValueError(f"num_stream_buffers must be >= 2 (one slot computing while the next loads), "
                          f"got {num_stream_buffers}")
@@ -1208,7 +1600,8 @@ def apply_placement(
     dev = _normalize(device)
     with torch.inference_mode(False), torch.no_grad():  # the views must be ordinary tensors, not inference ones
         driver = OffloadDriver(model, names, dev, num_stream_buffers, embed_on_cpu, cpu_compute,
-                               dtype or _model_dtype(model), host_allocator, head, cpu_linears)
+                               dtype or _model_dtype(model), host_allocator, head, cpu_linears,
+                               None if prefill_offload_min_tokens is None else int(prefill_offload_min_tokens))
     _ACTIVE[model] = driver
     log.info("offload: %s", driver.summary())
     return driver
@@ -1220,16 +1613,15 @@ def setup_offload(model: nn.Module, config: OffloadConfig, device: torch.device 
         return None
     placements = config.placements if config.placements is not None else RESIDENT
     return apply_placement(model, placements, device, config.num_stream_buffers, embed_on_cpu=config.embed_on_cpu,
-                           lm_head=config.lm_head, cpu_dtype=config.cpu_dtype, cpu_weights=config.cpu_weights)
+                           lm_head=config.lm_head, cpu_dtype=config.cpu_dtype, cpu_weights=config.cpu_weights,
+                           prefill_offload_min_tokens=config.prefill_offload_min_tokens)
 
 
 def apply_plan(model: nn.Module, plan: Any, device: torch.device | str, **kw: Any) -> OffloadDriver:
-    """Execute a planner Plan (memory/planner.py): its per-layer placements, ring size, lm_head and
-    embeddings placement (kw: apply_placement's cpu_dtype, cpu_weights, host_allocator, dtype). Its
-    prefill_offload_min_tokens (CPU layers run through the ring for long prefills) is not executed yet:
-    those layers always run on the CPU."""
-    if getattr(plan, "prefill_offload_min_tokens", None) is not None:
-        log.warning("plan asks for prefill offload of CPU layers (from %d prompt tokens); the offload driver "
-                    "does not do that yet, so they run on the CPU", plan.prefill_offload_min_tokens)
+    """Execute a planner Plan (memory/planner.py): its per-layer placements, ring size, lm_head, embeddings
+    placement and prefill_offload_min_tokens (long prefill steps run the CPU layers on the device; kw:
+    apply_placement's cpu_dtype, cpu_weights, host_allocator, dtype, or a prefill_offload_min_tokens of
+    the caller's)."""
+    kw.setdefault("prefill_offload_min_tokens", getattr(plan, "prefill_offload_min_tokens", None))
     return apply_placement(model, list(plan.layers), device, max(2, int(plan.num_stream_buffers)),
                            embed_on_cpu=plan.embeddings == "cpu", lm_head=plan.lm_head, **kw)

@@ -152,11 +152,15 @@ class ByteLayout:
 
     @classmethod
     def of(cls, refs: Iterable[TensorRef]) -> ByteLayout:
+        return cls.of_shapes((tuple(r.get().shape), r.get().dtype) for r in refs)
+
+    @classmethod
+    def of_shapes(cls, specs: Iterable[tuple[tuple[int, ...], torch.dtype]]) -> ByteLayout:
+        """The layout of tensors of these (shape, dtype), in order (for tensors not yet in that dtype)."""
         places, off = [], 0
-        for r in refs:
-            t = r.get()
-            n = t.numel() * t.element_size()
-            places.append(TensorPlace(off, n, t.dtype, tuple(t.shape)))
+        for shape, dtype in specs:
+            n = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+            places.append(TensorPlace(off, n, dtype, tuple(shape)))
             off = align(off + n)
         end = places[-1].offset + places[-1].nbytes if places else 0
         return cls(tuple(places), end)
@@ -240,9 +244,15 @@ def file_backed_allocator(directory: str | Path) -> HostAllocator:
 def pack(refs: list[TensorRef], layout: ByteLayout, allocate: HostAllocator = pageable_allocator) -> torch.Tensor:
     """Copy the tensors of `refs` (wherever they live) into one new host buffer laid out as `layout`,
     and return it: uint8 (layout.nbytes,). The refs still point at their old tensors."""
+    return pack_values([r.get() for r in refs], layout, allocate)
+
+
+def pack_values(values: list[torch.Tensor], layout: ByteLayout, allocate: HostAllocator = pageable_allocator
+                ) -> torch.Tensor:
+    """pack() of plain tensors: each is copied (cast to its place's dtype) into one new host buffer."""
     buf = allocate(layout.nbytes)
-    for r, view in zip(refs, layout.views(buf)):
-        view.copy_(r.get())
+    for t, view in zip(values, layout.views(buf)):
+        view.copy_(t)
     return buf
 
 
@@ -289,3 +299,23 @@ def host_clone(module: nn.Module, device: torch.device) -> nn.Module:
     clone = copy.deepcopy(module)
     move(owned_tensors(clone), device)
     return clone
+
+
+def structural_copy(module: nn.Module, skip: set[int] | frozenset[int] = frozenset()) -> nn.Module:
+    """A copy of `module`'s tree that copies no tensor data: every submodule is a new object of the same class
+    with its plain attributes shared, its own parameter objects (on the same data) and buffer table, and no
+    hooks; modules in `skip` (ids: the shared rotary table) are the same objects. Re-pointing the copy's
+    tensors (point_at) then leaves the original untouched: the offload driver's device twin of a CPU layer."""
+    if id(module) in skip:
+        return module
+    new = copy.copy(module)  # shallow: new __dict__, same values
+    state = new.__dict__
+    state["_parameters"] = {k: None if p is None else nn.Parameter(p.data, requires_grad=p.requires_grad)
+                            for k, p in module._parameters.items()}
+    state["_buffers"] = dict(module._buffers)
+    state["_non_persistent_buffers_set"] = set(module._non_persistent_buffers_set)
+    state["_modules"] = {k: None if m is None else structural_copy(m, skip) for k, m in module._modules.items()}
+    for name, value in list(state.items()):
+        if "hooks" in name and isinstance(value, dict):  # forward/backward/state-dict hooks: the copy has none
+            state[name] = type(value)()
+    return new

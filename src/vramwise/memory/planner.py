@@ -104,7 +104,11 @@ class DriverCaps:
                         CPU kernels, quant/cpu_packed.py; the cost model then uses cpu_quant_flops)
     cpu_kv_bytes        bytes per KV element of CPU layers (their compute dtype: 4 for fp32); 0 = the pool's
     prefill_offload     long prefill chunks may run CPU layers on the GPU through the ring (their past KV
-                        copied in, the new KV copied back), as llama.cpp does for big batches
+                        copied in, the new KV copied back), as llama.cpp does for big batches (--prefill-offload;
+                        memory/offload.py "Prefill offload"). Planned: Plan.prefill_offload_min_tokens (a step
+                        simulated both ways, above max_num_seqs); one more layer of KV pages in the model dtype
+                        in the KV term (the twins' device pages); a CPU placement gets one buffer (the twins' own
+                        weight slot: nothing streams)
     lm_head_offload     the lm_head may be streamed or computed on the CPU (today it stays on the device)
     min_stream_buffers  smallest ring the driver accepts
     """
@@ -125,14 +129,16 @@ class DriverCaps:
 DRIVER_TODAY = DriverCaps()
 
 
-def driver_caps(cpu_weights: str = "fp32") -> DriverCaps:
-    """What the driver executes with --cpu-weights `cpu_weights` (fp32 | bf16 | packed): the KV of CPU layers
-    is in their compute dtype, fp32 for packed weights too (only the linears are packed; memory/offload.py
-    CPU_WEIGHT_FORMATS)."""
-    if cpu_weights == "fp32":
+def driver_caps(cpu_weights: str = "fp32", prefill_offload: bool = False) -> DriverCaps:
+    """What the driver executes with --cpu-weights `cpu_weights` (fp32 | bf16 | packed) and --prefill-offload:
+    the KV of CPU layers is in their compute dtype, fp32 for packed weights too (only the linears are packed;
+    memory/offload.py CPU_WEIGHT_FORMATS)."""
+    if cpu_weights == "fp32" and not prefill_offload:
         return DRIVER_TODAY
+    name = "today" + (f", {cpu_weights} CPU weights" if cpu_weights != "fp32" else "") + (
+        ", prefill offload" if prefill_offload else "")
     return DriverCaps(cpu_weights=cpu_weights, cpu_kv_bytes=2 if cpu_weights == "bf16" else 4,
-                      name=f"today, {cpu_weights} CPU weights")
+                      prefill_offload=prefill_offload, name=name)
 
 
 #: What the issue's targets need from it: a packed int4/int8 CPU kernel, prefill offload, lm_head offload.
@@ -310,8 +316,8 @@ class Plan:
             lines.append(f"              ring of {self.num_stream_buffers} x {format_size(self.stream_buffer_bytes)} "
                          f"stream buffers")
         if self.prefill_offload_min_tokens is not None and self.num_cpu:
-            lines.append(f"              CPU layers run on the GPU (streamed) for prefill chunks of >= "
-                         f"{self.prefill_offload_min_tokens} tokens")
+            lines.append(f"              CPU layers run on the GPU (through a stream buffer) in steps of >= "
+                         f"{self.prefill_offload_min_tokens} tokens (prefill offload)")
         if self.host_weight_bytes or self.host_kv_bytes:
             pinned = " (pinned)" if self.budget.limit else ""
             lines.append(f"host memory   {format_size(self.host_weight_bytes)} weights{pinned}"
@@ -450,6 +456,19 @@ class _Setup:
         """KV blocks the runner adds past the plan's for the decode graphs' padding rows (ModelRunner: one
         scratch block, over every device-side layer, that the block manager never hands out)."""
         return 1 if self.cuda_graphs else 0
+
+    @property
+    def twin_kv_layer(self) -> int:
+        """KV bytes per token of the one layer of device pages prefill offload uses (memory/offload.py: the
+        twins' scratch, in the model's float dtype, with the pool's page geometry): 4-byte elements when the
+        scheme's float parts are fp32 (a CPU run), else 2 (fp16 / bf16)."""
+        elem = 4 if self.scheme.embed_tokens.bits == 32 else ACT_BYTES
+        return 2 * self.model.num_key_value_heads * self.model.head_dim * elem
+
+    def twin_kv(self, gpu_layers: int, buffers: int) -> int:
+        """twin_kv_layer when a candidate with CPU layers (fewer GPU-side layers than layers) and a ring slot
+        may offload prefills (the threshold is not known yet where this is summed: counted whenever allowed)."""
+        return self.twin_kv_layer if (self.caps.prefill_offload and buffers and gpu_layers < self.n) else 0
 
     def graph_bytes(self, embeddings: str) -> int:
         """The CUDA-graph term for a candidate whose token embedding is on `embeddings` (gpu | cpu)."""
@@ -775,9 +794,10 @@ def _memory(s: _Setup, cand: _Candidate, fixed: Budget) -> Budget:
     resident  Σ resident layers + lm_head (+ final norm) if resident + embeddings if on the GPU (shared
               with a resident lm_head when tied) + the rotary table
     ring      buffers x the largest piece that may pass through it: streamed layers, CPU layers (for
-              prefill offload) and a streamed lm_head
-    KV        (kv_min_tokens rounded to blocks + the graphs' scratch block) x KV bytes/token/layer x
-              GPU-side layers
+              prefill offload) and a streamed lm_head; with prefill offload and nothing streamed, the one
+              slot the driver's twins get of their own (the "cpu" policy plans 1 buffer)
+    KV        (kv_min_tokens rounded to blocks + the graphs' scratch block) x (KV bytes/token/layer x
+              GPU-side layers + with prefill offload, one layer of pages in the model dtype: the twins')
     graphs    the fixed term, plus the staged embedding rows when the table is on the host
     """
     w = s.weights
@@ -799,7 +819,7 @@ def _memory(s: _Setup, cand: _Candidate, fixed: Budget) -> Budget:
         b.stream_buffers = cand.num_buffers * max(ringed, default=0)
     gpu_layers = sum(1 for p in cand.layers if p != CPU)
     kv_tokens = _round_up(cand.kv_min_tokens, s.block_size) + s.scratch_blocks * s.block_size
-    b.kv_pool = kv_tokens * s.kv_layer * gpu_layers
+    b.kv_pool = kv_tokens * (s.kv_layer * gpu_layers + s.twin_kv(gpu_layers, cand.num_buffers))
     return b
 
 
@@ -818,12 +838,13 @@ class _Sizer:
         for r in range(s.n - 1, -1, -1):
             self.tail_max[r] = max(self.tail_max[r + 1], w.layer_bytes[r])
         self.kv_per_layer = (kv_min + s.scratch_blocks * s.block_size) * s.kv_layer
+        self.kv_tokens = kv_min + s.scratch_blocks * s.block_size
         self.fixed += rotary_table_bytes(s.model)
         self.host_emb_graphs = s.graph_bytes("cpu") - fixed.cuda_graphs  # staged rows (fixed: the "gpu" term)
 
     def total(self, r: int, gpu_layers: int, head: str, embeddings: str, buffers: int) -> int:
         s, w = self.s, self.s.weights
-        t = self.fixed + self.prefix[r] + self.kv_per_layer * gpu_layers
+        t = self.fixed + self.prefix[r] + self.kv_per_layer * gpu_layers + self.kv_tokens * s.twin_kv(gpu_layers, buffers)
         if embeddings == "cpu":
             t += self.host_emb_graphs
         if head == RESIDENT:
@@ -880,8 +901,9 @@ def _candidates(s: _Setup, policy: str, chunk: int, batch: int, fail: dict[str, 
     heads = (RESIDENT, STREAMED, CPU) if s.caps.lm_head_offload else (RESIDENT,)
     if policy in ("streamed", "cpu"):
         off = STREAMED if policy == "streamed" else CPU
-        # a CPU placement needs a ring only to run its layers on the GPU for long prefills
-        buffer_choices = ring_choices if policy == "streamed" else ((0, *ring_choices[:1]) if s.caps.prefill_offload else (0,))
+        # a CPU placement needs a slot only to run its layers on the GPU for long prefills: the driver's twins
+        # get one of their own when nothing streams
+        buffer_choices = ring_choices if policy == "streamed" else ((0, 1) if s.caps.prefill_offload else (0,))
         for buffers in buffer_choices:
             for head in [h for h in heads if h in (RESIDENT, off)]:
                 if head == STREAMED and not buffers:
@@ -990,11 +1012,10 @@ def _prefill_steps(s: _Setup, cand: _Candidate, prompts: int, overheads: bool,
         cpu                  cpu_time, or, when T >= offload_min and the plan has a ring, run on the GPU:
                              copy_time(w + past KV) in, gpu_time, and the chunk's new KV back out
     The lm_head runs for the rows that end a prompt only."""
-    dev, w, m = s.device, s.weights, s.model
+    dev, m = s.device, s.model
     total = prompts * s.prompt_len
     chunk = max(1, cand.chunk)
     copy_share, cpu_share = _dram(s, cand.layers, cand.lm_head)
-    quant = _cpu_quantized(s)
     steps: list[list[Op]] = []
     done = 0
     while done < total:
@@ -1005,35 +1026,7 @@ def _prefill_steps(s: _Setup, cand: _Candidate, prompts: int, overheads: bool,
             past = done % s.prompt_len
             ctx = past + tokens / 2
         offload = offload_min is not None and cand.num_buffers > 0 and tokens >= offload_min
-        dequant = s.scheme.linear.quantized and tokens >= DEQUANT_MIN_TOKENS
-        memo: dict[tuple[str, int, int], Op] = {}
-        ops: list[Op] = []
-        if cand.embeddings == "cpu":
-            ops.append(Op("embed", "cpu", 0.0))
-        for place, wb, cb, params in zip(cand.layers, w.layer_bytes, s.cpu_layer_bytes, w.layer_params):
-            key = (place, wb, params)
-            op = memo.get(key)
-            if op is None:
-                flops = linear_flops(params, tokens) + attention_flops(m.q_size, tokens, ctx)
-                kv_rw = (past + tokens) * s.kv_layer
-                if place == CPU and not offload:
-                    op = Op("cpu layer", "cpu", cpu_time(dev, cb, flops, (past + tokens) * s.cpu_kv_layer,
-                                                          quantized=quant, bandwidth_share=cpu_share,
-                                                          overheads=overheads))
-                else:
-                    copy = 0.0
-                    run = gpu_time(dev, wb, flops, kv_rw, overheads=overheads)
-                    if dequant:  # the long-prefill path's dequantize pass (costmodel.prefill_dequant_time)
-                        run += prefill_dequant_time(dev, wb, params, overheads=overheads)
-                    if place == STREAMED:
-                        copy = copy_time(dev, wb, bandwidth_share=copy_share, overheads=overheads)
-                    elif place == CPU:  # offloaded: weights + past KV in, the chunk's new KV back out
-                        copy = copy_time(dev, wb + past * s.kv_layer, bandwidth_share=copy_share,
-                                         overheads=overheads)
-                        run += tokens * s.kv_layer / dev.h2d_pinned_bandwidth
-                    op = Op(f"{place} layer", "gpu", run, copy)
-                memo[key] = op
-            ops.append(op)
+        ops = _prefill_step_ops(s, cand, tokens, past, ctx, offload, overheads, copy_share, cpu_share)
         last_rows = (done + tokens) // s.prompt_len - done // s.prompt_len  # prompts that end in this chunk
         if last_rows:
             ops.append(_head_op(s, cand.lm_head, last_rows, overheads, copy_share, cpu_share))
@@ -1042,25 +1035,70 @@ def _prefill_steps(s: _Setup, cand: _Candidate, prompts: int, overheads: bool,
     return steps, handover_time(dev, chunk * m.hidden_size * ACT_BYTES, overheads)
 
 
+def _prefill_step_ops(s: _Setup, cand: _Candidate, tokens: int, past: float, ctx: float, offload: bool,
+                      overheads: bool, copy_share: float, cpu_share: float) -> list[Op]:
+    """Ops of the layers of one prefill step of `tokens` tokens after `past` earlier ones of the prompt, at a
+    mean attention context `ctx` (see _prefill_steps), CPU layers offloaded or not."""
+    dev, w, m = s.device, s.weights, s.model
+    quant = _cpu_quantized(s)
+    dequant = s.scheme.linear.quantized and tokens >= DEQUANT_MIN_TOKENS
+    memo: dict[tuple[str, int, int], Op] = {}
+    ops: list[Op] = []
+    if cand.embeddings == "cpu":
+        ops.append(Op("embed", "cpu", 0.0))
+    for place, wb, cb, params in zip(cand.layers, w.layer_bytes, s.cpu_layer_bytes, w.layer_params):
+        key = (place, wb, params)
+        op = memo.get(key)
+        if op is None:
+            flops = linear_flops(params, tokens) + attention_flops(m.q_size, tokens, ctx)
+            kv_rw = (past + tokens) * s.kv_layer
+            if place == CPU and not offload:
+                op = Op("cpu layer", "cpu", cpu_time(dev, cb, flops, (past + tokens) * s.cpu_kv_layer,
+                                                      quantized=quant, bandwidth_share=cpu_share,
+                                                      overheads=overheads))
+            else:
+                copy = 0.0
+                run = gpu_time(dev, wb, flops, kv_rw, overheads=overheads)
+                if dequant:  # the long-prefill path's dequantize pass (costmodel.prefill_dequant_time)
+                    run += prefill_dequant_time(dev, wb, params, overheads=overheads)
+                if place == STREAMED:
+                    copy = copy_time(dev, wb, bandwidth_share=copy_share, overheads=overheads)
+                elif place == CPU:  # offloaded: weights + past KV in, the chunk's new KV back out
+                    copy = copy_time(dev, wb + past * s.cpu_kv_layer, bandwidth_share=copy_share,
+                                     overheads=overheads)
+                    run += tokens * s.twin_kv_layer / dev.h2d_pinned_bandwidth
+                op = Op(f"{place} layer", "gpu", run, copy)
+            memo[key] = op
+        ops.append(op)
+    return ops
+
+
 def _offload_threshold(s: _Setup, cand: _Candidate) -> int | None:
-    """Smallest chunk (tokens) for which running a CPU layer on the GPU through the ring beats the CPU:
-    max(copy, GPU compute) < CPU compute. None without CPU layers or ring buffers."""
+    """Smallest step (tokens) that runs faster with its CPU layers on the GPU: a step of T fresh prompt tokens
+    simulated both ways with the candidate's whole placement (the offloaded CPU layers' copies queue on the
+    copy engine behind the streamed layers'), and T above max_num_seqs, so that decode steps, which the
+    decode model costs with CPU layers on the CPU, stay there. None without CPU layers or a ring slot (the
+    driver's twins borrow one, or have one of their own when nothing streams), or when the GPU never wins."""
     if not s.caps.prefill_offload or not cand.num_buffers or CPU not in cand.layers:
         return None
-    return _gpu_beats_cpu_from(s)
+    return _gpu_beats_cpu_from(s, cand.layers, cand.lm_head, cand.embeddings, cand.num_buffers)
 
 
-@functools.lru_cache(maxsize=256)
-def _gpu_beats_cpu_from(s: _Setup) -> int | None:
-    dev = s.device
-    wb, cb, params = max(s.weights.layer_bytes), max(s.cpu_layer_bytes), max(s.weights.layer_params)
-    quant = _cpu_quantized(s)
+@functools.lru_cache(maxsize=1024)
+def _gpu_beats_cpu_from(s: _Setup, layers: tuple[str, ...], lm_head: str, embeddings: str,
+                        num_buffers: int) -> int | None:
+    cand = _Candidate("probe", layers, lm_head, embeddings, num_buffers, 1, 1, 0)
+    copy_share, cpu_share = _dram(s, layers, lm_head)
 
     def gpu_wins(t: int) -> bool:
-        flops = linear_flops(params, t)
-        return max(copy_time(dev, wb), gpu_time(dev, wb, flops)) < cpu_time(dev, cb, flops, quantized=quant)
+        times = []
+        for offload in (False, True):
+            ops = _prefill_step_ops(s, cand, t, 0, t / 2, offload, True, copy_share, cpu_share)
+            times.append(simulate([ops], num_buffers, handover_s=handover_time(
+                s.device, t * s.model.hidden_size * ACT_BYTES, True))[-1])
+        return times[1] < times[0]
 
-    lo, hi = 1, 1 << 16
+    lo, hi = s.max_num_seqs + 1, 1 << 16
     if not gpu_wins(hi):
         return None
     while lo < hi:
@@ -1110,7 +1148,8 @@ def _finish(s: _Setup, cand: _Candidate, budget: Budget, name: str) -> Plan:
     """Grow the KV pool into the leftover budget and assemble the Plan."""
     w = s.weights
     gpu_layers = sum(1 for p in cand.layers if p != CPU)
-    block_bytes = s.block_size * s.kv_layer * gpu_layers
+    twin_kv = s.twin_kv(gpu_layers, cand.num_buffers)
+    block_bytes = s.block_size * (s.kv_layer * gpu_layers + twin_kv)
     if block_bytes:
         spare = budget.limit - budget.total
         budget.kv_pool += (spare // block_bytes) * block_bytes
@@ -1119,17 +1158,23 @@ def _finish(s: _Setup, cand: _Candidate, budget: Budget, name: str) -> Plan:
         num_blocks = cand.kv_min_tokens // s.block_size
     scratch = f" (+ {s.scratch_blocks} scratch for the decode graphs)" if s.scratch_blocks and block_bytes else ""
     budget.notes["kv_pool"] = (f"{num_blocks} blocks{scratch} x {s.block_size} tokens x {gpu_layers} GPU layers x "
-                               f"{format_size(s.kv_layer)}/token/layer ({s.kv_dtype})")
+                               f"{format_size(s.kv_layer)}/token/layer ({s.kv_dtype})"
+                               + (f" + 1 layer x {format_size(twin_kv)}/token (prefill offload's device pages)"
+                                  if twin_kv else ""))
     resident_layers = sum(1 for p in cand.layers if p == RESIDENT)
     budget.notes["resident_weights"] = (f"{resident_layers} layers ({s.scheme.linear.name})"
                                         + (", lm_head" if cand.lm_head == RESIDENT else "")
                                         + (", embeddings" if cand.embeddings == "gpu" else ""))
     slot = budget.stream_buffers // cand.num_buffers if cand.num_buffers else 0
     if cand.num_buffers:
-        budget.notes["stream_buffers"] = f"{cand.num_buffers} x {format_size(slot)} (largest offloaded layer)"
+        what = "largest offloaded layer" if STREAMED in cand.layers or cand.lm_head == STREAMED else \
+            "prefill offload's weight slot: nothing streams"
+        budget.notes["stream_buffers"] = f"{cand.num_buffers} x {format_size(slot)} ({what})"
     cpu_layers = sum(1 for p in cand.layers if p == CPU)
     host_weights = sum(wb for wb, p in zip(w.layer_bytes, cand.layers) if p == STREAMED)
     host_weights += sum(cb for cb, p in zip(s.cpu_layer_bytes, cand.layers) if p == CPU)
+    if _offload_threshold(s, cand) is not None:  # prefill offload: CPU layers also kept as loaded, for the GPU
+        host_weights += sum(wb for wb, p in zip(w.layer_bytes, cand.layers) if p == CPU)
     if cand.lm_head != RESIDENT:
         host_weights += w.lm_head_bytes
     if cand.embeddings == "cpu":
