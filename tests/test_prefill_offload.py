@@ -35,7 +35,9 @@ def reference(deep_path):
 def _step_at_start(driver) -> bool:
     """Slot s holds streamed unit s, in its bytes too (what a captured decode step expects to find)."""
     ring = driver._ring
-    return all(ring.owner[s] == s and torch.equal(ring.slots[s][: driver._streamed[s].layout.nbytes],
+    if ring.copy_stream is not None:
+        ring.copy_stream.synchronize()  # the copies in flight (the next step's prefetches) have landed
+    return all(ring.owner[s] == s and torch.equal(ring.slots[s][: driver._streamed[s].layout.nbytes].cpu(),
                                                   driver._streamed[s].host) for s in range(driver.num_slots))
 
 

@@ -143,6 +143,7 @@ def test_emulated_streamed_steps_equal_eager(deep_path, placements, buffers, kv,
         ("r,s,s,c,s,c,s", 3, "int8", {"embed_on_cpu": True}),
         ("s,s,s,c,r,r,c", 2, "auto", {"lm_head": "streamed"}),  # the last piece is the final norm alone
         ("c,r,r,r,r,r,r", 2, "auto", {}),  # CPU layers only, no ring
+        ("r,s,c,r,s,c,s", 2, "auto", {"prefill_offload_min_tokens": 2}),  # prefills run the CPU layers' twins
     ],
 )
 def test_emulated_segmented_steps_equal_eager(deep_path, placements, buffers, kv, extra):
@@ -154,6 +155,8 @@ def test_emulated_segmented_steps_equal_eager(deep_path, placements, buffers, kv
     assert tokens(llm) == reference(deep_path, kv)
     assert g.num_replays > 0
     assert llm.engine.num_lookahead_steps > 0
+    if extra.get("prefill_offload_min_tokens"):
+        assert driver.stats.offloaded_layers > 0  # the prefills ran the twins, the decode steps the CPU layers
     if driver._ring is not None:
         # Every streamed unit is loaded once per step, and only the pieces' own slot breaks wait for a copy
         # issued at their start (a miss); the others were prefetched while an earlier piece or CPU layer ran.
@@ -447,6 +450,7 @@ def test_cuda_graphs_with_streamed_layers_equal_eager(gpu_path, placements, buff
         ("s,c,r,s,s,r,s", 2, "auto", {"embed_on_cpu": True}),  # a slot break inside the step
         ("s,s,s,c,r,r,c", 2, "auto", {"lm_head": "streamed"}),
         ("c,r,r,r,r,r,r", 2, "fp8", {}),
+        ("r,s,c,r,s,c,s", 2, "auto", {"prefill_offload_min_tokens": 2}),
     ],
 )
 def test_cuda_graphs_with_cpu_layers_equal_eager(gpu_path, placements, buffers, kv, extra):
