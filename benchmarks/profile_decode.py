@@ -39,6 +39,7 @@ def main() -> None:
     ap.add_argument("--trace", default=None, help="also write a Chrome trace of the profiled steps here")
     ap.add_argument("--offload", default=None, help="force a placement, e.g. r:27,s:8,c:5 (else the planner's)")
     ap.add_argument("--cpu-weights", default="fp32", choices=("fp32", "bf16", "packed"))
+    ap.add_argument("--prefill-offload", action="store_true", help="CPU layers run on the GPU for long steps")
     ap.add_argument("--no-gemv-epilogues", action="store_true",
                     help="separate kernels for the MLP's residual add and SwiGLU (w4a16.EPILOGUES = False)")
     args = ap.parse_args()
@@ -53,6 +54,7 @@ def main() -> None:
         model=f"random:{args.random_weights}", device="cuda", quantization=args.quantization, show_progress=False,
         enforce_eager=args.enforce_eager, memory=budget, num_stream_buffers=args.stream_buffers,
         lm_head_bits=args.lm_head_bits, offload=args.offload, cpu_weights=args.cpu_weights,
+        prefill_offload=args.prefill_offload,
         cache=CacheConfig(cache_dtype=args.kv_cache_dtype,
                           kv_cache_memory=None if args.gpu_memory else (args.batch * max_len * 820_000) + (256 << 20)),
         scheduler=SchedulerConfig(max_num_seqs=args.batch, max_model_len=max_len, max_num_batched_tokens=4096),

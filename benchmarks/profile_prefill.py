@@ -34,6 +34,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--gpu-memory", type=size, default=None, help="budget, e.g. 6GiB")
     ap.add_argument("--lm-head-bits", type=int, default=None, choices=(4, 8, 16))
+    ap.add_argument("--kv-cache-dtype", default="auto")
+    ap.add_argument("--cpu-weights", default="fp32", choices=("fp32", "bf16", "packed"))
+    ap.add_argument("--prefill-offload", action="store_true", help="CPU layers run on the GPU for long steps")
     ap.add_argument("--trace", default=None, help="also write a Chrome trace of the profiled prefill here")
     ap.add_argument("--dequant-v1", action="store_true",
                     help="the long-prefill dequantize as before session 7 (v1 kernel) for an A/B")
@@ -53,7 +56,8 @@ def main() -> None:
     budget = MemoryBudgetConfig(gpu_memory=args.gpu_memory) if args.gpu_memory else MemoryBudgetConfig()
     eng = LLMEngine(EngineConfig(
         model=f"random:{args.random_weights}", device="cuda", quantization=args.quantization, show_progress=False,
-        memory=budget, lm_head_bits=args.lm_head_bits, cache=CacheConfig(),
+        memory=budget, lm_head_bits=args.lm_head_bits, cache=CacheConfig(cache_dtype=args.kv_cache_dtype),
+        cpu_weights=args.cpu_weights, prefill_offload=args.prefill_offload,
         scheduler=SchedulerConfig(max_num_seqs=1, max_model_len=max_len, max_num_batched_tokens=4096),
     ))
     vocab = eng.model_config.vocab_size

@@ -107,3 +107,21 @@ def test_swap_pool_block_size_must_match():
     cfg = SchedulerConfig()
     with pytest.raises(ValueError, match="block_size 8 differs"):
         Scheduler(cfg, BlockManager(4, 16), swap_manager=BlockManager(4, 8))
+
+
+def test_idle_pool_hands_out_consecutive_blocks_again():
+    """Blocks come from a FIFO (freed ones go to the back), but once every block is free again the next
+    sequence gets 0, 1, 2, ...: one run of consecutive pages, which CPU layers read as a view."""
+    bm = BlockManager(6, 4)
+    a, b = make(8, "a"), make(4, "b")
+    bm.allocate(a, 8)
+    bm.allocate(b, 4)
+    bm.free(a)
+    c = make(8, "c")
+    bm.allocate(c, 8)
+    assert c.block_table == [3, 4]  # FIFO while b still holds block 2
+    bm.free(b)
+    bm.free(c)
+    d = make(12, "d")
+    bm.allocate(d, 12)
+    assert d.block_table == [0, 1, 2]

@@ -50,6 +50,11 @@ class BlockManager:
         for b in seq.block_table:
             self._free.append(b)
         seq.block_table = []
+        if len(self._free) == self.num_blocks:
+            # Idle pool: restart from block 0, so that the next sequences get runs of consecutive blocks again
+            # (the FIFO would otherwise hand them out rotated, wrapping past the pool's end). CPU layers read a
+            # sequence whose pages are one run as a view of the pool instead of gathering them.
+            self._free = deque(range(self.num_blocks))
 
     def take(self, n: int) -> list[int]:
         """Take n free blocks (used when swapped KV comes back in)."""
