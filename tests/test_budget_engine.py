@@ -218,6 +218,15 @@ def test_no_budget_on_cpu_behaves_as_before(deep_path, reference):
     assert llm.engine.memory_report()["budget"] is None
 
 
+def test_auto_driver_options_pack_and_offload_only_when_planned_on_a_gpu():
+    from vramwise.memory.offload import resolve_driver_options
+
+    assert resolve_driver_options("auto", None, planned_on_gpu=True) == ("packed", True)
+    assert resolve_driver_options("auto", None, planned_on_gpu=False) == ("fp32", False)
+    assert resolve_driver_options("fp32", False, planned_on_gpu=True) == ("fp32", False)  # explicit flags win
+    assert resolve_driver_options("bf16", True, planned_on_gpu=False) == ("bf16", True)
+
+
 def test_engine_flags_reach_the_config():
     p = build_parser()
     args = p.parse_args(["generate", "hi", "--gpu-memory", "6GiB", "--device-profile", "rtx2060"])
@@ -225,12 +234,13 @@ def test_engine_flags_reach_the_config():
     assert mem.gpu_memory == 6 << 30 and mem.gpu_memory_utilization is None and mem.device_profile == "rtx2060"
     args = p.parse_args(["chat", "--gpu-memory-utilization", "0.5"])
     assert make_engine_config(args).memory.gpu_memory_utilization == 0.5
-    assert make_engine_config(args).cpu_weights == "fp32"  # the default: dequantized, as before
+    assert make_engine_config(args).cpu_weights == "auto"  # the default: packed under a budget on a GPU, else fp32
     args = p.parse_args(["generate", "hi", "--offload", "r,c", "--cpu-weights", "packed"])
     assert make_engine_config(args).cpu_weights == "packed"
     args = p.parse_args(["generate", "hi", "--offload", "r,c", "--prefill-offload", "--prefill-offload-min-tokens", "64"])
     assert (make_engine_config(args).prefill_offload, make_engine_config(args).prefill_offload_min_tokens) == (True, 64)
-    assert make_engine_config(p.parse_args(["generate", "hi"])).prefill_offload is False
+    assert make_engine_config(p.parse_args(["generate", "hi"])).prefill_offload is None  # auto
+    assert make_engine_config(p.parse_args(["generate", "hi", "--no-prefill-offload"])).prefill_offload is False
     args = p.parse_args(["generate", "hi", "--gpu-memory", "1GiB", "--gpu-memory-utilization", "0.5"])
     with pytest.raises(ValueError, match="not both"):
         make_engine_config(args)

@@ -31,13 +31,15 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--offload", default=None, metavar="PLACEMENT",
                    help="layer placement: streamed | cpu | resident:20,streamed:20 | r,s,c,... (default: all on the device)")
     g.add_argument("--stream-buffers", type=positive_int, default=2, help="GPU slots for streamed layers (default: 2)")
-    g.add_argument("--cpu-weights", default="fp32", choices=("fp32", "bf16", "packed"),
+    g.add_argument("--cpu-weights", default="auto", choices=("auto", "fp32", "bf16", "packed"),
                    help="how CPU-computed layers (--offload / --gpu-memory) hold weights: fp32 or bf16 "
                         "(dequantized), or packed int4/int8 (torch's packed CPU kernels, bf16 activations; "
-                        "1/8 of the fp32 bytes at int4); the planner costs the same (default: fp32)")
-    g.add_argument("--prefill-offload", action="store_true",
+                        "1/8 of the fp32 bytes at int4); the planner costs the same (default auto: packed under "
+                        "--gpu-memory on a GPU, else fp32)")
+    g.add_argument("--prefill-offload", action=argparse.BooleanOptionalAction, default=None,
                    help="long prefill steps run the CPU-computed layers on the GPU (their weights copied in through "
-                        "the stream buffers, their KV through one layer's device pages); the planner costs it")
+                        "the stream buffers, their KV through one layer's device pages); the planner costs it "
+                        "(default: on under --gpu-memory on a GPU)")
     g.add_argument("--prefill-offload-min-tokens", type=positive_int, default=None, metavar="N",
                    help="with --prefill-offload: steps of at least N tokens are offloaded (default: the planner's "
                         "threshold under --gpu-memory, else 128)")
@@ -112,8 +114,8 @@ def make_engine_config(args: argparse.Namespace, show_progress: bool = True):
         show_progress=show_progress,
         offload=getattr(args, "offload", None),
         num_stream_buffers=getattr(args, "stream_buffers", 2),
-        cpu_weights=getattr(args, "cpu_weights", "fp32"),
-        prefill_offload=bool(getattr(args, "prefill_offload", False)),
+        cpu_weights=getattr(args, "cpu_weights", "auto"),
+        prefill_offload=getattr(args, "prefill_offload", None),
         prefill_offload_min_tokens=getattr(args, "prefill_offload_min_tokens", None),
         enforce_eager=bool(getattr(args, "enforce_eager", False)),
         async_scheduling=bool(getattr(args, "async_scheduling", True)),

@@ -223,12 +223,13 @@ class EngineConfig:
     # How CPU-computed layers hold their weights (--cpu-weights, the planner's DriverCaps.cpu_weights): "fp32"
     # (dequantized, fp32 compute), "bf16" (dequantized, bf16 compute and KV), "packed" (int4/int8 linears kept
     # packed for torch's CPU kernels, quant/cpu_packed.py; the rest in fp32). The planner costs the same choice.
-    cpu_weights: str = "fp32"
+    # "auto": packed under a --gpu-memory budget on a GPU, else fp32 (memory/offload.resolve_driver_options).
+    cpu_weights: str = "auto"
     # Prefill offload (--prefill-offload; memory/offload.py "Prefill offload", the planner's
     # DriverCaps.prefill_offload): steps of at least prefill_offload_min_tokens tokens run the CPU-computed layers
     # on the GPU from a copy of their weights. The threshold is the planner's under a --gpu-memory budget unless
     # given; with --offload and no budget, DEFAULT_PREFILL_OFFLOAD_MIN_TOKENS unless given.
-    prefill_offload: bool = False
+    prefill_offload: bool | None = None  # None: on under a --gpu-memory budget on a GPU, else off
     prefill_offload_min_tokens: int | None = None
     # Decode fast path (engine/cuda_graphs.py): all-decode steps replay CUDA graphs captured for a ladder of
     # batch sizes. enforce_eager turns that off. decode_graphs: "auto" (graphs on CUDA, none on CPU),

@@ -94,8 +94,13 @@ class LLMEngine:
         self.tokenizer: Tokenizer | None = source.load_tokenizer()  # None for random-weight models
         self.dtype = resolve_dtype(config.dtype, self.device, self.model_config)
         self.kv_dtype = resolve_kv_cache_dtype(config.cache.cache_dtype, self.dtype)  # before loading: fail fast
-        from vramwise.memory.offload import cpu_weight_options, prefill_offload_threshold
+        from dataclasses import replace as _replace
 
+        from vramwise.memory.offload import cpu_weight_options, prefill_offload_threshold, resolve_driver_options
+
+        cpu_weights, prefill_offload = resolve_driver_options(
+            config.cpu_weights, config.prefill_offload, config.memory.enabled and self.device.type == "cuda")
+        config = self.config = _replace(config, cpu_weights=cpu_weights, prefill_offload=prefill_offload)
         cpu_weight_options(config.cpu_weights)  # a bad --cpu-weights fails before loading too
         prefill_min = prefill_offload_threshold(config)  # a bad threshold fails before loading too
         if isinstance(source, RandomWeightSource):  # draw the weights where they will live

@@ -58,12 +58,13 @@ def register(subparsers: Any) -> None:
     p.add_argument("--policy", default="auto", choices=("auto", *POLICIES))
     p.add_argument("--no-cuda-graphs", action="store_true", help="plan without CUDA-graph pools")
     g = p.add_argument_group("offload driver capabilities (default: what memory/offload.py does today)")
-    g.add_argument("--cpu-weights", default="fp32", choices=("fp32", "bf16", "packed"),
+    g.add_argument("--cpu-weights", default="auto", choices=("auto", "fp32", "bf16", "packed"),
                    help="how CPU-computed layers hold weights (as `serve --cpu-weights`): fp32 / bf16 "
-                        "(dequantized), or packed int4/int8 (torch's packed CPU kernels)")
-    g.add_argument("--prefill-offload", action="store_true",
+                        "(dequantized), or packed int4/int8 (torch's packed CPU kernels); auto (default): packed, "
+                        "what `serve --gpu-memory` runs on a GPU")
+    g.add_argument("--prefill-offload", action=argparse.BooleanOptionalAction, default=None,
                    help="long prefill chunks run CPU layers on the GPU through the stream buffers "
-                        "(as `serve --prefill-offload`)")
+                        "(as `serve --prefill-offload`; default: on, what `serve --gpu-memory` runs on a GPU)")
     g.add_argument("--lm-head-offload", action="store_true", help="the lm_head may be streamed or CPU-computed")
     p.add_argument("--device-profile", default="auto",
                    help="h100 | rtx2060 | cpu | auto (doctor's cached measurements, else h100) | PATH.json")
@@ -233,7 +234,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     profile, profile_note = resolve_profile(args.device_profile)
     budget = _budget(args, profile)
-    caps = driver_caps(args.cpu_weights, args.prefill_offload)  # what `serve --cpu-weights --prefill-offload` runs
+    from vramwise.memory.offload import resolve_driver_options
+
+    # what `serve --gpu-memory --cpu-weights --prefill-offload` runs on a GPU
+    caps = driver_caps(*resolve_driver_options(args.cpu_weights, args.prefill_offload, planned_on_gpu=True))
     if args.lm_head_offload:  # a capability the driver does not have yet
         caps = replace(caps, lm_head_offload=True, name="custom")
     for known in (DRIVER_TODAY, DRIVER_NEXT):

@@ -15,9 +15,10 @@ stays resident unless DriverCaps.lm_head_offload.
 The planner plans within what the offload driver can execute (DriverCaps): today's driver
 (memory/offload.py) dequantizes CPU layers to fp32 (4 bytes per weight, fp32 KV) or, asked to
 (--cpu-weights bf16 | packed: driver_caps), to bf16 or keeps their linears packed for torch's int4/int8 CPU
-kernels; it keeps the lm_head on the device, runs prefill on the CPU for CPU layers and needs a ring of >= 2
-buffers; DRIVER_NEXT is what the issue's targets need (packed CPU weights, prefill offload, lm_head
-offload), and plans list it as an alternative with its predicted speed.
+kernels, and with --prefill-offload runs long prefill steps' CPU layers on the GPU (both the default under
+a budget on a GPU: offload.resolve_driver_options); it keeps the lm_head on the device and needs a ring of
+>= 2 buffers; DRIVER_NEXT adds what it does not do yet (lm_head offload, CPU-layer KV in the pool dtype),
+and plans list it as an alternative with its predicted speed.
 
 Policies: resident (everything), streamed (R layers resident, spread among the streamed rest: see
 _spread_resident), cpu (first R layers resident, the rest on the CPU), mixed (the rest split between streamed and CPU layers, interleaved so that each streamed
@@ -141,9 +142,11 @@ def driver_caps(cpu_weights: str = "fp32", prefill_offload: bool = False) -> Dri
                       prefill_offload=prefill_offload, name=name)
 
 
-#: What the issue's targets need from it: a packed int4/int8 CPU kernel, prefill offload, lm_head offload.
+#: Beyond the driver: packed CPU layers and prefill offload (which it runs, the default under a budget on a GPU)
+#: plus lm_head offload and CPU layers' KV in the pool's dtype, which it does not do yet (plans list it as an
+#: alternative with its predicted speed).
 DRIVER_NEXT = DriverCaps(cpu_weights="packed", cpu_kv_bytes=0, prefill_offload=True, lm_head_offload=True,
-                         name="packed CPU kernel + prefill offload")
+                         name="+ lm_head offload, CPU-layer KV in the pool dtype (not in the driver yet)")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -1308,7 +1311,7 @@ def _alternatives(model: ModelConfig, budget_bytes: int, device: DeviceProfile, 
         packed = driver_caps("packed")
         changes.append(("packed CPU weights", "--cpu-weights packed", {"driver": packed}, {"driver": packed.name}))
     if s.caps != DRIVER_NEXT:
-        changes.append((f"driver: {DRIVER_NEXT.name}", "--cpu-weights packed --prefill-offload --lm-head-offload",
+        changes.append((f"driver: {DRIVER_NEXT.name}", "plan --lm-head-offload",
                         {"driver": DRIVER_NEXT}, {"driver": DRIVER_NEXT.name}))
     if baseline is None and s.max_num_seqs > 8:  # the logits and CUDA-graph terms shrink with fewer sequences
         changes.append(("8 sequences per step", "--max-num-seqs 8", {"max_num_seqs": 8}, {"max_num_seqs": 8}))
