@@ -100,6 +100,7 @@ scenario() {
     llama_ref_13b_b16)   echo "llama.cpp llama-batched-bench 13b 0 16 256 128" ;;
     llama_cap_13b_b16)   echo "llama.cpp llama-batched-bench 13b $CAP_MIB 16 256 128" ;;
     ours_cap_13b_b1)     echo "vramwise vramwise 13b $CAP_MIB 1 512 128" ;;
+    ours_cap_13b_b1_kv8) echo "vramwise vramwise 13b $CAP_MIB 1 512 128" ;;
     ours_cap_13b_b16)    echo "vramwise vramwise 13b $CAP_MIB 16 256 128" ;;
     ours_13b_b1)         echo "vramwise vramwise 13b 0 1 512 128" ;;
     ours_13b_b16)        echo "vramwise vramwise 13b 0 16 256 128" ;;
@@ -293,7 +294,9 @@ py_step() {
       [[ $s == *_eager ]] && { capflag+=(--enforce-eager); setup="$setup, --enforce-eager"; }
       # sized for the scenario: the KV pool holds exactly B sequences of p + g tokens (a budget plans for it)
       capflag+=(--max-num-seqs "$b" --max-model-len $(( p + g )))
-      [ "$cap" -gt 0 ] && [ "$b" -gt 1 ] && { capflag+=(--kv-cache-dtype int8); setup="$setup, int8 KV"; }
+      # int8 KV: at 16 sequences always (llama.cpp's batched run has q8_0 KV); at batch 1 in the _kv8 variant only
+      # (llama.cpp's batch-1 runs keep f16 KV, as ours_cap_13b_b1 does)
+      { [ "$cap" -gt 0 ] && [ "$b" -gt 1 ]; } || [[ $s == *_kv8 ]] && { capflag+=(--kv-cache-dtype int8); setup="$setup, int8 KV"; }
       [ "$cap" -eq 0 ] && capflag+=(--kv-cache-memory "$(( b * (p + g) * 840000 / 1048576 + 256 ))MiB")  # 13B: 800 KiB/token fp16
       # shellcheck disable=SC2086
       measure "$s" "$limit" env PYTHONPATH="$REPO/src" python3 -m vramwise.cli bench --random-weights "llama-2-$shape" \
