@@ -1268,11 +1268,15 @@ class OffloadDriver:
     def _cpu_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         if self._seg is not None:  # a segmented decode step (never offloaded: _offloads)
             self._seg_cpu_pre(module, args, kwargs)
-        self._flush_kv()  # a CPU layer reads its host pages: earlier twins' rows must be in them (normally are)
         twin = self._twins.get(id(module))
         if twin is not None and self._offloads(args, kwargs):
+            # The twin reads its own layer's host pages only (the past KV upload), which no write-back of this
+            # step touches: no flush here. Flushing waits for the earlier twins' kernels, which would stall the
+            # host at every CPU layer of an offloaded prefill and starve the copy engine of the copies the
+            # later layers' hooks issue (the forward's end flushes them all).
             self._twin_pending = twin  # the forward runs the twin, on the device tensors as they are
             return None
+        self._flush_kv()  # a CPU layer reads its host pages: earlier twins' rows must be in them (normally are)
         step = next((host_step(a) for a in (*args, *kwargs.values()) if isinstance(a, AttentionMetadata)), None)
 
         def to_host(a: Any) -> Any:
