@@ -85,6 +85,25 @@ state. The schedule a captured step follows:
   begin_step_capture(live=True) runs the same schedule eagerly (emulate mode, CPU tests): copies really run,
   so a schedule that left a slot holding the wrong unit changes the output there too.
 
+Segmented steps (placements with CPU-computed decoder layers; engine/cuda_graphs.py "CPU layers"). A graph cannot
+hold host compute, so a decode step is captured in pieces: segment_plan() splits the layers before each CPU layer,
+and before a streamed unit whose slot a unit of the same piece reads (its copy would have to run inside the piece).
+  * Capture: one forward of the model on a side stream. begin_segmented_capture() begins piece 0's graph; a CPU
+    unit's pre-hook ends the current piece's capture (its input, the piece's output, is kept alive), the CPU unit
+    then runs eagerly on the capture's dummy batch (K/V to the scratch block), its post-hook copies the output
+    into a static device buffer and begins the next piece's capture, which reads that buffer;
+    end_segmented_capture() ends the last piece. Streamed units' hooks do nothing in a piece: no copy and no
+    event is captured.
+  * Replay (replay_segmented): for each piece, eagerly, _seg_begin (each streamed unit it reads is loaded or a
+    miss loads it now; the compute stream waits for its copy), the piece's graph, _seg_end (its slots are marked
+    free and their next users' copies issued: later units of the step or, past the last, the next step's first
+    ones), then its CPU layer on this step's batch (the runner's HostStep from the graphs' pinned twin) and the
+    copy of its output into the next piece's input buffer. The copies of later streamed units thus run while
+    the CPU layers compute; the copy engine runs at most num_slots units ahead.
+  * begin_segmented_capture(live=True) runs the same schedule eagerly at the same points (emulate mode, CPU
+    tests). Steps with prefill tokens stay eager and never enter a segmented step (prefill offload's twins are
+    not used inside one).
+
 CPU-computed layers: weights in `cpu_dtype` (default float32, see DEFAULT_CPU_DTYPE for the measurement),
 quantized linears dequantized once at apply time (QuantLinear's CPU path dequantizes on every call), or,
 with cpu_weights="packed", kept packed as quant/cpu_packed.CpuPackedLinear (torch's int4/int8 CPU kernels,
