@@ -41,6 +41,7 @@ threshold.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -979,24 +980,17 @@ def _decode_ops(s: _Setup, cand: _Candidate, batch: int, overheads: bool) -> tup
     ctx = s.decode_context
     copy_share, cpu_share = _dram(s, cand.layers, cand.lm_head)
     quant = _cpu_quantized(s)
-    memo: dict[tuple[str, int, int], Op] = {}  # layers of one shape and placement cost the same
-    ops: list[Op] = []
-    if cand.embeddings == "cpu":
-        ops.append(Op("embed", "cpu", 0.0))
-    for place, wb, cb, params in zip(cand.layers, w.layer_bytes, s.cpu_layer_bytes, w.layer_params):
-        key = (place, wb, params)
-        op = memo.get(key)
-        if op is None:
-            flops = linear_flops(params, batch) + attention_flops(m.q_size, batch, ctx)
-            kv_read = batch * ctx * s.kv_layer
-            if place == CPU:
-                op = Op("cpu layer", "cpu", cpu_time(dev, cb, flops, batch * ctx * s.cpu_kv_layer, quantized=quant,
-                                                      bandwidth_share=cpu_share, overheads=overheads))
-            else:
-                copy = copy_time(dev, wb, bandwidth_share=copy_share, overheads=overheads) if place == STREAMED else 0.0
-                op = Op(f"{place} layer", "gpu", gpu_time(dev, wb, flops, kv_read, overheads=overheads), copy)
-            memo[key] = op
-        ops.append(op)
+
+    def cost(place: str, wb: int, cb: int, params: int) -> Op:
+        flops = linear_flops(params, batch) + attention_flops(m.q_size, batch, ctx)
+        kv_read = batch * ctx * s.kv_layer
+        if place == CPU:
+            return Op("cpu layer", "cpu", cpu_time(dev, cb, flops, batch * ctx * s.cpu_kv_layer, quantized=quant,
+                                                   bandwidth_share=cpu_share, overheads=overheads))
+        copy = copy_time(dev, wb, bandwidth_share=copy_share, overheads=overheads) if place == STREAMED else 0.0
+        return Op(f"{place} layer", "gpu", gpu_time(dev, wb, flops, kv_read, overheads=overheads), copy)
+
+    ops = _layer_ops(s, cand, cost)
     ops.append(_head_op(s, cand.lm_head, batch, overheads, copy_share, cpu_share))
     return ops, handover_time(dev, batch * m.hidden_size * ACT_BYTES, overheads)
 
@@ -1052,6 +1046,31 @@ def _prefill_step_ops(s: _Setup, cand: _Candidate, tokens: int, past: float, ctx
     dev, w, m = s.device, s.weights, s.model
     quant = _cpu_quantized(s)
     dequant = s.scheme.linear.quantized and tokens >= DEQUANT_MIN_TOKENS
+
+    def cost(place: str, wb: int, cb: int, params: int) -> Op:
+        flops = linear_flops(params, tokens) + attention_flops(m.q_size, tokens, ctx)
+        kv_rw = (past + tokens) * s.kv_layer
+        if place == CPU and not offload:
+            return Op("cpu layer", "cpu", cpu_time(dev, cb, flops, (past + tokens) * s.cpu_kv_layer, quantized=quant,
+                                                   bandwidth_share=cpu_share, overheads=overheads))
+        copy = 0.0
+        run = gpu_time(dev, wb, flops, kv_rw, overheads=overheads)
+        if dequant:  # the long-prefill path's dequantize pass (costmodel.prefill_dequant_time)
+            run += prefill_dequant_time(dev, wb, params, overheads=overheads)
+        if place == STREAMED:
+            copy = copy_time(dev, wb, bandwidth_share=copy_share, overheads=overheads)
+        elif place == CPU:  # offloaded: weights + past KV in, the chunk's new KV back out
+            copy = copy_time(dev, wb + past * s.cpu_kv_layer, bandwidth_share=copy_share, overheads=overheads)
+            run += tokens * s.twin_kv_layer / dev.h2d_pinned_bandwidth
+        return Op(f"{place} layer", "gpu", run, copy)
+
+    return _layer_ops(s, cand, cost)
+
+
+def _layer_ops(s: _Setup, cand: _Candidate, cost: Callable[[str, int, int, int], Op]) -> list[Op]:
+    """The embedding lookup (when on the host) and one op per decoder layer, cost(placement, device-format
+    bytes, CPU-format bytes, params) each; layers of one shape and placement are costed once."""
+    w = s.weights
     memo: dict[tuple[str, int, int], Op] = {}
     ops: list[Op] = []
     if cand.embeddings == "cpu":
@@ -1060,25 +1079,7 @@ def _prefill_step_ops(s: _Setup, cand: _Candidate, tokens: int, past: float, ctx
         key = (place, wb, params)
         op = memo.get(key)
         if op is None:
-            flops = linear_flops(params, tokens) + attention_flops(m.q_size, tokens, ctx)
-            kv_rw = (past + tokens) * s.kv_layer
-            if place == CPU and not offload:
-                op = Op("cpu layer", "cpu", cpu_time(dev, cb, flops, (past + tokens) * s.cpu_kv_layer,
-                                                      quantized=quant, bandwidth_share=cpu_share,
-                                                      overheads=overheads))
-            else:
-                copy = 0.0
-                run = gpu_time(dev, wb, flops, kv_rw, overheads=overheads)
-                if dequant:  # the long-prefill path's dequantize pass (costmodel.prefill_dequant_time)
-                    run += prefill_dequant_time(dev, wb, params, overheads=overheads)
-                if place == STREAMED:
-                    copy = copy_time(dev, wb, bandwidth_share=copy_share, overheads=overheads)
-                elif place == CPU:  # offloaded: weights + past KV in, the chunk's new KV back out
-                    copy = copy_time(dev, wb + past * s.cpu_kv_layer, bandwidth_share=copy_share,
-                                     overheads=overheads)
-                    run += tokens * s.twin_kv_layer / dev.h2d_pinned_bandwidth
-                op = Op(f"{place} layer", "gpu", run, copy)
-            memo[key] = op
+            op = memo[key] = cost(place, wb, cb, params)
         ops.append(op)
     return ops
 
