@@ -95,7 +95,8 @@ class DecodeGraphs:
         self.device = device
         self.mode = mode
         # Streamed layers / embeddings on the host: the offload driver's ring runs inside the captured step
-        # (module doc, "Streamed models"). Layers computed on the CPU cannot be captured.
+        # (module doc, "Streamed models"); with layers computed on the CPU, the step is captured in pieces
+        # around them (module doc, "CPU layers").
         self.offload = driver_of(model)
         blocker = self.offload.capture_blocker() if self.offload is not None else None
         if blocker is not None and mode == "cuda":
