@@ -60,7 +60,7 @@ from torch import nn
 
 from vramwise.engine.scheduler import SchedulerOutput
 from vramwise.memory.budget import cuda_graph_capture_sizes
-from vramwise.memory.offload import HOST_STEP_KEY, HostStep, SegmentedStep, StepSchedule, driver_of, host_metadata
+from vramwise.memory.offload import SegmentedStep, StepSchedule, attach_host_step, driver_of
 from vramwise.models.attention import AttentionMetadata
 
 log = logging.getLogger(__name__)
@@ -309,13 +309,8 @@ class DecodeGraphs:
             with torch.cuda.stream(side):
                 for b in reversed(self.sizes):
                     pos = self._pos_views[b] = self.positions[:b]
-                    drv.begin_segmented_capture(pool)  # type: ignore[union-attr]
-                    try:
-                        self.outputs[b] = self.model(self.input_ids[:b], pos, metas[b])
-                    except BaseException:
-                        drv.abort_segmented_capture()  # type: ignore[union-attr]
-                        raise
-                    self.pieces[b] = drv.end_segmented_capture()  # type: ignore[union-attr]
+                    self.outputs[b], self.pieces[b] = drv.segmented_forward(  # type: ignore[union-attr]
+                        lambda: self.model(self.input_ids[:b], pos, metas[b]), pool)
         except RuntimeError as e:
             raise RuntimeError(f"CUDA-graph capture of the decode step failed ({e}); run with --enforce-eager") from e
         torch.cuda.current_stream(self.device).wait_stream(side)
@@ -328,14 +323,9 @@ class DecodeGraphs:
         """Give `meta` this step's batch on the host for the CPU layers (HostStep), from the pinned twin _fill
         wrote: no device-to-host copy."""
         h_ids, h_pos, h_slots, h_ctx, h_rows, h_bt = self._host_np[self._last_twin]
-        host = host_metadata(meta, slot_mapping=torch.from_numpy(h_slots[:pad]),
-                             block_tables=torch.from_numpy(h_bt[:pad]),
-                             context_lens_t=torch.from_numpy(h_ctx[:pad]))
-        step = HostStep(host)
         pos = self._pos_views.get(pad)
-        if pos is not None:
-            step.tensors[id(pos)] = (pos, torch.from_numpy(h_pos[:pad]))
-        meta.prepared[HOST_STEP_KEY] = step
+        attach_host_step(meta, torch.from_numpy(h_slots[:pad]), torch.from_numpy(h_bt[:pad]),
+                         torch.from_numpy(h_ctx[:pad]), None if pos is None else (pos, torch.from_numpy(h_pos[:pad])))
 
     def _reset_padding(self) -> None:
         """Every row a padding row (what warm-up and capture run on)."""
@@ -373,13 +363,8 @@ class DecodeGraphs:
             if self.mode == "cuda":
                 drv.replay_segmented(self.pieces[pad], meta)  # type: ignore[union-attr]
                 return self.outputs[pad][:n]
-            drv.begin_segmented_capture(live=True)  # type: ignore[union-attr]
-            try:
-                hidden = self.model(self.input_ids[:pad], self.positions[:pad], meta)
-            except BaseException:
-                drv.abort_segmented_capture()  # type: ignore[union-attr]
-                raise
-            drv.end_segmented_capture()  # type: ignore[union-attr]
+            hidden, _ = drv.segmented_forward(  # type: ignore[union-attr]
+                lambda: self.model(self.input_ids[:pad], self.positions[:pad], meta), live=True)
             return hidden[:n]
         if self.mode == "cuda":
             self.graphs[pad].replay()

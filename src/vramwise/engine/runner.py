@@ -271,17 +271,11 @@ class ModelRunner:
         ids = up(input_ids, torch.long)
         pos_t = up(positions, torch.long)
         if self._host_layers:
-            from vramwise.memory.offload import HOST_STEP_KEY, HostStep, host_metadata
+            from vramwise.memory.offload import attach_host_step
 
-            host_meta = host_metadata(
-                meta,
-                slot_mapping=torch.tensor(slots, dtype=torch.long),
-                block_tables=torch.tensor(bt, dtype=torch.long),
-                context_lens_t=torch.tensor(ctx_lens, dtype=torch.int32),
-            )
-            step = HostStep(host_meta)
-            step.tensors[id(pos_t)] = (pos_t, torch.tensor(positions, dtype=torch.long))
-            meta.prepared[HOST_STEP_KEY] = step
+            attach_host_step(meta, torch.tensor(slots, dtype=torch.long), torch.tensor(bt, dtype=torch.long),
+                             torch.tensor(ctx_lens, dtype=torch.int32),
+                             (pos_t, torch.tensor(positions, dtype=torch.long)))
         return ids, pos_t, meta
 
     def _upload(self, values: list, dtype: torch.dtype) -> torch.Tensor:

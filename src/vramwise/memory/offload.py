@@ -163,6 +163,7 @@ Engine integration (the lead wires `--offload-policy`):
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import re
@@ -284,9 +285,16 @@ def prefill_offload_threshold(config: Any) -> int | None:
         if given is not None:
             raise ValueError("prefill_offload_min_tokens is set but prefill offload is off; pass --prefill-offload")
         return None
-    if given is not None and int(given) < 1:
-        raise ValueError(f"prefill_offload_min_tokens must be >= 1 (or None for never), got {given}")
-    return DEFAULT_PREFILL_OFFLOAD_MIN_TOKENS if given is None else int(given)
+    return DEFAULT_PREFILL_OFFLOAD_MIN_TOKENS if given is None else _min_tokens(given)
+
+
+def _min_tokens(value: Any) -> int | None:
+    """A prefill-offload threshold as an int (None: never), refused below 1."""
+    if value is None:
+        return None
+    if int(value) < 1:
+        raise ValueError(f"prefill_offload_min_tokens must be >= 1 (or None for never), got {value}")
+    return int(value)
 
 
 def cpu_weight_options(fmt: str) -> tuple[str, str]:
@@ -382,11 +390,23 @@ def host_metadata(meta: AttentionMetadata, **host_tensors: torch.Tensor) -> Atte
 def _step_tokens(args: tuple, kwargs: dict) -> int:
     """Tokens T of the step a layer call belongs to: from its AttentionMetadata (slot_mapping (T,)), else from
     its hidden states (T, hidden)."""
-    values = (*args, *kwargs.values())
-    meta = next((a for a in values if isinstance(a, AttentionMetadata)), None)
+    meta = next((a for a in (*args, *kwargs.values()) if isinstance(a, AttentionMetadata)), None)
     if meta is not None:
         return int(meta.slot_mapping.shape[0])
-    return next((int(a.shape[0]) for a in values if isinstance(a, torch.Tensor) and a.is_floating_point()), 0)
+    x = _hidden_arg(args, kwargs)
+    return 0 if x is None else int(x.shape[0])
+
+
+def attach_host_step(meta: AttentionMetadata, slot_mapping: torch.Tensor, block_tables: torch.Tensor,
+                     context_lens_t: torch.Tensor, positions: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+    """Give `meta` this step's batch on the host, built by the caller from host data it already has (no
+    device-to-host copy): the batch tensors, and positions as (the device tensor the layers are called with,
+    its host copy). CPU layers find it through host_step()."""
+    step = HostStep(host_metadata(meta, slot_mapping=slot_mapping, block_tables=block_tables,
+                                  context_lens_t=context_lens_t))
+    if positions is not None:
+        step.tensors[id(positions[0])] = positions
+    meta.prepared[HOST_STEP_KEY] = step
 
 
 def host_step(meta: AttentionMetadata) -> HostStep:
@@ -736,16 +756,10 @@ class OffloadDriver:
         for twin in self._twins.values():
             self._dispatch_to_twin(twin.layer)
         # length of the run of consecutive twin layers each decoder layer is in (0: not a twin)
-        twin_at = [id(layer) in self._twins for layer in layers]
-        self._twin_run = [0] * len(layers)
-        i = 0
-        while i < len(layers):
-            k = i
-            while k < len(layers) and twin_at[k]:
-                k += 1
-            for m in range(i, k):
-                self._twin_run[m] = k - i
-            i = max(k, i + 1)
+        self._twin_run: list[int] = []
+        for is_twin, run in itertools.groupby(id(layer) in self._twins for layer in layers):
+            k = len(list(run))
+            self._twin_run += [k if is_twin else 0] * k
         if self._twins:  # the step's new KV rows reach the host pages by the end of the forward
             self._hooks.append(model.model.register_forward_hook(self._flush_kv_hook, always_call=True))
         self._streamed: list[_Streamed] = []
@@ -1247,6 +1261,17 @@ class OffloadDriver:
             last.graph.capture_end()
         return SegmentedStep(rec.segments)
 
+    def segmented_forward(self, forward: Any, pool: Any = None, live: bool = False) -> tuple[Any, SegmentedStep]:
+        """forward() (one forward of the model) as a segmented step: begin_segmented_capture, the forward,
+        end_segmented_capture (abort_segmented_capture if the forward raises). Returns (its output, the step)."""
+        self.begin_segmented_capture(pool, live)
+        try:
+            out = forward()
+        except BaseException:
+            self.abort_segmented_capture()
+            raise
+        return out, self.end_segmented_capture()
+
     def abort_segmented_capture(self) -> None:
         rec, self._seg = self._seg, None
         if rec is not None:
@@ -1624,8 +1649,7 @@ def apply_placement(
         if getattr(lm, "weight", None) is _embedding(model).weight:
             raise ValueError(f"lm_head placement {head!r}: this model ties lm_head to the token embedding, "
                              "which the first step reads on the device; keep lm_head resident")
-    if prefill_offload_min_tokens is not None and int(prefill_offload_min_tokens) < 1:
-        raise ValueError(f"prefill_offload_min_tokens must be >= 1 (or None for never), got {prefill_offload_min_tokens}")
+    min_tokens = _min_tokens(prefill_offload_min_tokens)
     if num_stream_buffers < 2:
         raise ValueError(f"num_stream_buffers must be >= 2 (one slot computing while the next loads), "
                          f"got {num_stream_buffers}")
@@ -1637,8 +1661,7 @@ def apply_placement(
     dev = _normalize(device)
     with torch.inference_mode(False), torch.no_grad():  # the views must be ordinary tensors, not inference ones
         driver = OffloadDriver(model, names, dev, num_stream_buffers, embed_on_cpu, cpu_compute,
-                               dtype or _model_dtype(model), host_allocator, head, cpu_linears,
-                               None if prefill_offload_min_tokens is None else int(prefill_offload_min_tokens))
+                               dtype or _model_dtype(model), host_allocator, head, cpu_linears, min_tokens)
     _ACTIVE[model] = driver
     log.info("offload: %s", driver.summary())
     return driver
