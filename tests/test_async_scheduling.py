@@ -218,3 +218,28 @@ def test_async_equals_one_step_at_a_time_on_cuda(enforce_eager):
     assert a.engine.num_lookahead_steps > 20
     if not enforce_eager:
         assert a.engine.runner.graphs is not None and a.engine.runner.graphs.num_replays > 20
+
+
+def test_first_tokens_not_held_behind_a_host_bound_lookahead(tiny_model):
+    """With CPU-computed layers on a GPU, launching a decode step holds the host (engine module doc): a step that
+    samples first tokens is then collected before the next is planned, so step() returns the first token
+    without a lookahead queued behind it; later steps still run ahead; outputs as one step at a time."""
+    script = [(0, "add", f"r{i}", p, _greedy(10)) for i, p in enumerate(PROMPTS[:3])]
+    want = _drive(_llm(tiny_model, False, "eager"), script)
+    a = _llm(tiny_model, True, "eager")
+    eng = a.engine
+    eng._launch_holds_host = True  # what a mixed placement on CUDA sets (device CPU here)
+    for i, p in enumerate(PROMPTS[:3]):
+        eng.add_request(f"r{i}", p, _greedy(10))
+    first = eng.step()  # the prefill step: all three prompts' first tokens
+    assert {o.request_id for o in first} == {"r0", "r1", "r2"}
+    assert all(len(o.outputs[0].token_ids) == 1 for o in first)
+    assert eng._pending is None and eng.num_lookahead_steps == 0  # nothing launched behind the first tokens
+    final = {o.request_id: o for o in first}
+    while eng.has_unfinished_requests():
+        for o in eng.step():
+            final[o.request_id] = o
+    got = {rid: (list(o.outputs[0].token_ids), o.outputs[0].text, o.outputs[0].finish_reason)
+           for rid, o in final.items()}
+    assert got == want
+    assert eng.num_lookahead_steps >= 6  # the decode steps after the first still ran ahead

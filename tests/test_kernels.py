@@ -258,9 +258,10 @@ _SWEEP = textwrap.dedent(
                 continue
             if c["cfg"] and c["cfg"][0] == "dequant2":
                 n0, nc = c["cfg"][1:]
-                w = w4a16.w4a16_dequantize(pw.qweight, pw.scales, pw.mins, g, dt, n0, nc, version=2)
+                buf = torch.full((c["k"], nc), float("nan"), dtype=dt)  # a caller's workspace (out=)
+                w = w4a16.w4a16_dequantize(pw.qweight, pw.scales, pw.mins, g, dt, n0, nc, version=2, out=buf)
                 ref = pw.dequantize()[n0:n0 + nc].t().to(dt)
-                ok = tuple(w.shape) == (c["k"], nc) and w.dtype == dt
+                ok = tuple(w.shape) == (c["k"], nc) and w.dtype == dt and w.data_ptr() == buf.data_ptr()
                 # max abs error relative to max |w| (the interpreter's fp32 -> bf16 cast may round differently)
                 results[c["id"]] = [float((w.float() - ref.float()).abs().max() / ref.float().abs().max()), ok]
                 continue

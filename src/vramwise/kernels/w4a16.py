@@ -1010,13 +1010,17 @@ def _launch_gemm(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
 
 
 def w4a16_dequantize(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_size: int,
-                     dtype: torch.dtype, n0: int = 0, n_count: int | None = None, version: int = 1) -> torch.Tensor:
+                     dtype: torch.dtype, n0: int = 0, n_count: int | None = None, version: int = 1,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
     """Dequantize output channels [n0, n0 + n_count) into a (K, n_count) tensor of `dtype` with the Triton
-    kernel (W transposed, the orientation torch.matmul(x, w) wants). version 2 loads each word once."""
+    kernel (W transposed, the orientation torch.matmul(x, w) wants). version 2 loads each word once. `out`: a
+    contiguous (K, n_count) tensor of `dtype` to write into (a caller's workspace), else a new one."""
     k = qweight.shape[1] * 8
     n = qweight.shape[0] * INT4_TILE_N
     n_count = n - n0 if n_count is None else n_count
-    w = torch.empty(k, n_count, device=qweight.device, dtype=dtype)
+    if out is not None and (tuple(out.shape) != (k, n_count) or out.dtype != dtype or not out.is_contiguous()):
+        raise ValueError(f"out must be a contiguous ({k}, {n_count}) {dtype} tensor, got {tuple(out.shape)} {out.dtype}")
+    w = out if out is not None else torch.empty(k, n_count, device=qweight.device, dtype=dtype)
     fixed = use_fixed_config(qweight.device)
     if version == 2:
         bk = min(group_size, 32 if fixed else 64)
