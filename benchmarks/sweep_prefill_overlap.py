@@ -15,6 +15,11 @@ streams, so host launches are not in the figure):
     halves     within one matmul: dequantize the first half of N, then [x @ W_a || dequantize the second half],
                then x @ W_b (no neighbour needed; cuBLAS gets half the tiles)
 
+    engine     what the engine runs: QuantLinear modules with kernels/dequant_pipeline.DequantPipeline installed
+               (the "pipelined" schedule, with the call order learned on a first pass). It cannot run inside a
+               graph, so it is timed eagerly (CUDA events around whole passes, host launches included), beside
+               the dense baseline timed the same way ("dense eager")
+
 Rows: the three 13B shapes of the issue (each a run of copies of that shape, so "pipelined" is the steady state
 of back-to-back matmuls of one shape) and one 13B decoder layer's fused matrices (qkv, o, gate_up, down), in
 order. Each variant is checked against the dense product. Prints a markdown table last.
@@ -32,8 +37,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from vramwise.kernels.dequant_pipeline import install_dequant_pipeline  # noqa: E402
 from vramwise.kernels.w4a16 import w4a16_dequantize  # noqa: E402
-from vramwise.quant import QuantSpec, quantize_rtn  # noqa: E402
+from vramwise.quant import QuantLinear, QuantSpec, quantize_rtn  # noqa: E402
+from vramwise.quant.formats import PackedWeight  # noqa: E402
 
 L2_FLUSH_BYTES = 160 << 20
 SHAPES = {  # name -> list of (N, K) in the order one pass runs them
@@ -67,6 +74,22 @@ def graph_ms(run, replays: int) -> float:
         b.synchronize()
         times.append(a.elapsed_time(b))
     del g
+    return statistics.median(times)
+
+
+def eager_ms(run, reps: int) -> float:
+    """Median ms of run() timed with CUDA events (host launches included), after two warm-up calls."""
+    for _ in range(2):
+        run()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        run()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
     return statistics.median(times)
 
 
@@ -157,10 +180,24 @@ def main(argv: list[str] | None = None) -> int:
                     comp.wait_stream(side)
                     outs[i][:, h:].copy_(xs[k] @ wb)
 
+            mods = []
+            for q, s_, m_, n, k in packed:
+                mods.append(QuantLinear.from_packed(PackedWeight(q, s_, m_, QuantSpec.int4(GROUP), k, n)))
+            pipe = install_dequant_pipeline(mods, torch.device("cuda"))
+
+            def run_engine() -> None:
+                for i, mod in enumerate(mods):
+                    outs[i] = mod(xs[mod.in_features])
+
+            def run_dense_eager() -> None:
+                for w in dense:
+                    torch.matmul(xs[w.shape[1]], w.t())
+
             # correctness of each variant on the first matrix (the dequantized weights are the dense ones)
             ref = (xs[packed[0][4]].float() @ dense[0].float().t())
             errs = {}
-            for vname, fn in (("serial", run_serial), ("pipelined", run_pipelined), ("halves", run_halves)):
+            for vname, fn in (("serial", run_serial), ("pipelined", run_pipelined), ("halves", run_halves),
+                              ("engine", run_engine)):
                 fn()
                 torch.cuda.synchronize()
                 errs[vname] = ((outs[0].float() - ref).norm() / ref.norm()).item()
@@ -171,20 +208,25 @@ def main(argv: list[str] | None = None) -> int:
                 "serial": graph_ms(run_serial, args.replays) / per_pass_packed,
                 "pipelined": graph_ms(run_pipelined, args.replays) / per_pass_packed,
                 "halves": graph_ms(run_halves, args.replays) / per_pass_packed,
+                "dense eager": eager_ms(run_dense_eager, args.replays) / per_pass_dense,
+                "engine": eager_ms(run_engine, args.replays) / per_pass_packed,
             }
+            t["hits"] = pipe.prefetch_hits / max(1, pipe.prefetch_hits + pipe.prefetch_misses)
             row = (dname, name, t, errs)
             print(dname, name, {k: round(v * 1e3, 1) for k, v in t.items()}, {k: f"{v:.1e}" for k, v in errs.items()},
                   flush=True)
             rows.append(row)
-            del packed, dense, ws, outs
+            del packed, dense, ws, outs, mods, pipe
             torch.cuda.empty_cache()
     print("\n| dtype | matrices (one pass) | dense us | serial us | pipelined us | halves us | serial / dense | "
-          "pipelined / dense | halves / dense | max rel err |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "pipelined / dense | halves / dense | dense eager us | engine us | engine / dense eager | prefetch hits | "
+          "max rel err |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for dname, name, t, errs in rows:
-        d = t["dense"]
+        d, de = t["dense"], t["dense eager"]
         print(f"| {dname} | {name} | {d * 1e3:.1f} | {t['serial'] * 1e3:.1f} | {t['pipelined'] * 1e3:.1f} | "
               f"{t['halves'] * 1e3:.1f} | {t['serial'] / d:.2f} | {t['pipelined'] / d:.2f} | {t['halves'] / d:.2f} | "
+              f"{de * 1e3:.1f} | {t['engine'] * 1e3:.1f} | {t['engine'] / de:.2f} | {t['hits']:.0%} | "
               f"{max(errs.values()):.1e} |")
     return 0
 

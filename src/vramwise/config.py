@@ -240,6 +240,9 @@ class EngineConfig:
     # Launch step N+1 before reading step N's sampled ids back (engine/llm_engine.py): the host's work between
     # two steps overlaps the GPU. Same greedy/seeded outputs either way; False runs one step at a time.
     async_scheduling: bool = True
+    # Long prefills of a resident int4 model: the next weight's dequantize overlaps the current GEMM on a side
+    # stream (kernels/dequant_pipeline.py; two workspaces). Off, or under a budget / with offload: one at a time.
+    dequant_pipeline: bool = True
     # One matmul for q/k/v and one for gate/up (models/fuse.py), applied after loading; False keeps them apart.
     fuse_projections: bool = True
     memory: MemoryBudgetConfig = field(default_factory=MemoryBudgetConfig)  # --gpu-memory and friends

@@ -51,6 +51,7 @@ class LLM:
         decode_graphs: str = "auto",
         async_scheduling: bool = True,
         fuse_projections: bool = True,
+        dequant_pipeline: bool = True,
         kv_cache_dtype: str = "auto",
         swap_space: int = 0,
         engine_config: EngineConfig | None = None,
@@ -82,6 +83,7 @@ class LLM:
             decode_graphs=decode_graphs,
             async_scheduling=async_scheduling,
             fuse_projections=fuse_projections,
+            dequant_pipeline=dequant_pipeline,
         )
         self.engine = LLMEngine(cfg)
         self._ids = itertools.count()

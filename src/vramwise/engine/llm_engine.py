@@ -143,6 +143,13 @@ class LLMEngine:
                 self.device,
             )
         self.placement_name = self.offload.summary() if self.offload else "all-resident"
+        self.dequant_pipeline = None  # kernels/dequant_pipeline.py: resident int4 weights, no budget, CUDA
+        if config.dequant_pipeline and self.device.type == "cuda" and self.offload is None and self.budget_setup is None:
+            from vramwise.kernels.dequant_pipeline import install_dequant_pipeline
+            from vramwise.quant.linear import QuantLinear
+
+            self.dequant_pipeline = install_dequant_pipeline(
+                [m for m in self.model.modules() if isinstance(m, QuantLinear)], self.device)
 
         max_batched = max(config.scheduler.max_num_batched_tokens, 1)
         if self.budget_setup is not None:  # activations and workspace were planned for this chunk

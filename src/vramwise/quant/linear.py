@@ -95,10 +95,21 @@ class QuantLinear(nn.Module):
     def packed(self) -> PackedWeight:
         return PackedWeight(self.qweight, self.scales, self.mins, self.spec, self.in_features, self.out_features)
 
+    #: kernels/dequant_pipeline.DequantPipeline routing this linear's long prefills (set by the engine), or None
+    dequant_pipeline = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in_features) in fp32/fp16/bf16 -> (..., out_features) in x.dtype."""
         self._check_input(x)
         if self.spec.bits == 4:
+            pipe = self.dequant_pipeline
+            if pipe is not None:
+                x2 = x.reshape(-1, self.in_features)
+                if pipe.usable(x2):
+                    y = pipe.matmul(self, x2.contiguous())  # (M, N): dequantize overlapped with the GEMMs
+                    if self.bias is not None:
+                        y += self.bias.to(y.dtype)
+                    return y.reshape(*x.shape[:-1], self.out_features)
             return _w4a16.w4a16_matmul(x, self.qweight, self.scales, self.mins, self.group_size, self.bias)
         return _w8a16.w8a16_matmul(x, self.qweight, self.scales, self.group_size, self.bias)
 
