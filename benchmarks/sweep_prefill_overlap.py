@@ -116,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtypes", default="fp16,bf16")
     ap.add_argument("--replays", type=int, default=20)
     ap.add_argument("--only", default=None, help="substring of the shape rows to run")
+    ap.add_argument("--profile", action="store_true", help="print the host-side profile of the engine variant")
     args = ap.parse_args(argv)
     dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16}
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, M = {args.m}, g{GROUP}", flush=True)
@@ -211,6 +212,13 @@ def main(argv: list[str] | None = None) -> int:
                 "dense eager": eager_ms(run_dense_eager, args.replays) / per_pass_dense,
                 "engine": eager_ms(run_engine, args.replays) / per_pass_packed,
             }
+            if args.profile:
+                from torch.profiler import ProfilerActivity, profile
+
+                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                    run_engine()
+                    torch.cuda.synchronize()
+                print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25), flush=True)
             t["hits"] = pipe.prefetch_hits / max(1, pipe.prefetch_hits + pipe.prefetch_misses)
             row = (dname, name, t, errs)
             print(dname, name, {k: round(v * 1e3, 1) for k, v in t.items()}, {k: f"{v:.1e}" for k, v in errs.items()},

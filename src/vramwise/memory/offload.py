@@ -815,8 +815,6 @@ class OffloadDriver:
             self._hooks.append(s.module.register_forward_hook(self._make_streamed_post(j), always_call=True))
         for j in range(n):  # prime the ring: the first step starts with its first N streamed units loaded
             self._load(j, prefetch=True)
-        if n:
-            self._hooks.append(model.model.register_forward_pre_hook(self._step_start_pre))
         # streamed units that run before decoder layer i in a step (where a twin sits in the ring's order)
         self._streamed_before = [sum(p == STREAMED for p in placements[:i]) for i in range(len(placements))]
 
@@ -948,15 +946,6 @@ class OffloadDriver:
             self._ring.wait_loaded(s)  # type: ignore[union-attr]
 
         return pre
-
-    def _step_start_pre(self, module: nn.Module, args: tuple) -> None:
-        """At the start of an eager step's forward: the slots that do not hold their step-start unit are
-        loaded now, so that their copies overlap the resident layers before the first streamed one. (Waiting
-        for the first streamed unit's pre-hook left a prefill after a segmented decode step with no copy in
-        flight for 25 resident layers of a 13B model: ~10 ms of its TTFT.) Captured and segmented steps
-        restore the ring their own way (ensure_step_start, _seg_begin)."""
-        if self._step is None and self._seg is None:
-            self._restore_step_start()
 
     def _restore_step_start(self) -> None:
         """At the first streamed unit of an eager step: load every slot that does not hold its step-start
