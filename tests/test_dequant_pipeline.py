@@ -67,7 +67,7 @@ def test_pipeline_equals_serial_in_order_and_out_of_order(dtype, workspace, monk
     with monkeypatch.context() as mp:  # the serial path in the same column chunks: the same cuBLAS calls
         mp.setattr(w4a16, "DEQUANT_WORKSPACE_BYTES", workspace)
         want = _serial(mods, x)
-    for _ in range(3):  # pass 1 learns the order, passes 2-3 prefetch
+    for _ in range(3):  # pass 1 learns the order (in chunks: prefetches the next chunk), passes 2-3 prefetch all
         got = [m(x[:, : m.in_features]) for m in mods]
         for g, w in zip(got, want):
             assert torch.equal(g, w)
@@ -77,6 +77,11 @@ def test_pipeline_equals_serial_in_order_and_out_of_order(dtype, workspace, monk
     for g, w in zip(got, reversed(want)):
         assert torch.equal(g, w)
     assert pipe.prefetch_misses > misses
+    # the fused entry points (residual add, SwiGLU) go through it at these sizes too
+    hits = pipe.prefetch_hits
+    r = torch.randn(x.shape[0], mods[1].out_features, device="cuda", dtype=dtype)
+    assert torch.equal(mods[1].forward_add(x[:, : mods[1].in_features], r), want[1] + r)
+    assert pipe.prefetch_hits + pipe.prefetch_misses > hits
     # short steps (decode) bypass it
     few = x[:4, :256].contiguous()
     assert torch.equal(mods[0](few), w4a16.w4a16_matmul(few, mods[0].qweight, mods[0].scales, mods[0].mins, 64))
@@ -90,14 +95,14 @@ def test_engine_greedy_outputs_equal_with_and_without_the_pipeline(tmp_path):
     from vramwise.sampling_params import SamplingParams
 
     path = make_tiny_hf_model(tmp_path / "m", "llama_gqa")
-    prompt = [(7 * j) % 200 + 3 for j in range(300)]  # >= DEQUANT_MIN_M tokens: a long prefill
+    prompt = [(7 * j) % 200 + 3 for j in range(200)]  # two in one step: >= DEQUANT_MIN_M rows, a long prefill
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     outs = []
     for on in (False, True):
-        llm = LLM(path, device="cuda", quantization="int4", max_model_len=512, show_progress=False,
+        llm = LLM(path, device="cuda", quantization="int4", max_model_len=256, show_progress=False,
                   dequant_pipeline=on)
         assert (llm.engine.dequant_pipeline is not None) == on
-        outs.append([o.outputs[0].token_ids for o in llm.generate([prompt, prompt[:280]], params)])
+        outs.append([o.outputs[0].token_ids for o in llm.generate([prompt, prompt[:190]], params)])
         if on:
             assert llm.engine.dequant_pipeline.prefetch_hits > 0
         del llm

@@ -7,8 +7,9 @@ so while cuBLAS multiplies by W_i a side stream can dequantize the weight that c
 workspace; in a run of back-to-back matmuls only the first pass is exposed (benchmarks/sweep_prefill_overlap.py:
 0.98-1.09x dense per 13B shape, 1.05-1.08x for a decoder layer's four matrices).
 
-DequantPipeline holds two workspaces and the order the model calls its linears in, learned from the calls
-themselves (module registration order is not the call order: fused qkv/gate_up are registered after o/down).
+DequantPipeline holds two workspaces and the order the model calls its linears in, learned from every call
+(decode steps and graph captures included; module registration order is not the call order: fused qkv/gate_up
+are registered after o/down).
 A "job" is one column chunk of one linear: a weight larger than a workspace is done in chunks of whole 128
 columns, each its own GEMM written into its columns of the output. Per job, on the compute stream:
 
@@ -51,6 +52,7 @@ class DequantPipeline:
         self._freed_recorded = [False, False]
         self._next: dict[int, int] = {}  # id(module) -> id(module) called after it last time (long prefills)
         self._modules: dict[int, nn.Module] = {}
+        self._job_cache: dict[tuple[int, torch.dtype], list[tuple[int, int]]] = {}
         self._last: int | None = None  # id(module) of the previous pipelined call
         self._pending: tuple[int, int, int, torch.dtype] | None = None  # (id(module), chunk, workspace, dtype)
         self.turn = 0  # workspace of the next job dequantized on the compute stream
@@ -61,22 +63,21 @@ class DequantPipeline:
         self._modules[id(module)] = module
 
     # -- jobs ------------------------------------------------------------------------------------------------
-    def _chunk_cols(self, k: int, dtype: torch.dtype) -> int:
-        elt = torch.empty((), dtype=dtype).element_size()
-        return max(128, self.workspace_bytes // (k * elt) // 128 * 128)
-
     def _jobs(self, module: nn.Module, dtype: torch.dtype) -> list[tuple[int, int]]:
-        """(n0, n_count) column chunks of the module's weight that fit a workspace."""
-        n, k = module.out_features, module.in_features
-        c = self._chunk_cols(k, dtype)
-        return [(n0, min(c, n - n0)) for n0 in range(0, n, c)]
+        """(n0, n_count) column chunks of the module's weight that fit a workspace (cached: host time counts)."""
+        key = (id(module), dtype)
+        jobs = self._job_cache.get(key)
+        if jobs is None:
+            n, k = module.out_features, module.in_features
+            c = max(128, self.workspace_bytes // (k * dtype.itemsize) // 128 * 128)
+            jobs = self._job_cache[key] = [(n0, min(c, n - n0)) for n0 in range(0, n, c)]
+        return jobs
 
     def _workspace(self, b: int, k: int, nc: int, dtype: torch.dtype) -> torch.Tensor:
         ws = self._ws.get(dtype)
         if ws is None:
-            elt = torch.empty((), dtype=dtype).element_size()
-            ws = self._ws[dtype] = [torch.empty(self.workspace_bytes // elt, device=self.device, dtype=dtype)
-                                    for _ in range(2)]
+            ws = self._ws[dtype] = [torch.empty(self.workspace_bytes // dtype.itemsize, device=self.device,
+                                                dtype=dtype) for _ in range(2)]
         return ws[b][: k * nc].view(k, nc)
 
     def _dequant(self, module: nn.Module, n0: int, nc: int, b: int, dtype: torch.dtype) -> torch.Tensor:
@@ -89,11 +90,16 @@ class DequantPipeline:
         """y (M, N) = x2 (M, K) @ dequant(W).T for an installed 4-bit linear (no bias), x2 contiguous fp16/bf16."""
         dtype = x2.dtype
         comp = torch.cuda.current_stream(self.device)
-        key = id(module)
-        if self._last is not None and self._last != key:
-            self._next[self._last] = key
-        self._last = key
+        key = self.note(module)
         jobs = self._jobs(module, dtype)
+        if len(jobs) == 1:
+            w, b = self._acquire(module, 0, 0, jobs[0][1], dtype, comp)
+            self._prefetch_after(module, key, b, dtype, comp)
+            y = torch.matmul(x2, w)  # (M, N); as the serial path calls it (out= costs more host time)
+            self._freed[b].record(comp)
+            self._freed_recorded[b] = True
+            self.turn = 1 - b
+            return y
         m, n = x2.shape[0], module.out_features
         y = torch.empty(m, n, device=x2.device, dtype=dtype)
         for c, (n0, nc) in enumerate(jobs):
@@ -101,17 +107,29 @@ class DequantPipeline:
             if c + 1 < len(jobs):
                 self._prefetch(module, c + 1, 1 - b, dtype, comp)
             else:
-                nxt = self._modules.get(self._next.get(key, -1))
-                if nxt is not None:
-                    self._prefetch(nxt, 0, 1 - b, dtype, comp)
-            if len(jobs) == 1:
-                torch.mm(x2, w, out=y)
-            else:
-                y[:, n0:n0 + nc] = torch.mm(x2, w)  # (M, nc) into its columns
+                self._prefetch_after(module, key, b, dtype, comp)
+            y[:, n0:n0 + nc] = torch.matmul(x2, w)  # (M, nc) into its columns
             self._freed[b].record(comp)
             self._freed_recorded[b] = True
             self.turn = 1 - b
         return y
+
+    def note(self, module: nn.Module) -> int:
+        """Record that `module` is called now (any number of rows, captures included): the call order the
+        prefetches follow is learned from every call, so the first long prefill already has it (the decode
+        graphs' capture or the warm-up ran the layers in order before). Returns id(module)."""
+        key = id(module)
+        if self._last is not None and self._last != key:
+            self._next[self._last] = key
+        self._last = key
+        return key
+
+    def _prefetch_after(self, module: nn.Module, key: int, b: int, dtype: torch.dtype,
+                        comp: torch.cuda.Stream) -> None:
+        """Prefetch the first job of the linear that followed `module` last time, into the other workspace."""
+        nxt = self._modules.get(self._next.get(key, -1))
+        if nxt is not None:
+            self._prefetch(nxt, 0, 1 - b, dtype, comp)
 
     def _acquire(self, module: nn.Module, c: int, n0: int, nc: int, dtype: torch.dtype,
                  comp: torch.cuda.Stream) -> tuple[torch.Tensor, int]:

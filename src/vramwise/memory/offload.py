@@ -1312,15 +1312,15 @@ class OffloadDriver:
     def _cpu_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         if self._seg is not None:  # a segmented decode step (never offloaded: _offloads)
             self._seg_cpu_pre(module, args, kwargs)
+        # Before a twin too: a1bb72e skipped this flush for twins (it waits for the earlier twins' kernels, ~25 ms
+        # of a capped 13B TTFT), and the GPU test of prefill offload under decode graphs
+        # (test_cuda_graphs_with_cpu_layers_equal_eager, prefill_offload_min_tokens=2) then gave other tokens
+        # than the emulated graphs: bisected to that commit on an H100; the race it exposed is not found yet.
+        self._flush_kv()  # a CPU layer reads its host pages: earlier twins' rows must be in them (normally are)
         twin = self._twins.get(id(module))
         if twin is not None and self._offloads(args, kwargs):
-            # The twin reads its own layer's host pages only (the past KV upload), which no write-back of this
-            # step touches: no flush here. Flushing waits for the earlier twins' kernels, which would stall the
-            # host at every CPU layer of an offloaded prefill and starve the copy engine of the copies the
-            # later layers' hooks issue (the forward's end flushes them all).
             self._twin_pending = twin  # the forward runs the twin, on the device tensors as they are
             return None
-        self._flush_kv()  # a CPU layer reads its host pages: earlier twins' rows must be in them (normally are)
         step = next((host_step(a) for a in (*args, *kwargs.values()) if isinstance(a, AttentionMetadata)), None)
 
         def to_host(a: Any) -> Any:

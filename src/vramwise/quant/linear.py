@@ -110,6 +110,7 @@ class QuantLinear(nn.Module):
                     if self.bias is not None:
                         y += self.bias.to(y.dtype)
                     return y.reshape(*x.shape[:-1], self.out_features)
+                pipe.note(self)  # the call order, for the next long prefill's prefetches
             return _w4a16.w4a16_matmul(x, self.qweight, self.scales, self.mins, self.group_size, self.bias)
         return _w8a16.w8a16_matmul(x, self.qweight, self.scales, self.group_size, self.bias)
 
@@ -118,8 +119,10 @@ class QuantLinear(nn.Module):
         the GPU: one kernel, the add in the GEMV's epilogue (kernels/w4a16.w4a16_matmul_add; same bits as the
         unfused add). Elsewhere self(x) + residual. Runs no forward hooks of this module on the fused path:
         callers go through models/layers.linear_add, which takes it only when there are none."""
-        if self.spec.bits == 4 and type(self).forward is QuantLinear.forward:
+        if self.spec.bits == 4 and type(self).forward is QuantLinear.forward and not self._pipelined(x):
             self._check_input(x)
+            if self.dequant_pipeline is not None:
+                self.dequant_pipeline.note(self)
             return _w4a16.w4a16_matmul_add(x, self.qweight, self.scales, self.mins, self.group_size, self.bias,
                                            residual)
         return self(x) + residual
@@ -130,10 +133,19 @@ class QuantLinear(nn.Module):
         kernels.fused.silu_and_mul(self(x)). Hooks: as forward_add."""
         if self.out_features % 2:
             raise ValueError(f"SwiGLU needs an even number of output features ([gate | up]), got {self.out_features}")
-        if self.spec.bits == 4 and type(self).forward is QuantLinear.forward and _w4a16.SWIGLU_EPILOGUE:
+        if (self.spec.bits == 4 and type(self).forward is QuantLinear.forward and _w4a16.SWIGLU_EPILOGUE
+                and not self._pipelined(x)):
             self._check_input(x)
+            if self.dequant_pipeline is not None:
+                self.dequant_pipeline.note(self)
             return _w4a16.w4a16_matmul_silu_mul(x, self.qweight, self.scales, self.mins, self.group_size, self.bias)
         return _fused.silu_and_mul(self(x))
+
+    def _pipelined(self, x: torch.Tensor) -> bool:
+        """Whether forward(x) goes through the dequantize pipeline (a long prefill): the fused add / SwiGLU
+        entry points then call forward, so that their matmul is one of the pipeline's too."""
+        pipe = self.dequant_pipeline
+        return pipe is not None and pipe.usable(x.reshape(-1, self.in_features))
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The (out_features, in_features) weight this module computes with (fp32 math, then `dtype`)."""
