@@ -63,9 +63,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
                    help="launch each step before the previous one's tokens are read back, so that the host's work "
                         "overlaps the GPU (default: on; same greedy and seeded outputs either way)")
-    g.add_argument("--dequant-pipeline", action=argparse.BooleanOptionalAction, default=True,
-                   help="long prefills of a resident int4 model dequantize the next weight on a side stream while "
-                        "cuBLAS runs the current one (default: on; off under --gpu-memory or with offload)")
+    g.add_argument("--dequant-pipeline", action=argparse.BooleanOptionalAction, default=False,
+                   help="experimental: long prefills of a resident int4 model dequantize the next weight on a side "
+                        "stream while cuBLAS runs the current one (default: off; never under --gpu-memory or with "
+                        "offload)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 256) -> None:
@@ -122,7 +123,7 @@ def make_engine_config(args: argparse.Namespace, show_progress: bool = True):
         prefill_offload_min_tokens=getattr(args, "prefill_offload_min_tokens", None),
         enforce_eager=bool(getattr(args, "enforce_eager", False)),
         async_scheduling=bool(getattr(args, "async_scheduling", True)),
-        dequant_pipeline=bool(getattr(args, "dequant_pipeline", True)),
+        dequant_pipeline=bool(getattr(args, "dequant_pipeline", False)),
         **extra,
     )
 

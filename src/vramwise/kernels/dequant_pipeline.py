@@ -20,7 +20,8 @@ columns, each its own GEMM written into its columns of the output. Per job, on t
     GEMM      cuBLAS reads the acquired workspace; `freed` recorded after it
 
 A wrong guess costs one wasted dequantize on the side stream (the compute stream then dequantizes itself).
-Used only for weights that never move: the engine installs it on a resident model (no offload driver, whose
+Experimental (EngineConfig.dequant_pipeline, --dequant-pipeline; off by default: see the config comment for
+what was measured). Used only for weights that never move: the engine installs it on a resident model (no offload driver, whose
 ring slots get refilled under the same addresses, and no GPU-memory budget, whose workspace term plans one
 buffer: memory/budget.py). Not used while a CUDA graph is being captured (the learned order is host state).
 """
