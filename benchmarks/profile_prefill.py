@@ -84,6 +84,24 @@ def main() -> None:
         if i >= 0:
             walls.append(w)
 
+    # Host time per decoder layer: perf_counter at each layer's start during one more (unprofiled) prefill. In an
+    # eager step the host issues a layer's launches and moves on unless something syncs, so the gap between two
+    # resident layers' starts is the host time of the first while the GPU trails behind (the planner's
+    # eager-launch term, costmodel.DeviceProfile.eager_launch_s, is calibrated from it).
+    layers = eng.runner.model.model.layers
+    starts: list[tuple[int, float]] = []
+    hooks = [layer.register_forward_pre_hook(lambda m, a, i=i: starts.append((i, time.perf_counter())))
+             for i, layer in enumerate(layers)]
+    prefill(args.repeats + 1)
+    finish()
+    for h in hooks:
+        h.remove()
+    drv = getattr(eng, "offload", None)
+    places = drv.placements if drv is not None else ["resident"] * len(layers)
+    gaps = [(t1 - t0) * 1e3 for (i, t0), (j, t1) in zip(starts, starts[1:])
+            if j == i + 1 and places[i] == "resident" and places[j] == "resident"]
+    host_layer_ms = statistics.median(gaps) if gaps else float("nan")
+
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -111,7 +129,10 @@ def main() -> None:
     print(f"| prefill wall to the first token (median of {args.repeats}) | {statistics.median(walls) * 1e3:.1f} |")
     print(f"| the profiled prefill's wall | {prof_wall * 1e3:.1f} |")
     print(f"| GPU kernel time (sum) | {busy / 1e3:.1f} |")
-    print(f"| H2D copy time (sum) | {copy_us / 1e3:.1f} |\n")
+    print(f"| H2D copy time (sum) | {copy_us / 1e3:.1f} |")
+    print(f"| host time per resident decoder layer (median of {len(gaps)}, unprofiled) | {host_layer_ms:.3f} |")
+    n_kernels = sum(count.values())
+    print(f"| kernels launched in the profiled prefill (incl. copies: {sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA and 'Memcpy' in e.name)}) | {n_kernels} |\n")
     print("| kernel | calls | ms | share |\n|---|---:|---:|---:|")
     for name, us in sorted(kern.items(), key=lambda kv: -kv[1])[:15]:
         print(f"| {name[:90]} | {count[name]} | {us / 1e3:.2f} | {us / busy:.1%} |")

@@ -4,6 +4,7 @@ arithmetic: every plan here takes milliseconds)."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -540,13 +541,36 @@ def test_long_prefill_of_quantized_layers_pays_the_dequantize_pass():
     w = model_weights(L13, W4)
     extra = sum(prefill_dequant_time(H100, wb, p, overheads=False) for wb, p in zip(w.layer_bytes, w.layer_params))
     assert 512 >= DEQUANT_MIN_TOKENS and extra > 5e-3  # 40 layers x ~0.27 ms
-    gap = q4.prediction.ttft_s - fp.prediction.ttft_s
+    # the rooflines: the predictions also hold the eager launches' host time, which the next test checks
+    gap = q4.prediction.roofline_ttft_s - fp.prediction.roofline_ttft_s
     assert abs(gap - extra) < 0.1 * extra, (gap, extra)
     # below the threshold the fused GEMM runs instead: no such pass
     short = dict(kw, prompt_len=DEQUANT_MIN_TOKENS // 2)
-    gap_short = plan(L13, 70 * GiB, H100, W4, **short).prediction.ttft_s - plan(L13, 70 * GiB, H100, FP16,
-                                                                                  **short).prediction.ttft_s
+    gap_short = plan(L13, 70 * GiB, H100, W4, **short).prediction.roofline_ttft_s - plan(
+        L13, 70 * GiB, H100, FP16, **short).prediction.roofline_ttft_s
     assert gap_short < 0.2 * extra
+
+
+def test_eager_prefill_pays_its_launches_on_the_host():
+    """Prefills run eagerly: a layer takes at least its launches x eager_launch_s (costmodel
+    eager_prefill_launches). The long-prefill path of a 13B int4 layer with the budget's 64 MiB workspace issues
+    42 kernels (12 column chunks; the H100 trace had 43); with the launches made slow enough, the predicted
+    TTFT of an all-resident model is 40 layers of them, and the roofline does not move."""
+    from vramwise.memory.budget import DEQUANT_WORKSPACE_BYTES
+    from vramwise.memory.costmodel import EAGER_LAYER_BASE_LAUNCHES, eager_prefill_launches
+
+    mats = [(15360, 5120), (5120, 5120), (27648, 5120), (5120, 13824)]
+    assert eager_prefill_launches(mats, 64 * MiB) == 42
+    assert eager_prefill_launches(mats, None) == EAGER_LAYER_BASE_LAUNCHES + 4
+    assert eager_prefill_launches([(5120, 5120)], 1 << 30) == EAGER_LAYER_BASE_LAUNCHES + 2  # one chunk: no copy
+    kw = dict(max_model_len=1024, max_num_seqs=1, prompt_len=512, gen_len=16, force_policy="resident",
+              alternatives=False, max_num_batched_tokens=512)
+    fast = plan(L13, 70 * GiB, H100, W4, **kw)
+    slow_dev = replace(H100, eager_launch_s=1e-3)
+    slow = plan(L13, 70 * GiB, slow_dev, W4, **kw)
+    want = 40 * eager_prefill_launches(mats, DEQUANT_WORKSPACE_BYTES) * 1e-3
+    assert want < slow.prediction.ttft_s < want * 1.05
+    assert slow.prediction.roofline_ttft_s == fast.prediction.roofline_ttft_s
 
 
 def test_prefill_offload_threshold_and_memory_are_what_the_driver_runs():

@@ -69,6 +69,9 @@ class DeviceProfile:
     sync_latency_s          one GPU<->CPU hand-over (event wait + tiny copy)
     copy_latency_s          fixed cost of one async copy
     step_overhead_s         the engine's per-step host work (scheduler, sampling, Python)
+    eager_launch_s          host time per kernel an eager step issues (Python module code, torch dispatch,
+                            Triton launch): prefills run eagerly, and a layer's ~10-45 launches can take longer
+                            on the host than its kernels on the GPU (eager_prefill_launches)
     """
 
     name: str
@@ -92,6 +95,7 @@ class DeviceProfile:
     sync_latency_s: float = 20e-6
     copy_latency_s: float = 10e-6
     step_overhead_s: float = 0.6e-3
+    eager_launch_s: float = 50e-6
     source: str = "built-in"
 
     @property
@@ -293,6 +297,30 @@ def prefill_dequant_time(dev: DeviceProfile, weight_bytes: float, params: int, o
     60 us this gives; the model's whole layer: ~0.27 ms of its ~0.8 ms."""
     t = (weight_bytes + 2.0 * params) / dev.hbm_bandwidth
     return t + (dev.gpu_op_overhead_s if overheads else 0.0)
+
+
+#: Kernels of an eager decoder layer besides its matmuls: 2 RMSNorms, rotary + KV write, attention, SwiGLU, the
+#: residual adds and a split-K reduce (H100 prefill trace, session 9: 7 a layer).
+EAGER_LAYER_BASE_LAUNCHES = 7
+
+
+def eager_prefill_launches(matrices: list[tuple[int, int]], dequant_workspace_bytes: int | None,
+                           act_bytes: int = 2) -> int:
+    """Kernels one eager prefill step launches for a decoder layer whose matmuls are `matrices` ((N, K) each).
+    dequant_workspace_bytes: the long-prefill path's workspace (kernels/w4a16.py _dequant_matmul), None when
+    the matmuls are single kernels. That path dequantizes each weight in column chunks of at most the
+    workspace (whole multiples of 128 columns) and runs one cuBLAS call a chunk, and with more than one chunk
+    copies each chunk's product into its columns: 2 launches for one chunk, 3 a chunk otherwise. (The H100
+    trace of a capped 13B prefill, 64 MiB workspace: 12 chunks, 43 kernels a layer; this gives 42.)"""
+    n = EAGER_LAYER_BASE_LAUNCHES
+    for rows, k in matrices:
+        if dequant_workspace_bytes is None:
+            n += 1
+            continue
+        cols = max(128, dequant_workspace_bytes // (k * act_bytes) // 128 * 128)
+        chunks = -(-rows // cols)
+        n += 2 * chunks + (chunks if chunks > 1 else 0)
+    return n
 
 
 def cpu_time(dev: DeviceProfile, weight_bytes: float, flops: float, other_bytes: float = 0.0, *,

@@ -49,6 +49,7 @@ from vramwise.config import ModelConfig, format_size
 from vramwise.memory.budget import (
     ACT_BYTES,
     DEQUANT_MIN_TOKENS,
+    DEQUANT_WORKSPACE_BYTES,
     FP16,
     FP32,
     KV_BLOCK_SIZE,
@@ -76,6 +77,7 @@ from vramwise.memory.costmodel import (
     copy_time,
     cpu_time,
     dram_shares,
+    eager_prefill_launches,
     gpu_time,
     handover_time,
     prefill_dequant_time,
@@ -1046,6 +1048,13 @@ def _prefill_step_ops(s: _Setup, cand: _Candidate, tokens: int, past: float, ctx
     dev, w, m = s.device, s.weights, s.model
     quant = _cpu_quantized(s)
     dequant = s.scheme.linear.quantized and tokens >= DEQUANT_MIN_TOKENS
+    # An eager step's host issues each layer's launches: a GPU layer takes at least that long (costmodel
+    # eager_prefill_launches). The prediction only: the roofline (overheads=False) has no host term.
+    host = 0.0
+    if overheads and dev.has_gpu:
+        matrices = [(m.q_size + 2 * m.kv_size, m.hidden_size), (m.hidden_size, m.q_size),
+                    (2 * m.intermediate_size, m.hidden_size), (m.hidden_size, m.intermediate_size)]
+        host = eager_prefill_launches(matrices, DEQUANT_WORKSPACE_BYTES if dequant else None) * dev.eager_launch_s
 
     def cost(place: str, wb: int, cb: int, params: int) -> Op:
         flops = linear_flops(params, tokens) + attention_flops(m.q_size, tokens, ctx)
@@ -1062,7 +1071,7 @@ def _prefill_step_ops(s: _Setup, cand: _Candidate, tokens: int, past: float, ctx
         elif place == CPU:  # offloaded: weights + past KV in, the chunk's new KV back out
             copy = copy_time(dev, wb + past * s.cpu_kv_layer, bandwidth_share=copy_share, overheads=overheads)
             run += tokens * s.twin_kv_layer / dev.h2d_pinned_bandwidth
-        return Op(f"{place} layer", "gpu", run, copy)
+        return Op(f"{place} layer", "gpu", max(run, host), copy)
 
     return _layer_ops(s, cand, cost)
 
