@@ -95,7 +95,10 @@ class DeviceProfile:
     sync_latency_s: float = 20e-6
     copy_latency_s: float = 10e-6
     step_overhead_s: float = 0.6e-3
-    eager_launch_s: float = 50e-6
+    # H100 host, session 9 (benchmarks/profile_prefill.py, unprofiled): 2.43 ms of host time per resident 13B
+    # int4 layer of a 512-token prefill under a 6 GiB budget, which launches 42.75 kernels a layer = 57 us each
+    # (41.7 us uncapped, where the layer has no offload hooks and fewer, larger chunks: 1.18 ms for 28.3).
+    eager_launch_s: float = 57e-6
     source: str = "built-in"
 
     @property
