@@ -556,7 +556,7 @@ def test_eager_prefill_pays_its_launches_on_the_host():
     eager_prefill_launches). The long-prefill path of a 13B int4 layer with the budget's 64 MiB workspace issues
     42 kernels (12 column chunks; the H100 trace had 43); with the launches made slow enough, the predicted
     TTFT of an all-resident model is 40 layers of them, and the roofline does not move."""
-    from vramwise.memory.budget import DEQUANT_WORKSPACE_BYTES
+    from vramwise.memory.budget import DEQUANT_WORKSPACE_BYTES, DEQUANT_WORKSPACE_CHOICES
     from vramwise.memory.costmodel import EAGER_LAYER_BASE_LAUNCHES, eager_prefill_launches
 
     mats = [(15360, 5120), (5120, 5120), (27648, 5120), (5120, 13824)]
@@ -568,9 +568,32 @@ def test_eager_prefill_pays_its_launches_on_the_host():
     fast = plan(L13, 70 * GiB, H100, W4, **kw)
     slow_dev = replace(H100, eager_launch_s=1e-3)
     slow = plan(L13, 70 * GiB, slow_dev, W4, **kw)
-    want = 40 * eager_prefill_launches(mats, DEQUANT_WORKSPACE_BYTES) * 1e-3
+    # with memory to spare the planner takes the largest dequantize workspace: fewest launches (19 a layer)
+    assert slow.dequant_workspace_bytes == max(DEQUANT_WORKSPACE_CHOICES) > DEQUANT_WORKSPACE_BYTES
+    assert eager_prefill_launches(mats, slow.dequant_workspace_bytes) == 19
+    want = 40 * eager_prefill_launches(mats, slow.dequant_workspace_bytes) * 1e-3
     assert want < slow.prediction.ttft_s < want * 1.05
     assert slow.prediction.roofline_ttft_s == fast.prediction.roofline_ttft_s
+
+
+def test_planner_sizes_the_dequantize_workspace_within_the_budget(monkeypatch):
+    """Under 6 GiB the dequantize workspace competes with the KV pool, the ring and resident layers: the planner
+    weighs budget.DEQUANT_WORKSPACE_CHOICES, the workspace term holds the one it picks, and the pick predicts
+    a TTFT no worse (and a decode no slower) than the 64 MiB the engine used before."""
+    from vramwise.memory import planner as planner_mod
+    from vramwise.memory.budget import DEQUANT_WORKSPACE_CHOICES, workspace_bytes
+
+    kw = dict(max_model_len=640, max_num_seqs=1, alternatives=False)
+    chosen = plan(L13, 6 * GiB, H100, W4, **kw)
+    assert chosen.dequant_workspace_bytes in DEQUANT_WORKSPACE_CHOICES
+    assert chosen.budget.workspace == workspace_bytes(L13, 512, 640, quantized=True, num_sms=132,
+                                                      dequant_bytes=chosen.dequant_workspace_bytes)
+    assert chosen.budget.total <= chosen.budget.limit
+    monkeypatch.setattr(planner_mod, "DEQUANT_WORKSPACE_CHOICES", (64 * MiB,))
+    before = plan(L13, 6 * GiB, H100, W4, **kw)
+    assert before.dequant_workspace_bytes == 64 * MiB
+    assert chosen.prediction.ttft_s <= before.prediction.ttft_s
+    assert chosen.prediction.decode_tok_s_b1 >= before.prediction.decode_tok_s_b1 * 0.995
 
 
 def test_prefill_offload_threshold_and_memory_are_what_the_driver_runs():

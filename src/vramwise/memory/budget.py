@@ -40,6 +40,10 @@ LOGITS_BYTES_PER_ENTRY = 18
 #: The W4A16/W8A16 long-prefill path dequantizes weights into a bounded workspace
 #: (kernels/w4a16.py DEQUANT_WORKSPACE_BYTES) from this many rows on (DEQUANT_MIN_M).
 DEQUANT_WORKSPACE_BYTES = 64 * MiB
+#: Workspace sizes the planner weighs for that pass: a larger one dequantizes each weight in fewer column chunks,
+#: so an eager prefill launches fewer kernels (costmodel.eager_prefill_launches: 42 a 13B layer at 64 MiB, 30 at
+#: 96 MiB), but leaves less of the budget to the KV pool, the ring and resident layers.
+DEQUANT_WORKSPACE_CHOICES = (64 * MiB, 96 * MiB, 128 * MiB, 160 * MiB)
 DEQUANT_MIN_TOKENS = 256
 #: Split-K decode attention: about this many programs per SM, each with (head_dim + 2) fp32 partials per
 #: query head of its group (kernels/paged_attention_triton.py _PROGRAMS_PER_SM).
@@ -377,21 +381,24 @@ def activation_bytes(model: ModelConfig, num_tokens: int, num_seqs: int, act_byt
 
 
 def workspace_bytes(model: ModelConfig, num_tokens: int, max_model_len: int, *, quantized: bool,
-                    num_sms: int = 132, library_workspace: int = 32 * MiB, act_bytes: int = ACT_BYTES) -> int:
+                    num_sms: int = 132, library_workspace: int = 32 * MiB, act_bytes: int = ACT_BYTES,
+                    dequant_bytes: int | None = None) -> int:
     """Scratch memory that is not an activation:
 
         attention   L x 2 x q x a            K/V of one max-length sequence gathered (and repeated over
                                              the query groups) by the SDPA prefill path
                   + 4 x SMs x (q / kv) x (d + 2) x 4    split-K decode partials (fp32)
                   + pow2(4 x SMs) x 4                    ticket counters of the fused split-K merge
-        dequant     64 MiB when weights are quantized and a step has >= 256 tokens (long-prefill path)
+        dequant     dequant_bytes (default DEQUANT_WORKSPACE_BYTES; the planner picks one of
+                    DEQUANT_WORKSPACE_CHOICES) when weights are quantized and a step has >= 256 tokens
         library     cuBLAS/cuBLASLt workspace (32 MiB on Hopper)
     """
     gathered = max_model_len * 2 * model.q_size * act_bytes
     group = max(1, model.num_attention_heads // max(1, model.num_key_value_heads))
     partials = ATTN_PROGRAMS_PER_SM * num_sms * group * (model.head_dim + 2) * 4
     partials += attention_ticket_bytes(num_sms)
-    dequant = DEQUANT_WORKSPACE_BYTES if quantized and num_tokens >= DEQUANT_MIN_TOKENS else 0
+    dq = DEQUANT_WORKSPACE_BYTES if dequant_bytes is None else dequant_bytes
+    dequant = dq if quantized and num_tokens >= DEQUANT_MIN_TOKENS else 0
     return gathered + partials + dequant + library_workspace
 
 

@@ -242,7 +242,7 @@ def prepare_budget(config: EngineConfig, source: Any, model_config: ModelConfig,
             monitor.stop()
         raise
     if device.type == "cuda":
-        _kernels_within_plan()
+        _kernels_within_plan(result.dequant_workspace_bytes)
         # Hard cap for torch's allocator: what the plan gives everything but the context.
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(max(0.0, min(1.0, (limit - context) / total)), device)
@@ -275,9 +275,10 @@ def _expandable_segments() -> None:
         log.info("could not switch the CUDA allocator to expandable segments: %s", e)
 
 
-def _kernels_within_plan() -> None:
+def _kernels_within_plan(dequant_workspace_bytes: int | None = None) -> None:
     """Make the quantized-matmul kernels use only what the plan counts for them: the long-prefill dequant
-    workspace the plan's workspace term holds (budget.DEQUANT_WORKSPACE_BYTES), and no first-use tuning,
+    workspace the plan's workspace term holds (Plan.dequant_workspace_bytes, which the planner picks among
+    budget.DEQUANT_WORKSPACE_CHOICES; budget.DEQUANT_WORKSPACE_BYTES when not given), and no first-use tuning,
     which times a dozen candidate configs (each a module loaded into the CUDA context, outside torch's
     allocator) with scratch outputs and an L2-flush buffer the plan does not hold. The fixed default
     configs run instead. Process-wide, like the allocator cap."""
@@ -285,7 +286,7 @@ def _kernels_within_plan() -> None:
     from vramwise.memory.budget import DEQUANT_WORKSPACE_BYTES
 
     w4a16.AUTOTUNE = False
-    w4a16.DEQUANT_WORKSPACE_BYTES = min(w4a16.DEQUANT_WORKSPACE_BYTES, DEQUANT_WORKSPACE_BYTES)
+    w4a16.DEQUANT_WORKSPACE_BYTES = dequant_workspace_bytes or DEQUANT_WORKSPACE_BYTES
 
 
 #: GPU memory the CUDA context gains after start-up as kernels are first used (lazy module loading).

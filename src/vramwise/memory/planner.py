@@ -50,6 +50,7 @@ from vramwise.memory.budget import (
     ACT_BYTES,
     DEQUANT_MIN_TOKENS,
     DEQUANT_WORKSPACE_BYTES,
+    DEQUANT_WORKSPACE_CHOICES,
     FP16,
     FP32,
     KV_BLOCK_SIZE,
@@ -247,6 +248,8 @@ class Plan:
                                 padding rows (1 with CUDA graphs); the budget's kv_pool term counts them
     host_weight_bytes           pinned host memory for streamed and CPU pieces (+ embeddings on the CPU)
     max_num_batched_tokens      the prefill chunk the plan was made for
+    dequant_workspace_bytes     the long-prefill dequantize workspace the budget's workspace term holds (the engine
+                                sets kernels/w4a16.DEQUANT_WORKSPACE_BYTES to it)
     """
 
     model_name: str
@@ -277,6 +280,7 @@ class Plan:
     alternatives: list[Alternative] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     kv_scratch_blocks: int = 0
+    dequant_workspace_bytes: int = DEQUANT_WORKSPACE_BYTES
 
     def layer_indices(self, placement: str) -> list[int]:
         return [i for i, p in enumerate(self.layers) if p == placement]
@@ -493,6 +497,7 @@ class _Candidate:
     chunk: int  # max_num_batched_tokens
     batch: int  # planned batch
     kv_min_tokens: int
+    dequant_ws: int = DEQUANT_WORKSPACE_BYTES  # the long-prefill dequantize workspace (budget.workspace_bytes)
 
 
 def plan(
@@ -557,9 +562,10 @@ def plan(
     fail: dict[str, Budget] = {}
     for policy in policies:
         for chunk in chunks:
-            for b in batches:
-                for cand, budget in _candidates(s, policy, chunk, b, fail):
-                    scored.setdefault(policy, []).append((_objective(s, cand), cand, budget))
+            for dq in _dequant_choices(s, chunk):
+                for b in batches:
+                    for cand, budget in _candidates(s, policy, chunk, b, fail, dq):
+                        scored.setdefault(policy, []).append((_objective(s, cand), cand, budget))
     best = {p: _pick(options) for p, options in scored.items()}
     if not best:
         raise _too_small(model, budget_bytes, device, s, call, fail, alternatives)
@@ -642,7 +648,7 @@ def predict_workload(model: ModelConfig, budget_bytes: int, device: DeviceProfil
     s = _setup(model, budget_bytes, device, quant, p.max_model_len, p.max_num_seqs, p.kv_dtype, prompt_len, gen_len,
                cuda_graphs, p.kv_block_size, driver)
     cand = _Candidate(p.policy, tuple(p.layers), p.lm_head, p.embeddings, p.num_stream_buffers,
-                      p.max_num_batched_tokens, batch, 0)
+                      p.max_num_batched_tokens, batch, 0, p.dequant_workspace_bytes)
     steps, hand = _prefill_steps(s, cand, batch, True, _offload_threshold(s, cand))
     times = simulate(steps, cand.num_buffers, handover_s=hand, step_overhead_s=device.step_overhead_s)
     done, cum = 0.0, []
@@ -661,10 +667,20 @@ TIE_TOLERANCE = 0.005
 
 def _pick(options: list[tuple[float, "_Candidate", Budget]]) -> tuple[float, "_Candidate", Budget]:
     """The best-scoring option; near-ties (TIE_TOLERANCE) go to the simpler policy (resident, streamed,
-    cpu, mixed), then the larger planned batch, then the larger chunk (better for long prompts)."""
+    cpu, mixed), then the larger planned batch, then the larger chunk (better for long prompts), then the
+    smaller dequantize workspace (more KV)."""
     top = max(o[0] for o in options)
     near = [o for o in options if o[0] >= top * (1 - TIE_TOLERANCE)]
-    return max(near, key=lambda o: (-POLICIES.index(o[1].policy), o[1].batch, o[1].chunk, o[0]))
+    return max(near, key=lambda o: (-POLICIES.index(o[1].policy), o[1].batch, o[1].chunk, -o[1].dequant_ws, o[0]))
+
+
+def _dequant_choices(s: "_Setup", chunk: int) -> tuple[int, ...]:
+    """Dequantize workspaces worth weighing: all of DEQUANT_WORKSPACE_CHOICES when the chunk takes the long-prefill
+    path of quantized weights on a GPU, else the default alone (the term is then 0)."""
+    quantized = s.scheme.linear.quantized or any(f.quantized for _, f in s.scheme.overrides)
+    if quantized and s.device.has_gpu and max(chunk, s.max_num_seqs) >= DEQUANT_MIN_TOKENS:
+        return DEQUANT_WORKSPACE_CHOICES
+    return (DEQUANT_WORKSPACE_BYTES,)
 
 
 def _too_small(model: ModelConfig, budget_bytes: int, device: DeviceProfile, s: "_Setup", call: dict[str, Any],
@@ -737,8 +753,8 @@ def _round_up(x: int, k: int) -> int:
     return -(-x // k) * k
 
 
-def _fixed_budget(s: _Setup, chunk: int) -> Budget:
-    """The placement-independent terms for a chunk size."""
+def _fixed_budget(s: _Setup, chunk: int, dequant_ws: int = DEQUANT_WORKSPACE_BYTES) -> Budget:
+    """The placement-independent terms for a chunk size and dequantize workspace."""
     m, dev = s.model, s.device
     tokens = max(chunk, s.max_num_seqs)
     graphs = s.graph_sizes
@@ -748,14 +764,15 @@ def _fixed_budget(s: _Setup, chunk: int) -> Budget:
         cuda_context=dev.cuda_context_bytes,
         activations=activation_bytes(m, tokens, s.max_num_seqs),
         workspace=workspace_bytes(m, tokens, s.max_model_len, quantized=quantized, num_sms=dev.num_sms or 132,
-                                  library_workspace=dev.library_workspace_bytes),
+                                  library_workspace=dev.library_workspace_bytes, dequant_bytes=dequant_ws),
         cuda_graphs=s.graph_bytes("gpu"),  # _memory adds the staged embedding rows when the table is on the host
         margin=safety_margin_bytes(s.limit),
     )
     b.notes.update(
         cuda_context=f"{dev.name} profile",
         activations=f"{tokens} tokens x {ACT_BYTES * max(3 * m.hidden_size + 3 * m.intermediate_size, 3 * m.hidden_size + 3 * m.q_size + 3 * m.kv_size) // 1024} KiB + logits of {s.max_num_seqs} rows",
-        workspace="attention gather + split-K partials and tickets" + (" + dequant" if quantized and tokens >= 256 else "")
+        workspace="attention gather + split-K partials and tickets"
+                  + (f" + dequant ({format_size(dequant_ws)})" if quantized and tokens >= DEQUANT_MIN_TOKENS else "")
                   + " + cuBLAS",
         cuda_graphs=f"{len(graphs)} decode graphs (batch 1..{max(graphs)})" if graphs else "off",
         margin="2% + 32 MiB for fragmentation",
@@ -872,21 +889,22 @@ class _Sizer:
         return t
 
 
-def _candidates(s: _Setup, policy: str, chunk: int, batch: int, fail: dict[str, Budget]):
+def _candidates(s: _Setup, policy: str, chunk: int, batch: int, fail: dict[str, Budget],
+                dequant_ws: int = DEQUANT_WORKSPACE_BYTES):
     """Yield (candidate, budget) pairs of `policy` that fit: for each ring size and lm_head placement the
     most resident layers the budget allows (mixed: the top few resident counts, each with the split that
     balances copy time against CPU time and its neighbours). Records the smallest misfit in `fail`."""
-    fixed = _fixed_budget(s, chunk)
+    fixed = _fixed_budget(s, chunk, dequant_ws)
     n = s.n
     kv_min = _round_up(max(s.max_model_len, batch * (s.prompt_len + s.gen_len)), s.block_size)
     size = _Sizer(s, fixed, kv_min)
 
     def emit(layers: list[str], head: str, emb: str, buffers: int) -> tuple[_Candidate, Budget]:
-        c = _Candidate(policy, tuple(layers), head, emb, buffers, chunk, batch, kv_min)
+        c = _Candidate(policy, tuple(layers), head, emb, buffers, chunk, batch, kv_min, dequant_ws)
         return c, _memory(s, c, fixed)
 
     def miss(layers: list[str], head: str, emb: str, buffers: int) -> None:
-        b = _memory(s, _Candidate(policy, tuple(layers), head, emb, buffers, chunk, batch, kv_min), fixed)
+        b = _memory(s, _Candidate(policy, tuple(layers), head, emb, buffers, chunk, batch, kv_min, dequant_ws), fixed)
         if policy not in fail or b.total < fail[policy].total:
             fail[policy] = b
 
@@ -1054,7 +1072,7 @@ def _prefill_step_ops(s: _Setup, cand: _Candidate, tokens: int, past: float, ctx
     if overheads and dev.has_gpu:
         matrices = [(m.q_size + 2 * m.kv_size, m.hidden_size), (m.hidden_size, m.q_size),
                     (2 * m.intermediate_size, m.hidden_size), (m.hidden_size, m.intermediate_size)]
-        host = eager_prefill_launches(matrices, DEQUANT_WORKSPACE_BYTES if dequant else None) * dev.eager_launch_s
+        host = eager_prefill_launches(matrices, cand.dequant_ws if dequant else None) * dev.eager_launch_s
 
     def cost(place: str, wb: int, cb: int, params: int) -> Op:
         flops = linear_flops(params, tokens) + attention_flops(m.q_size, tokens, ctx)
@@ -1231,6 +1249,7 @@ def _finish(s: _Setup, cand: _Candidate, budget: Budget, name: str) -> Plan:
         max_num_batched_tokens=max(cand.chunk, s.max_num_seqs),
         cuda_graph_sizes=s.graph_sizes if s.device.has_gpu else [],
         budget=budget, prediction=_predict(s, cand), resident_share=share, notes=notes,
+        dequant_workspace_bytes=cand.dequant_ws,
     )
 
 
