@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
 import sys
 from pathlib import Path
 
@@ -37,7 +36,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from bench_kernels import time_events  # noqa: E402  (this directory)
 from vramwise.kernels.dequant_pipeline import install_dequant_pipeline  # noqa: E402
+from vramwise.kernels.timing import graph_time_per_call  # noqa: E402
 from vramwise.kernels.w4a16 import w4a16_dequantize  # noqa: E402
 from vramwise.quant import QuantLinear, QuantSpec, quantize_rtn  # noqa: E402
 from vramwise.quant.formats import PackedWeight  # noqa: E402
@@ -53,44 +54,14 @@ GROUP = 128
 
 
 def graph_ms(run, replays: int) -> float:
-    """Median ms of one replay of a CUDA graph holding run() (which may fork onto side streams and join)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        run()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        run()
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    del g
-    return statistics.median(times)
+    """Median ms of one replay of a CUDA graph holding run() (which may fork onto side streams and join): the
+    kernels' own graph timing (kernels/timing.py)."""
+    return graph_time_per_call([run], replays)
 
 
 def eager_ms(run, reps: int) -> float:
-    """Median ms of run() timed with CUDA events (host launches included), after two warm-up calls."""
-    for _ in range(2):
-        run()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        run()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+    """Median ms of run() timed with CUDA events (host launches included): bench_kernels.time_events."""
+    return time_events(run, reps) * 1e3
 
 
 def build(shapes: list[tuple[int, int]], dtype: torch.dtype) -> tuple[list, list]:
