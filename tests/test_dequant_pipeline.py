@@ -107,3 +107,17 @@ def test_engine_greedy_outputs_equal_with_and_without_the_pipeline(tmp_path):
             assert llm.engine.dequant_pipeline.prefetch_hits > 0
         del llm
     assert outs[0] == outs[1]
+
+
+def test_off_by_default_in_every_entry_point():
+    """Experimental (EngineConfig comment): the config, the LLM class and the CLI all default to off."""
+    import inspect
+
+    from vramwise.cli import build_parser
+    from vramwise.config import EngineConfig
+    from vramwise.llm import LLM
+
+    assert EngineConfig().dequant_pipeline is False
+    assert inspect.signature(LLM.__init__).parameters["dequant_pipeline"].default is False
+    args = build_parser().parse_args(["serve"])
+    assert args.dequant_pipeline is False

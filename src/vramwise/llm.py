@@ -23,7 +23,7 @@ class LLM:
     offload (layer placement, see memory/offload.py), num_stream_buffers, cpu_weights (fp32 | bf16 | packed:
     how CPU-computed layers hold weights), prefill_offload and prefill_offload_min_tokens (long steps run the
     CPU-computed layers on the device), enforce_eager, decode_graphs,
-    async_scheduling, fuse_projections (see EngineConfig), kv_cache_dtype (auto | fp16 | bf16 | int8 | fp8), swap_space (bytes of host memory for preempted
+    async_scheduling, fuse_projections, dequant_pipeline (experimental, off; see EngineConfig), kv_cache_dtype (auto | fp16 | bf16 | int8 | fp8), swap_space (bytes of host memory for preempted
     sequences' KV; 0 = recompute); or a whole engine_config.
     """
 
@@ -51,7 +51,7 @@ class LLM:
         decode_graphs: str = "auto",
         async_scheduling: bool = True,
         fuse_projections: bool = True,
-        dequant_pipeline: bool = True,
+        dequant_pipeline: bool = False,
         kv_cache_dtype: str = "auto",
         swap_space: int = 0,
         engine_config: EngineConfig | None = None,
