@@ -194,6 +194,12 @@ class QuantScheme:
         return best[1] if best is not None else self.linear
 
     @property
+    def any_linear_quantized(self) -> bool:
+        """Whether some decoder-layer linear is quantized (the default format or an override): the long-prefill
+        dequantize workspace is then needed."""
+        return self.linear.quantized or any(f.quantized for _, f in self.overrides)
+
+    @property
     def name(self) -> str:
         """Short description: 'w4g128' or 'w4g128 (+3 overrides), lm_head w8'."""
         s = self.linear.name

@@ -677,8 +677,7 @@ def _pick(options: list[tuple[float, "_Candidate", Budget]]) -> tuple[float, "_C
 def _dequant_choices(s: "_Setup", chunk: int) -> tuple[int, ...]:
     """Dequantize workspaces worth weighing: all of DEQUANT_WORKSPACE_CHOICES when the chunk takes the long-prefill
     path of quantized weights on a GPU, else the default alone (the term is then 0)."""
-    quantized = s.scheme.linear.quantized or any(f.quantized for _, f in s.scheme.overrides)
-    if quantized and s.device.has_gpu and max(chunk, s.max_num_seqs) >= DEQUANT_MIN_TOKENS:
+    if s.scheme.any_linear_quantized and s.device.has_gpu and max(chunk, s.max_num_seqs) >= DEQUANT_MIN_TOKENS:
         return DEQUANT_WORKSPACE_CHOICES
     return (DEQUANT_WORKSPACE_BYTES,)
 
@@ -758,7 +757,7 @@ def _fixed_budget(s: _Setup, chunk: int, dequant_ws: int = DEQUANT_WORKSPACE_BYT
     m, dev = s.model, s.device
     tokens = max(chunk, s.max_num_seqs)
     graphs = s.graph_sizes
-    quantized = s.scheme.linear.quantized or any(f.quantized for _, f in s.scheme.overrides)
+    quantized = s.scheme.any_linear_quantized
     b = Budget(
         limit=s.limit,
         cuda_context=dev.cuda_context_bytes,
