@@ -35,7 +35,7 @@ from torch import nn
 
 from . import w4a16
 
-__all__ = ["DequantPipeline", "install_dequant_pipeline", "remove_dequant_pipeline"]
+__all__ = ["DequantPipeline", "install_dequant_pipeline"]
 
 
 class DequantPipeline:
@@ -93,23 +93,22 @@ class DequantPipeline:
         comp = torch.cuda.current_stream(self.device)
         key = self.note(module)
         jobs = self._jobs(module, dtype)
-        if len(jobs) == 1:
-            w, b = self._acquire(module, 0, 0, jobs[0][1], dtype, comp)
-            self._prefetch_after(module, key, b, dtype, comp)
-            y = torch.matmul(x2, w)  # (M, N); as the serial path calls it (out= costs more host time)
-            self._freed[b].record(comp)
-            self._freed_recorded[b] = True
-            self.turn = 1 - b
-            return y
-        m, n = x2.shape[0], module.out_features
-        y = torch.empty(m, n, device=x2.device, dtype=dtype)
+        # one job: the GEMM's own output (as the serial path calls it; out= costs more host time); several: each
+        # chunk's product copied into its columns of y
+        y = None if len(jobs) == 1 else torch.empty(x2.shape[0], module.out_features, device=x2.device, dtype=dtype)
         for c, (n0, nc) in enumerate(jobs):
             w, b = self._acquire(module, c, n0, nc, dtype, comp)
             if c + 1 < len(jobs):
                 self._prefetch(module, c + 1, 1 - b, dtype, comp)
+            else:  # the first job of the linear that followed this one last time
+                nxt = self._modules.get(self._next.get(key, -1))
+                if nxt is not None:
+                    self._prefetch(nxt, 0, 1 - b, dtype, comp)
+            part = torch.matmul(x2, w)  # (M, nc)
+            if y is None:
+                y = part
             else:
-                self._prefetch_after(module, key, b, dtype, comp)
-            y[:, n0:n0 + nc] = torch.matmul(x2, w)  # (M, nc) into its columns
+                y[:, n0:n0 + nc] = part
             self._freed[b].record(comp)
             self._freed_recorded[b] = True
             self.turn = 1 - b
@@ -124,13 +123,6 @@ class DequantPipeline:
             self._next[self._last] = key
         self._last = key
         return key
-
-    def _prefetch_after(self, module: nn.Module, key: int, b: int, dtype: torch.dtype,
-                        comp: torch.cuda.Stream) -> None:
-        """Prefetch the first job of the linear that followed `module` last time, into the other workspace."""
-        nxt = self._modules.get(self._next.get(key, -1))
-        if nxt is not None:
-            self._prefetch(nxt, 0, 1 - b, dtype, comp)
 
     def _acquire(self, module: nn.Module, c: int, n0: int, nc: int, dtype: torch.dtype,
                  comp: torch.cuda.Stream) -> tuple[torch.Tensor, int]:
@@ -148,8 +140,7 @@ class DequantPipeline:
         return self._dequant(module, n0, nc, b, dtype), b
 
     def _prefetch(self, module: nn.Module, c: int, b: int, dtype: torch.dtype, comp: torch.cuda.Stream) -> None:
-        if getattr(module, "spec", None) is None or module.spec.bits != 4:
-            return
+        """Side stream: job c of `module` (an installed 4-bit linear) into workspace b, once b's last GEMM is done."""
         n0, nc = self._jobs(module, dtype)[c]
         side = self._side
         side.wait_stream(comp) if not self._freed_recorded[b] else side.wait_event(self._freed[b])
@@ -177,8 +168,3 @@ def install_dequant_pipeline(modules: Iterable[nn.Module], device: torch.device,
         m.dequant_pipeline = pipe
     return pipe
 
-
-def remove_dequant_pipeline(modules: Iterable[nn.Module]) -> None:
-    for m in modules:
-        if getattr(m, "dequant_pipeline", None) is not None:
-            m.dequant_pipeline = None
