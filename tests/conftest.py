@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import zlib
+
 import pytest
 import torch
 
@@ -13,6 +16,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed_per_test(request):
+    """Seed torch from the test's id, so that a test's random inputs are the same on every run, whatever ran
+    before it (CI failed once on an unseeded fp16 draw that landed two ulps off). VW_TEST_SEED shifts every
+    seed, to look for draws a tolerance does not cover."""
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()) + int(os.environ.get("VW_TEST_SEED", "0")))
 
 
 @pytest.fixture(scope="session")

@@ -31,7 +31,8 @@ HAS_CUDA = torch.cuda.is_available()
 # Triton rounds like torch for fp32/fp16; bf16 under the interpreter may differ in the last bits.
 TOL = {
     torch.float32: dict(atol=1e-5, rtol=1e-5),
-    torch.float16: dict(atol=1e-3, rtol=1e-3),
+    # two fp16 ulps: the fp32 rsqrt may round `normed` one ulp apart before the weight product rounds again
+    torch.float16: dict(atol=2e-3, rtol=2e-3),
     torch.bfloat16: dict(atol=2.5e-2, rtol=2.5e-2),  # up to two bf16 ulps: the interpreter rounds bf16 its own way
 }
 
