@@ -33,6 +33,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from ..memory.budget import dequant_chunk_columns
 from . import w4a16
 
 __all__ = ["DequantPipeline", "install_dequant_pipeline"]
@@ -70,7 +71,7 @@ class DequantPipeline:
         jobs = self._job_cache.get(key)
         if jobs is None:
             n, k = module.out_features, module.in_features
-            c = max(128, self.workspace_bytes // (k * dtype.itemsize) // 128 * 128)
+            c = dequant_chunk_columns(k, dtype.itemsize, self.workspace_bytes)
             jobs = self._job_cache[key] = [(n0, min(c, n - n0)) for n0 in range(0, n, c)]
         return jobs
 

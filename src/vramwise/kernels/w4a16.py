@@ -61,6 +61,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..memory.budget import dequant_chunk_columns
 from ..quant.formats import INT4_TILE_N, dequantize_int4
 from ._triton import HAS_PDL  # noqa: F401 - re-exported: the sm_90 compile test builds the PDL path where it exists
 from ._triton import HAS_TRITON, interpreting, pdl_launch_args, sm_count, triton_supports, use_fixed_config
@@ -1043,7 +1044,7 @@ def _dequant_matmul(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
     """Long prefill: dequantize W in column chunks (workspace <= DEQUANT_WORKSPACE_BYTES) and use cuBLAS."""
     m, k = x2.shape
     n = qweight.shape[0] * INT4_TILE_N
-    chunk = max(INT4_TILE_N, DEQUANT_WORKSPACE_BYTES // (k * x2.element_size()) // 128 * 128)
+    chunk = dequant_chunk_columns(k, x2.element_size(), DEQUANT_WORKSPACE_BYTES, minimum=INT4_TILE_N)
     if chunk >= n:
         w = w4a16_dequantize(qweight, scales, mins, group_size, x2.dtype, version=version)  # (K, N)
         y = torch.matmul(x2, w)

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..memory.budget import dequant_chunk_columns
 from ..quant.formats import dequantize_int8
 from ._triton import HAS_TRITON, pdl_launch_args, sm_count, triton_supports, use_fixed_config
 
@@ -241,7 +242,7 @@ def _dequant_matmul(x2, qweight, scales, group_size, bias) -> torch.Tensor:
     product rounded once, as the reference does) and use torch.matmul."""
     m, k = x2.shape
     n = qweight.shape[1]
-    chunk = max(128, DEQUANT_WORKSPACE_BYTES // (k * x2.element_size()) // 128 * 128)
+    chunk = dequant_chunk_columns(k, x2.element_size(), DEQUANT_WORKSPACE_BYTES)
     y = torch.empty(m, n, device=x2.device, dtype=x2.dtype)
     ng = k // group_size
     for n0 in range(0, n, chunk):

@@ -45,6 +45,8 @@ DEQUANT_WORKSPACE_BYTES = 64 * MiB
 #: 96 MiB), but leaves less of the budget to the KV pool, the ring and resident layers.
 DEQUANT_WORKSPACE_CHOICES = (64 * MiB, 96 * MiB, 128 * MiB, 160 * MiB)
 DEQUANT_MIN_TOKENS = 256
+#: That pass dequantizes a weight in column chunks of whole multiples of this many output channels.
+DEQUANT_CHUNK_ALIGN = 128
 #: Split-K decode attention: about this many programs per SM, each with (head_dim + 2) fp32 partials per
 #: query head of its group (kernels/paged_attention_triton.py _PROGRAMS_PER_SM).
 ATTN_PROGRAMS_PER_SM = 4
@@ -384,6 +386,15 @@ def activation_bytes(model: ModelConfig, num_tokens: int, num_seqs: int, act_byt
     h, i, q, kv = model.hidden_size, model.intermediate_size, model.q_size, model.kv_size
     per_token = act_bytes * max(3 * h + 3 * i, 3 * h + 3 * q + 3 * kv)
     return num_tokens * per_token + num_seqs * model.vocab_size * LOGITS_BYTES_PER_ENTRY
+
+
+def dequant_chunk_columns(in_features: int, elem_bytes: int, workspace_bytes: int,
+                          minimum: int = DEQUANT_CHUNK_ALIGN) -> int:
+    """Output channels per column chunk when the long-prefill path dequantizes a (K = in_features, N) weight
+    into a workspace of workspace_bytes, elem_bytes per value: as many whole multiples of DEQUANT_CHUNK_ALIGN as
+    fit, at least `minimum`. The kernels (w4a16, w8a16, dequant_pipeline) and the planner's launch count
+    (costmodel.eager_prefill_launches) chunk alike through this."""
+    return max(minimum, workspace_bytes // (in_features * elem_bytes) // DEQUANT_CHUNK_ALIGN * DEQUANT_CHUNK_ALIGN)
 
 
 def workspace_bytes(model: ModelConfig, num_tokens: int, max_model_len: int, *, quantized: bool,

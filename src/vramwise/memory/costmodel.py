@@ -37,7 +37,7 @@ import json
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-from vramwise.memory.budget import GiB, MiB
+from vramwise.memory.budget import GiB, MiB, dequant_chunk_columns
 
 # --------------------------------------------------------------------------------------------------------
 # Device profiles
@@ -320,7 +320,7 @@ def eager_prefill_launches(matrices: list[tuple[int, int]], dequant_workspace_by
         if dequant_workspace_bytes is None:
             n += 1
             continue
-        cols = max(128, dequant_workspace_bytes // (k * act_bytes) // 128 * 128)
+        cols = dequant_chunk_columns(k, act_bytes, dequant_workspace_bytes)
         chunks = -(-rows // cols)
         n += 2 * chunks + (chunks if chunks > 1 else 0)
     return n
