@@ -45,9 +45,8 @@ def build_layer(cfg, rotary: RotaryEmbedding, context: int, g: torch.Generator,
                 kv_dtype: torch.dtype = torch.float32) -> LlamaDecoderLayer:
     """One decoder layer as a CPU unit: fused qkv / gate_up packed int4, fp32 norms, a paged KV (fp32 in the
     driver today)."""
-    meta_cfg = dataclasses.replace(cfg)
-    with torch.device("meta"):
-        layer = LlamaDecoderLayer(meta_cfg, rotary)
+    with torch.device("meta"):  # no float weights: the packed linears and norms are set below
+        layer = LlamaDecoderLayer(cfg, rotary)
     h, i = cfg.hidden_size, cfg.intermediate_size
     attn, mlp = layer.self_attn, layer.mlp
     qkv_n = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.head_dim
